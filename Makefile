@@ -1,0 +1,26 @@
+# Two entry points on a fresh machine: `make lab` (the main job) and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: lab test test-slow bench clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,lab]"
+	touch $(STAMP)
+
+lab: $(STAMP)
+	$(VENV)/bin/normkit lab --quick
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(VENV)/bin/normkit bench --quick
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

@@ -1,0 +1,71 @@
+"""Memory-format handling and the 5-D views of each norm (see ``normkit.kernels.contract``)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def channels_last_perm(x: Tensor) -> tuple[int, ...] | None:
+    """The permutation that makes a channels-last tensor contiguous, or None for any other layout."""
+    if x.dim() < 3 or x.is_contiguous():
+        return None
+    perm = (0, *range(2, x.dim()), 1)
+    return perm if x.permute(perm).is_contiguous() else None
+
+
+def restore(y: Tensor, perm: tuple[int, ...] | None) -> Tensor:
+    """Undo ``channels_last_perm`` on an output computed in the permuted (contiguous) layout."""
+    if perm is None:
+        return y
+    inverse = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inverse[p] = i
+    return y.permute(inverse)
+
+
+def dense(x: Tensor) -> tuple[Tensor, tuple[int, ...] | None]:
+    """A contiguous tensor to normalize, and the permutation to undo afterwards (channels-last)."""
+    perm = channels_last_perm(x)
+    return (x.contiguous(), None) if perm is None else (x.permute(perm), perm)
+
+
+def spatial(x: Tensor) -> int:
+    return math.prod(x.shape[2:])
+
+
+def per_channel_view(x: Tensor, channels_last: bool) -> list[int]:
+    """Statistics per channel over batch and space (BatchNorm, fixed-statistics InstanceNorm)."""
+    n, c, s = x.shape[0], x.shape[1], spatial(x)
+    return [1, 1, n * s, c, 1] if channels_last else [1, 1, n, c, s]
+
+
+def per_instance_view(x: Tensor, channels_last: bool) -> list[int]:
+    """Statistics per (sample, channel) over space (InstanceNorm)."""
+    n, c, s = x.shape[0], x.shape[1], spatial(x)
+    return [n, 1, s, c, 1] if channels_last else [n, c, s, 1, 1]
+
+
+def per_group_view(x: Tensor, groups: int, channels_last: bool) -> list[int]:
+    """Statistics per (sample, group) over the group's channels and space (GroupNorm)."""
+    n, c, s = x.shape[0], x.shape[1], spatial(x)
+    return [n, 1, s, groups, c // groups] if channels_last else [n, groups, c // groups, 1, s]
+
+
+def trailing_view(x: Tensor, d: int) -> list[int]:
+    """Statistics per row over the last ``d`` elements (LayerNorm, RMSNorm)."""
+    return [x.numel() // d if d else 0, 1, d, 1, 1]
+
+
+def param_view(p: Tensor | None, shape: list[int], affine_r1: bool, affine_r2: bool) -> Tensor | None:
+    """View a per-channel parameter as (P, K1, B, K2) for the 5-D view ``shape``."""
+    if p is None:
+        return None
+    _, pp, r1, b, r2 = shape
+    return p.reshape(pp, r1 if affine_r1 else 1, b, r2 if affine_r2 else 1)
+
+
+def is_float(x: Tensor) -> bool:
+    return torch.is_floating_point(x)

@@ -1,0 +1,226 @@
+"""``torch.nn.functional``-compatible entry points. Each validates like torch, picks a view, calls the core."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..kernels.contract import stats_dtype
+from . import _layout as L
+from ._core import normalize_batch, normalize_fixed
+
+
+def _scalar_name(dtype: torch.dtype) -> str:
+    return torch.empty(0, dtype=dtype).type().split(".")[-1].removesuffix("Tensor")
+
+
+def _check_float(x: Tensor, op: str) -> None:
+    if not torch.is_floating_point(x):
+        raise NotImplementedError(f'"{op}" not implemented for \'{_scalar_name(x.dtype)}\'')
+
+
+def _check_numel(t: Tensor | None, name: str, expected: int) -> None:
+    if t is not None and t.numel() != expected:
+        raise RuntimeError(f"{name} should contain {expected} elements not {t.numel()}")
+
+
+def _verify_batch_size(size: Sequence[int]) -> None:
+    if size[0] * math.prod(size[2:]) == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+
+
+def _verify_spatial_size(size: torch.Size) -> None:
+    if math.prod(size[2:]) == 1:
+        raise ValueError(f"Expected more than 1 spatial element when training, got input size {size}")
+
+
+@torch.no_grad()
+def _update_running(running: Tensor, batch: Tensor, momentum: float) -> None:
+    running.copy_((batch * momentum + running.to(batch.dtype) * (1.0 - momentum)).to(running.dtype))
+
+
+def _unbiased(var: Tensor, count: int) -> Tensor:
+    return var * (count / (count - 1)) if count > 1 else var * float("nan")
+
+
+def _fixed_stats(running_mean: Tensor, running_var: Tensor, eps: float, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    c = running_mean.numel()
+    mean = running_mean.to(acc).reshape(1, 1, c)
+    rstd = torch.rsqrt(running_var.to(acc).reshape(1, 1, c) + eps)
+    return mean, rstd
+
+
+def _per_channel_eval(x: Tensor, running_mean: Tensor, running_var: Tensor, weight, bias, eps: float) -> Tensor:
+    xc, perm = L.dense(x)
+    shape = L.per_channel_view(x, perm is not None)
+    mean, rstd = _fixed_stats(running_mean, running_var, eps, stats_dtype(x.dtype))
+    y = normalize_fixed(xc, shape, mean, rstd, L.param_view(weight, shape, False, False), L.param_view(bias, shape, False, False))
+    return L.restore(y, perm)
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Batch normalization with ``torch.nn.functional.batch_norm``'s signature and semantics."""
+    if training:
+        _verify_batch_size(input.size())
+    _check_float(input, "batch_norm")
+    c = input.shape[1]
+    for t, name in ((running_mean, "running_mean"), (running_var, "running_var"), (weight, "weight"), (bias, "bias")):
+        _check_numel(t, name, c)
+    if not training:
+        if running_mean is None or running_var is None:
+            raise RuntimeError("running_mean must be defined in evaluation mode")
+        return _per_channel_eval(input, running_mean, running_var, weight, bias, eps)
+    if input.numel() == 0:
+        return input.clone()
+    xc, perm = L.dense(input)
+    shape = L.per_channel_view(input, perm is not None)
+    y, mean, _, var = normalize_batch(
+        xc, shape, L.param_view(weight, shape, False, False), L.param_view(bias, shape, False, False), eps
+    )
+    if running_mean is not None:
+        _update_running(running_mean, mean.view(c), momentum)
+    if running_var is not None:
+        _update_running(running_var, _unbiased(var.view(c), input.numel() // c), momentum)
+    return L.restore(y, perm)
+
+
+def instance_norm(
+    input: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Instance normalization with ``torch.nn.functional.instance_norm``'s signature; keeps channels-last."""
+    if use_input_stats:
+        _verify_spatial_size(input.size())
+    _check_float(input, "batch_norm")
+    n, c = input.shape[0], input.shape[1]
+    for t, name in ((running_mean, "running_mean"), (running_var, "running_var")):
+        if t is not None and t.numel() != c:
+            raise RuntimeError(f"{name} should contain {n * c} elements not {t.numel() * n}")
+    for t, name in ((weight, "weight"), (bias, "bias")):
+        _check_numel(t, name, c)
+    if not use_input_stats:
+        if running_mean is None or running_var is None:
+            raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false")
+        return _per_channel_eval(input, running_mean, running_var, weight, bias, eps)
+    if input.numel() == 0:
+        return input.clone()
+    xc, perm = L.dense(input)
+    shape = L.per_instance_view(input, perm is not None)
+    y, mean, _, var = normalize_batch(
+        xc, shape, L.param_view(weight, shape, False, False), L.param_view(bias, shape, False, False), eps
+    )
+    if running_mean is not None:
+        _update_running(running_mean, mean.view(n, c).mean(0), momentum)
+    if running_var is not None:
+        _update_running(running_var, _unbiased(var.view(n, c), L.spatial(input)).mean(0), momentum)
+    return L.restore(y, perm)
+
+
+def group_norm(
+    input: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Group normalization with ``torch.nn.functional.group_norm``'s signature; fast in both layouts."""
+    if input.dim() < 2:
+        raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
+    _verify_batch_size([input.size(0) * input.size(1) // num_groups, num_groups] + list(input.size()[2:]))
+    _check_float(input, "group_norm")
+    c = input.shape[1]
+    if c % num_groups:
+        raise RuntimeError(
+            "Expected number of channels in input to be divisible by num_groups, but got input of shape "
+            f"{list(input.shape)} and num_groups={num_groups}"
+        )
+    for t, name in ((weight, "weight"), (bias, "bias")):
+        if t is not None and (t.dim() != 1 or t.numel() != c):
+            raise RuntimeError(
+                f"Expected {name} to be a vector of size equal to the number of channels in input, but got "
+                f"{name} of shape {list(t.shape)} and input of shape {list(input.shape)}"
+            )
+    if input.numel() == 0:
+        return input.clone()
+    xc, perm = L.dense(input)
+    cl = perm is not None
+    shape = L.per_group_view(input, num_groups, cl)
+    y, *_ = normalize_batch(
+        xc, shape, L.param_view(weight, shape, not cl, cl), L.param_view(bias, shape, not cl, cl), eps
+    )
+    return L.restore(y, perm)
+
+
+def _check_normalized_shape(input: Tensor, normalized_shape: Sequence[int], weight, bias, star: str) -> int:
+    shape = list(normalized_shape)
+    if not shape:
+        raise RuntimeError(
+            "Expected normalized_shape to be at least 1-dimensional, i.e., containing at least one element, "
+            f"but got normalized_shape = {shape}"
+        )
+    for t, name in ((weight, "weight"), (bias, "bias")):
+        if t is not None and list(t.shape) != shape:
+            raise RuntimeError(
+                f"Expected {name} to be of same shape as normalized_shape, but got {name} of shape "
+                f"{list(t.shape)} and normalized_shape = {shape}"
+            )
+    if input.dim() < len(shape) or list(input.shape[input.dim() - len(shape):]) != shape:
+        raise RuntimeError(
+            f"Given normalized_shape={shape}, expected input with shape [*{star}{', '.join(map(str, shape))}], "
+            f"but got input of size{list(input.shape)}"
+        )
+    return math.prod(shape)
+
+
+def _trailing_norm(input: Tensor, d: int, weight, bias, eps: float, rms: bool) -> Tensor:
+    if input.numel() == 0:
+        return input.clone()
+    xc = input.contiguous()
+    shape = L.trailing_view(xc, d)
+    y, *_ = normalize_batch(xc, shape, L.param_view(weight, shape, True, False), L.param_view(bias, shape, True, False), eps, rms)
+    return y
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Layer normalization with ``torch.nn.functional.layer_norm``'s signature."""
+    d = _check_normalized_shape(input, normalized_shape, weight, bias, ", ")
+    _check_float(input, "LayerNormKernelImpl")
+    return _trailing_norm(input, d, weight, bias, eps, rms=False)
+
+
+def rms_norm(
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    eps: float | None = None,
+) -> Tensor:
+    """RMS normalization with ``torch.nn.functional.rms_norm``'s signature (``eps=None``: the eps of the compute dtype)."""
+    d = _check_normalized_shape(input, normalized_shape, weight, None, "")
+    _check_float(input, "rms_norm")
+    if eps is None:
+        eps = torch.finfo(stats_dtype(input.dtype)).eps
+    return _trailing_norm(input, d, weight, None, eps, rms=True)

@@ -1,0 +1,41 @@
+"""``normkit info``: what is installed and which backend serves which device."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+
+import torch
+
+from . import __version__, kernels
+from .backend import get_backend
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """No options."""
+
+
+def describe() -> dict[str, object]:
+    backends = {}
+    for name in kernels.names():
+        try:
+            kernels.load(name)
+            backends[name] = "available"
+        except ImportError as exc:
+            backends[name] = f"unavailable ({exc})"
+    return {
+        "normkit": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "cuda": torch.cuda.is_available(),
+        "backend in force": get_backend(),
+        "auto order": {dev: list(order) + ["reference"] for dev, order in kernels.AUTO_ORDER.items()} or "reference",
+        "backends": backends,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    for key, value in describe().items():
+        print(f"{key:>17}: {value}")
+    return 0

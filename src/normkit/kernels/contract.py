@@ -1,0 +1,92 @@
+"""The one contract every kernel backend satisfies.
+
+Every normalization in normkit is computed on a 5-D view ``(Q, P, R1, B, R2)`` of a contiguous
+tensor. Statistics (mean, rstd) are taken per ``(q, p, b)`` over ``(r1, r2)`` and have shape
+``(Q, P, B)``. The affine parameters arrive already viewed as ``(P, K1, B, K2)`` with ``K1`` in
+``{1, R1}`` and ``K2`` in ``{1, R2}``, so ``weight[p, r1 % K1, b, r2 % K2]`` scales element
+``x[q, p, r1, b, r2]``. ``P`` is the period with which the channel repeats along the statistics
+axis (InstanceNorm in NCHW: ``A = N*C`` split as ``Q=N, P=C``).
+
+Statistics are float32 for float32/bfloat16/float16 input and float64 for float64 input.
+``mean`` is 0 for RMSNorm, whose ``var`` is the mean square.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+REDUCED_DIMS = (2, 4)
+
+
+class Stats(NamedTuple):
+    mean: Tensor
+    rstd: Tensor
+    var: Tensor
+
+
+class Grads(NamedTuple):
+    dx: Tensor | None
+    dweight: Tensor | None
+    dbias: Tensor | None
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation / statistics dtype for an input dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def stat_shape(x5: Tensor) -> tuple[int, int, int]:
+    q, p, _, b, _ = x5.shape
+    return (q, p, b)
+
+
+def param_reduce_dims(param_shape: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
+    """Dims of the 5-D view summed for dweight/dbias: always q, and r1/r2 unless the params span them."""
+    dims = [0]
+    if param_shape[1] == 1:
+        dims.append(2)
+    if param_shape[3] == 1:
+        dims.append(4)
+    return tuple(dims)
+
+
+class Backend(Protocol):
+    """What the core calls. Tensors are 5-D views of contiguous tensors (see module doc)."""
+
+    name: str
+
+    def supports(self, x5: Tensor, weight: Tensor | None) -> bool:
+        """False makes the core use the reference backend for this call."""
+
+    def forward(
+        self, x5: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool
+    ) -> tuple[Tensor, Stats]:
+        """Batch statistics and the normalized, affine-transformed output in x5's dtype."""
+
+    def normalize(
+        self, x5: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None
+    ) -> Tensor:
+        """Apply given statistics (BatchNorm in eval mode)."""
+
+    def backward(
+        self,
+        dy5: Tensor,
+        x5: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+        weight: Tensor | None,
+        param_shape: tuple[int, int, int, int],
+        rms: bool,
+        batch_stats: bool,
+        output_mask: tuple[bool, bool, bool],
+    ) -> Grads:
+        """dx in x5's dtype; dweight, dbias in the statistics dtype with ``param_shape``.
+
+        Each is None where ``output_mask`` is False.
+        With ``batch_stats`` the statistics depend on x:
+        ``dx = rstd * (g - mean_R(g) - xhat * mean_R(g * xhat))`` with ``g = dy * weight``
+        (RMSNorm drops ``mean_R(g)``); otherwise ``dx = rstd * g``.
+        """

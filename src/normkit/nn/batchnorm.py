@@ -1,0 +1,52 @@
+"""BatchNorm1d/2d/3d: torch.nn's modules on normkit's core."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .. import functional as F
+from ._base import NormBase, check_dims
+
+
+class _BatchNorm(NormBase):
+    _dims: tuple[int, ...] = ()
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        check_dims(input, self._dims)
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        return F.batch_norm(
+            input,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            factor,
+            self.eps,
+        )
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch normalization over a 2D or 3D input, as ``torch.nn.BatchNorm1d``."""
+
+    _dims = (2, 3)
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch normalization over a 4D input, as ``torch.nn.BatchNorm2d``; keeps channels_last."""
+
+    _dims = (4,)
+
+
+class BatchNorm3d(_BatchNorm):
+    """Batch normalization over a 5D input, as ``torch.nn.BatchNorm3d``; keeps channels_last_3d."""
+
+    _dims = (5,)
