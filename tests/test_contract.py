@@ -1,0 +1,143 @@
+"""One contract test that every registered backend must pass.
+
+Each backend's forward, normalize and backward on the 5-D view of every norm and layout is compared
+with an independent float64 autograd implementation written here (not the reference backend's code),
+so the reference backend is checked too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from normkit import kernels
+from normkit.functional import _layout as L
+
+NORM_CASES = {
+    # name: (input shapes, view builder(x, channels_last) -> (shape5, affine_r1, affine_r2), layouts)
+    "batch": ([(4, 3, 5, 7), (2, 5, 1, 1), (3, 17), (2, 64, 3, 3)], lambda x, cl: (L.per_channel_view(x, cl), False, False)),
+    "instance": ([(2, 3, 5, 7), (3, 4, 2, 1), (2, 33, 3)], lambda x, cl: (L.per_instance_view(x, cl), False, False)),
+    "group": ([(2, 6, 5, 7), (3, 8, 1, 1), (2, 12, 9)], lambda x, cl: (L.per_group_view(x, 3 if x.shape[1] % 3 == 0 else 2, cl), not cl, cl)),
+    "layer": ([(4, 37), (3, 5, 8), (2, 1, 1)], lambda x, cl: (L.trailing_view(x, x.shape[-1]), True, False)),
+    "rms": ([(4, 37), (3, 5, 8)], lambda x, cl: (L.trailing_view(x, x.shape[-1]), True, False)),
+}
+DTYPES = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+
+
+def _cases():
+    for norm, (shapes, _) in NORM_CASES.items():
+        for shape in shapes:
+            layouts = [False] if norm in ("layer", "rms") or len(shape) < 3 else [False, True]
+            for cl in layouts:
+                yield pytest.param(norm, shape, cl, id=f"{norm}-{'x'.join(map(str, shape))}-{'cl' if cl else 'cf'}")
+
+
+def _backends():
+    out = []
+    for name in kernels.names():
+        impl = kernels.try_load(name)
+        out.append(pytest.param(impl, id=name, marks=() if impl else pytest.mark.skip(reason=f"{name} not importable")))
+    return out
+
+
+def _make(norm, shape, cl, dtype, affine=True):
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 0.5).to(dtype)
+    shape5, ar1, ar2 = NORM_CASES[norm][1](x, cl)
+    xc = x.movedim(1, -1).contiguous() if cl else x.contiguous()
+    _, p, r1, b, r2 = shape5
+    pshape = (p, r1 if ar1 else 1, b, r2 if ar2 else 1)
+    w = (torch.rand(pshape, dtype=torch.float64) + 0.5).to(dtype) if affine else None
+    bias = torch.randn(pshape, dtype=torch.float64).to(dtype) if affine else None
+    return xc.view(shape5), w, bias, pshape
+
+
+def _truth(x5, w, b, eps, rms, dy, fixed=None):
+    """Float64 autograd implementation: statistics, output and gradients."""
+    x = x5.double().requires_grad_()
+    params = [None if t is None else t.double().requires_grad_() for t in (w, b)]
+    if fixed is None:
+        mean = torch.zeros_like(x[:, :, :1, :, :1]) if rms else x.mean((2, 4), keepdim=True)
+        var = (x - mean).square().mean((2, 4), keepdim=True)
+        rstd = (var + eps).rsqrt()
+    else:
+        mean, rstd = (t.double().unsqueeze(2).unsqueeze(-1) for t in fixed)
+        var = None
+    y = (x - mean) * rstd
+    if params[0] is not None:
+        y = y * params[0].unsqueeze(0)
+    if params[1] is not None:
+        y = y + params[1].unsqueeze(0)
+    grads = torch.autograd.grad(y, [x] + [p for p in params if p is not None], dy.double())
+    return y.detach(), mean.detach(), rstd.detach(), var, grads
+
+
+def _close(actual, expected, tol, what):
+    assert actual.numel() == expected.numel(), f"{what}: {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    actual, expected = actual.reshape(-1), expected.reshape(-1).to(torch.float64)
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    err = (actual.to(torch.float64) - expected).abs().max().item() if expected.numel() else 0.0
+    assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol * scale:.3g}"
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("norm,shape,cl", list(_cases()))
+def test_forward_and_backward_match_float64(backend, dtype, affine, norm, shape, cl):
+    x5, w, b, pshape = _make(norm, shape, cl, dtype, affine)
+    if not backend.supports(x5, w):
+        pytest.skip(f"{backend.name} declines {dtype} on {x5.device.type}; the core uses the reference")
+    rms, eps = norm == "rms", 1e-5
+    tol = DTYPES[dtype]
+    dy = torch.randn(x5.shape, dtype=torch.float64).to(dtype)
+    y_t, mean_t, rstd_t, var_t, grads_t = _truth(x5, w, b, eps, rms, dy)
+
+    y, st = backend.forward(x5, w, b, eps, rms)
+    assert y.dtype == dtype and y.shape == x5.shape
+    assert st.mean.shape == st.rstd.shape == st.var.shape == (x5.shape[0], x5.shape[1], x5.shape[3])
+    _close(y, y_t, tol, "y")
+    _close(st.mean, mean_t.flatten(), 1e-6 if dtype != torch.float64 else 1e-12, "mean")
+    _close(st.rstd, rstd_t.flatten(), 1e-5 if dtype != torch.float64 else 1e-12, "rstd")
+    _close(st.var, var_t.flatten(), 1e-5 if dtype != torch.float64 else 1e-12, "var")
+
+    g = backend.backward(dy, x5, st.mean, st.rstd, w, pshape, rms, True, (True, affine, affine))
+    assert g.dx.dtype == dtype
+    _close(g.dx, grads_t[0], 4 * tol, "dx")
+    if affine:
+        _close(g.dweight, grads_t[1], 4 * tol * math.sqrt(x5.numel()), "dweight")
+        _close(g.dbias, grads_t[2], 4 * tol * math.sqrt(x5.numel()), "dbias")
+    else:
+        assert g.dweight is None and g.dbias is None
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("norm,shape,cl", [c for c in _cases() if c.values[0] == "batch"])
+def test_fixed_statistics_match_float64(backend, dtype, norm, shape, cl):
+    """BatchNorm in eval mode: given statistics, and a backward that treats them as constants."""
+    x5, w, b, pshape = _make(norm, shape, cl, dtype)
+    if not backend.supports(x5, w):
+        pytest.skip(f"{backend.name} declines {dtype} on {x5.device.type}; the core uses the reference")
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    stat = (x5.shape[0], x5.shape[1], x5.shape[3])
+    mean, rstd = torch.randn(stat, dtype=acc), torch.rand(stat, dtype=acc) + 0.5
+    dy = torch.randn(x5.shape, dtype=torch.float64).to(dtype)
+    y_t, *_, grads_t = _truth(x5, w, b, 0.0, False, dy, fixed=(mean, rstd))
+    tol = DTYPES[dtype]
+    _close(backend.normalize(x5, mean, rstd, w, b), y_t, tol, "y")
+    g = backend.backward(dy, x5, mean, rstd, w, pshape, False, False, (True, True, True))
+    _close(g.dx, grads_t[0], 4 * tol, "dx")
+    _close(g.dweight, grads_t[1], 4 * tol * math.sqrt(x5.numel()), "dweight")
+    _close(g.dbias, grads_t[2], 4 * tol * math.sqrt(x5.numel()), "dbias")
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_partial_output_mask(backend):
+    x5, w, b, pshape = _make("group", (2, 6, 5, 7), False, torch.float32)
+    if not backend.supports(x5, w):
+        pytest.skip(f"{backend.name} declines CPU tensors")
+    _, st = backend.forward(x5, w, b, 1e-5, False)
+    g = backend.backward(torch.randn_like(x5), x5, st.mean, st.rstd, w, pshape, False, True, (False, True, False))
+    assert g.dx is None and g.dbias is None and g.dweight.shape == pshape
