@@ -77,9 +77,13 @@ def _norm_backward(
         dy.contiguous().view(shape), x5, mean, rstd, weight, tuple(param_shape), rms, batch_stats,
         tuple(output_mask),
     )
-    empty = x.new_empty(0)
-    dx = empty if grads.dx is None else grads.dx.view(x.shape)
-    return dx, empty if grads.dweight is None else grads.dweight, empty if grads.dbias is None else grads.dbias
+    dx = x.new_empty(0) if grads.dx is None else grads.dx.view(x.shape)
+    return dx, _or_empty(grads.dweight, x), _or_empty(grads.dbias, x)
+
+
+def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+    """Custom ops cannot return None or one tensor twice: an unrequested gradient is a fresh empty tensor."""
+    return like.new_empty(0) if t is None else t
 
 
 @_norm_backward.register_fake

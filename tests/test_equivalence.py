@@ -1,0 +1,135 @@
+"""Every normkit layer next to its torch.nn twin: outputs, gradients and buffers over several steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as tnn
+
+import normkit.nn as nk
+
+# (normkit class, torch class, constructor args, input shapes)
+LAYERS = {
+    "BatchNorm1d": (nk.BatchNorm1d, tnn.BatchNorm1d, (5,), [(4, 5), (3, 5, 7), (2, 5, 1)]),
+    "BatchNorm2d": (nk.BatchNorm2d, tnn.BatchNorm2d, (6,), [(3, 6, 5, 7), (2, 6, 1, 1), (1, 6, 3, 1)]),
+    "BatchNorm3d": (nk.BatchNorm3d, tnn.BatchNorm3d, (4,), [(2, 4, 3, 5, 2), (2, 4, 1, 1, 1)]),
+    "InstanceNorm1d": (nk.InstanceNorm1d, tnn.InstanceNorm1d, (5,), [(3, 5, 7), (5, 9)]),
+    "InstanceNorm2d": (nk.InstanceNorm2d, tnn.InstanceNorm2d, (6,), [(3, 6, 5, 7), (6, 4, 3), (2, 6, 2, 1)]),
+    "InstanceNorm3d": (nk.InstanceNorm3d, tnn.InstanceNorm3d, (4,), [(2, 4, 3, 5, 2)]),
+    "GroupNorm": (nk.GroupNorm, tnn.GroupNorm, (3, 6), [(3, 6, 5, 7), (2, 6), (2, 6, 9), (2, 6, 2, 3, 2), (1, 6, 1, 1)]),
+    "GroupNorm-large-C": (nk.GroupNorm, tnn.GroupNorm, (32, 512), [(2, 512, 3, 3)]),
+    "LayerNorm": (nk.LayerNorm, tnn.LayerNorm, ((5, 7),), [(3, 6, 5, 7), (5, 7)]),
+    "LayerNorm-1d": (nk.LayerNorm, tnn.LayerNorm, (33,), [(4, 33), (2, 3, 33), (3, 6, 5, 33)]),
+    "RMSNorm": (nk.RMSNorm, tnn.RMSNorm, (33,), [(4, 33), (2, 3, 33)]),
+    "RMSNorm-2d": (nk.RMSNorm, tnn.RMSNorm, ((5, 7),), [(3, 6, 5, 7)]),
+}
+RUNNING = {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"}
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
+
+
+def _options(name: str):
+    """Constructor keyword variants per layer family."""
+    if name in RUNNING:
+        default_affine = name.startswith("Batch")
+        yield "default", {}
+        yield "no-affine" if default_affine else "affine", {"affine": not default_affine}
+        yield "tracking-off" if default_affine else "tracking-on", {"track_running_stats": not default_affine}
+        yield "momentum-none", {"momentum": None, "track_running_stats": True}
+        yield "momentum-0.5-no-bias", {"momentum": 0.5, "affine": True, "bias": False, "track_running_stats": True}
+    elif name.startswith("GroupNorm"):
+        yield "default", {}
+        yield "no-affine", {"affine": False}
+        yield "no-bias", {"bias": False}
+    elif name.startswith("LayerNorm"):
+        yield "default", {}
+        yield "no-affine", {"elementwise_affine": False}
+        yield "no-bias", {"bias": False}
+    else:
+        yield "default", {}
+        yield "no-affine", {"elementwise_affine": False}
+        yield "eps", {"eps": 1e-3}
+
+
+def _cases():
+    for name, (_, _, _, shapes) in LAYERS.items():
+        for opt_id, opts in _options(name):
+            for shape in shapes:
+                layouts = ["contiguous"]
+                if len(shape) in (4, 5) and not name.startswith(("LayerNorm", "RMSNorm")):
+                    layouts.append("channels_last")
+                for layout in layouts:
+                    yield pytest.param(name, opts, shape, layout, id=f"{name}-{opt_id}-{'x'.join(map(str, shape))}-{layout}")
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "contiguous":
+        return x
+    return x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+
+
+def _pair(name, opts, dtype):
+    nk_cls, t_cls, args, _ = LAYERS[name]
+    ours, theirs = nk_cls(*args, **opts, dtype=dtype), t_cls(*args, **opts, dtype=dtype)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.copy_(torch.rand_like(p) + 0.5)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    return ours, theirs
+
+
+def _assert_close(a, b, dtype, what, truth=None):
+    """Close to torch.nn and, below float64, at least as close to the float64 result as torch.nn is."""
+    rtol, atol = TOL[dtype]
+    if truth is None:
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+        return
+    ours, theirs = ((t.double() - truth).abs() for t in (a, b))
+    bound = theirs + atol + rtol * truth.abs()
+    assert bool((ours <= bound).all()), f"{what}: max error {ours.max().item():.3g} vs torch.nn's {theirs.max().item():.3g}"
+
+
+@pytest.mark.parametrize("dtype", list(TOL), ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("name,opts,shape,layout", list(_cases()))
+def test_matches_torch_nn(name, opts, shape, layout, dtype):
+    ours, theirs = _pair(name, opts, dtype)
+    exact = None
+    if dtype != torch.float64:
+        exact = LAYERS[name][1](*LAYERS[name][2], **opts, dtype=torch.float64)
+        exact.load_state_dict(ours.state_dict())
+    batched_one = shape[0] == 1 or (len(shape) > 2 and all(s == 1 for s in shape[2:]))
+    for step, training in enumerate([True, True, False, True, False]):
+        for m in (ours, theirs, exact):
+            if m is not None:
+                m.train(training)
+        x = _layout((torch.randn(shape, dtype=torch.float64) * (step + 1) + step).to(dtype), layout)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        try:
+            expected = theirs(xb)
+        except ValueError as exc:  # torch refuses (e.g. one value per channel when training)
+            assert batched_one
+            with pytest.raises(ValueError, match=str(exc).replace("[", r"\[").replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
+                ours(xa)
+            continue
+        out = ours(xa)
+        xe = x.double().requires_grad_() if exact is not None else None
+        y_exact = exact(xe) if exact is not None else None
+        assert out.dtype == expected.dtype and out.shape == expected.shape
+        if layout == "channels_last":
+            fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+            assert out.is_contiguous(memory_format=fmt), "memory format lost"
+        _assert_close(out, expected, dtype, f"output step {step}", None if y_exact is None else y_exact.detach())
+        dy = torch.randn_like(out)
+        out.backward(dy)
+        expected.backward(dy)
+        if y_exact is not None:
+            y_exact.backward(dy.double())
+        _assert_close(xa.grad, xb.grad, dtype, f"input grad step {step}", None if xe is None else xe.grad)
+        exact_params = list(exact.parameters()) if exact is not None else [None] * len(list(theirs.parameters()))
+        for (pname, p), q, e in zip(ours.named_parameters(), theirs.parameters(), exact_params):
+            _assert_close(p.grad, q.grad, dtype, f"{pname} grad step {step}", None if e is None else e.grad)
+            p.grad = q.grad = None
+            if e is not None:
+                e.grad = None
+        for (bname, buf), other in zip(ours.named_buffers(), theirs.buffers()):
+            _assert_close(buf, other, dtype, f"{bname} after step {step}")
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
