@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: lab test test-slow bench clean
+.PHONY: lab test test-slow bench browser clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,6 +21,10 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/normkit bench --quick
+
+# headless Chromium for the slow test that opens report.html in a real browser (Debian package)
+browser:
+	apt-get install -y chromium
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
