@@ -1,0 +1,141 @@
+"""Bad input raises what torch.nn raises (type and message); NaN/Inf propagate; empty tensors as torch."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn as tnn
+import torch.nn.functional as TF
+
+import normkit.functional as NF
+import normkit.nn as nk
+
+
+def _both(build):
+    """Run ``build(module_namespace, functional_namespace)`` for torch and normkit; return outcomes."""
+    outcomes = []
+    for ns, fns in ((tnn, TF), (nk, NF)):
+        torch.manual_seed(0)
+        try:
+            build(ns, fns)
+            outcomes.append(None)
+        except Exception as exc:  # noqa: BLE001 - the point is to compare whatever torch raises
+            outcomes.append((type(exc), str(exc)))
+    return outcomes
+
+
+BAD = {
+    "bn2d-3d-input": lambda nn, F: nn.BatchNorm2d(4)(torch.randn(2, 4, 3)),
+    "bn1d-4d-input": lambda nn, F: nn.BatchNorm1d(4)(torch.randn(2, 4, 3, 3)),
+    "bn1d-1d-input": lambda nn, F: nn.BatchNorm1d(4)(torch.randn(4)),
+    "bn3d-4d-input": lambda nn, F: nn.BatchNorm3d(4)(torch.randn(2, 4, 3, 3)),
+    "bn-channel-mismatch": lambda nn, F: nn.BatchNorm2d(4)(torch.randn(2, 5, 3, 3)),
+    "bn-one-value-train": lambda nn, F: nn.BatchNorm2d(4)(torch.randn(1, 4, 1, 1)),
+    "bn1d-one-row-train": lambda nn, F: nn.BatchNorm1d(4)(torch.randn(1, 4)),
+    "bn-eval-no-stats": lambda nn, F: F.batch_norm(torch.randn(2, 4, 3), None, None, training=False),
+    "bn-running-size": lambda nn, F: F.batch_norm(torch.randn(2, 4, 3), torch.zeros(3), torch.ones(3)),
+    "bn-weight-size": lambda nn, F: F.batch_norm(torch.randn(2, 4, 3), None, None, torch.ones(3), training=True),
+    "bn-bias-size": lambda nn, F: F.batch_norm(torch.randn(3, 4), None, None, torch.ones(4), torch.ones(3), training=True),
+    "bn-integer-input": lambda nn, F: F.batch_norm(torch.randint(0, 3, (2, 4, 3)), None, None, training=True),
+    "in-one-spatial-train": lambda nn, F: nn.InstanceNorm2d(4)(torch.randn(2, 4, 1, 1)),
+    "in2d-2d-input": lambda nn, F: nn.InstanceNorm2d(4)(torch.randn(2, 4)),
+    "in-affine-channel-mismatch": lambda nn, F: nn.InstanceNorm2d(4, affine=True)(torch.randn(2, 5, 3, 3)),
+    "in-fixed-no-stats": lambda nn, F: F.instance_norm(torch.randn(2, 4, 3), use_input_stats=False),
+    "in-running-size": lambda nn, F: F.instance_norm(torch.randn(2, 4, 3), torch.zeros(3), torch.ones(3)),
+    "gn-not-divisible-ctor": lambda nn, F: nn.GroupNorm(3, 4),
+    "gn-channel-mismatch": lambda nn, F: nn.GroupNorm(2, 4)(torch.randn(2, 5, 3, 3)),
+    "gn-1d-input": lambda nn, F: nn.GroupNorm(2, 4)(torch.randn(4)),
+    "gn-one-value-per-group": lambda nn, F: F.group_norm(torch.randn(1, 2, 1), 2),
+    "gn-weight-shape": lambda nn, F: F.group_norm(torch.randn(2, 4, 3), 2, torch.ones(3)),
+    "gn-bias-shape": lambda nn, F: F.group_norm(torch.randn(2, 4, 3), 2, torch.ones(4), torch.ones(3)),
+    "ln-wrong-shape": lambda nn, F: nn.LayerNorm(4)(torch.randn(2, 5)),
+    "ln-too-few-dims": lambda nn, F: nn.LayerNorm([3, 4])(torch.randn(4)),
+    "ln-empty-normalized-shape": lambda nn, F: F.layer_norm(torch.randn(2, 4), []),
+    "ln-weight-shape": lambda nn, F: F.layer_norm(torch.randn(2, 4), [4], torch.ones(3)),
+    "ln-integer-input": lambda nn, F: F.layer_norm(torch.randint(0, 3, (2, 4)), [4]),
+    "rms-wrong-shape": lambda nn, F: nn.RMSNorm(4)(torch.randn(2, 5)),
+}
+
+
+# torch's message here reports the weight's shape as the bias's; normkit reports the bias's own shape.
+SAME_UP_TO_SHAPES = {"gn-bias-shape"}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_same_exception_as_torch(case):
+    theirs, ours = _both(BAD[case])
+    assert theirs is not None, "torch accepts this input; the case is not bad input"
+    assert ours is not None, f"normkit accepted bad input; torch raises {theirs}"
+    if case in SAME_UP_TO_SHAPES:
+        assert ours[0] is theirs[0] and ours[1].split("of shape")[0] == theirs[1].split("of shape")[0]
+        assert "bias of shape [3]" in ours[1]
+    else:
+        assert ours == theirs
+
+
+def test_instance_norm_warns_like_torch_when_features_mismatch_without_affine():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        nk.InstanceNorm2d(4)(torch.randn(2, 5, 3, 3))
+    assert any("does not match num_features" in str(w.message) for w in caught)
+
+
+EMPTY = {
+    "bn-empty-batch": (lambda nn: nn.BatchNorm2d(4), (0, 4, 3, 3)),
+    "bn-empty-length": (lambda nn: nn.BatchNorm1d(4), (2, 4, 0)),
+    "in-empty-batch": (lambda nn: nn.InstanceNorm1d(4), (0, 4, 3)),
+    "in-empty-length": (lambda nn: nn.InstanceNorm1d(4), (2, 4, 0)),
+    "gn-empty-batch": (lambda nn: nn.GroupNorm(2, 4), (0, 4, 3)),
+    "gn-empty-spatial": (lambda nn: nn.GroupNorm(2, 4), (2, 4, 0)),
+    "ln-empty-rows": (lambda nn: nn.LayerNorm(4), (0, 4)),
+    "ln-empty-normalized": (lambda nn: nn.LayerNorm(0), (2, 0)),
+    "rms-empty-rows": (lambda nn: nn.RMSNorm(4), (0, 4)),
+}
+
+
+@pytest.mark.parametrize("case", list(EMPTY))
+def test_empty_tensors_behave_as_torch(case):
+    make, shape = EMPTY[case]
+    theirs, ours = make(tnn), make(nk)
+    x = torch.randn(shape, requires_grad=True)
+    y_t, y_o = theirs(x), ours(x)
+    assert y_o.shape == y_t.shape and y_o.dtype == y_t.dtype
+    y_o.sum().backward()
+    for a, b in zip(ours.buffers(), theirs.buffers()):
+        torch.testing.assert_close(a, b, equal_nan=True)
+
+
+NAN_CASES = {
+    "bn": (lambda: nk.BatchNorm2d(3), (4, 3, 5, 5), lambda x: x[:, 1]),
+    "in": (lambda: nk.InstanceNorm2d(3), (4, 3, 5, 5), lambda x: x[2, 1]),
+    "gn": (lambda: nk.GroupNorm(3, 6), (4, 6, 5, 5), lambda x: x[2, 2:4]),
+    "ln": (lambda: nk.LayerNorm(8), (4, 8), lambda x: x[2]),
+    "rms": (lambda: nk.RMSNorm(8), (4, 8), lambda x: x[2]),
+}
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize(
+    "case,layout",
+    [(c, lay) for c, (_, shape, _) in NAN_CASES.items() for lay in ("contiguous", "channels_last")[: 2 if len(shape) == 4 else 1]],
+)
+def test_non_finite_input_poisons_exactly_its_group(case, layout, value):
+    make, shape, group = NAN_CASES[case]
+    x = torch.randn(shape)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    poisoned = torch.zeros(shape, dtype=torch.bool)
+    group(poisoned).fill_(True)
+    first = torch.zeros(shape, dtype=torch.bool)
+    first[tuple(poisoned.nonzero()[0])] = True
+    x = x.masked_fill(first | (poisoned & (torch.rand(shape) < 0.3)), value)
+    y = make()(x)
+    assert not torch.isfinite(y[~torch.isfinite(x)]).any(), "a non-finite input was hidden"
+    # RMSNorm divides finite elements by an infinite RMS, which gives 0 for them, as in float64 math.
+    whole_group = not (case == "rms" and value == math.inf)
+    if whole_group:
+        assert not torch.isfinite(y[poisoned]).any(), "a non-finite input was hidden in its group"
+    assert torch.isfinite(y[~poisoned]).all(), "a non-finite input leaked into other groups"
