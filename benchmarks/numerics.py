@@ -1,0 +1,51 @@
+"""Print normkit's and torch.nn's max error on the adversarial cases of ``normkit.numerics``.
+
+Run: ``.venv/bin/python benchmarks/numerics.py [--markdown]``
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch.nn as tnn
+from rich.console import Console
+from rich.table import Table
+
+import normkit.nn as nk
+from normkit.numerics import CASES, LAYERS, applies, max_error
+
+
+def rows():
+    for layer, (_, _, layouts) in LAYERS.items():
+        for case in CASES:
+            if not applies(layer, case):
+                continue
+            for layout in layouts if not case.long else ("contiguous",):
+                theirs = max_error(layer, case, layout, tnn)
+                ours = max_error(layer, case, layout, nk)
+                yield layer, layout, case.name, case.bound(layer), ours, theirs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    args = parser.parse_args()
+    header = ["layer", "layout", "case", "bound", "normkit", "torch.nn", "normkit ok", "torch ok"]
+    data = [
+        (layer, layout, case, f"{bound:.2g}", f"{ours:.3g}", f"{theirs:.3g}", str(ours <= bound), str(theirs <= bound))
+        for layer, layout, case, bound, ours, theirs in rows()
+    ]
+    if args.markdown:
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for row in data:
+            print("| " + " | ".join(row) + " |")
+        return
+    table = Table(*header, title="max abs error vs float64 (float32 input)")
+    for row in data:
+        table.add_row(*row)
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
