@@ -8,7 +8,7 @@ import platform
 import torch
 
 from . import __version__, kernels
-from .backend import get_backend
+from .selection import get_backend
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..backend import resolve
+from ..selection import resolve
 from ..kernels import load
 from ..kernels.contract import stat_shape, stats_dtype
 

@@ -85,10 +85,13 @@ class NormBase(Module):
         raise NotImplementedError
 
 
-def register_affine(module: Module, shape: tuple[int, ...], weight: bool, bias: bool, factory_kwargs: dict) -> None:
-    """Register ``weight`` and ``bias`` as parameters of ``shape``, or as ``None`` when disabled."""
+def register_affine(
+    module: Module, shape: tuple[int, ...], weight: bool, bias: bool | None, factory_kwargs: dict
+) -> None:
+    """Register ``weight`` and ``bias`` of ``shape``, ``None`` when disabled; ``bias=None``: no bias slot."""
     for name, wanted in (("weight", weight), ("bias", bias)):
-        module.register_parameter(name, Parameter(torch.empty(shape, **factory_kwargs)) if wanted else None)
+        if wanted is not None:
+            module.register_parameter(name, Parameter(torch.empty(shape, **factory_kwargs)) if wanted else None)
 
 
 def check_dims(input: Tensor, allowed: tuple[int, ...]) -> None:

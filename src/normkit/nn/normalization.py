@@ -27,7 +27,7 @@ class _AffineNorm(Module):
     def reset_parameters(self) -> None:
         if self.weight is not None:
             init.ones_(self.weight)
-        if self.bias is not None:
+        if getattr(self, "bias", None) is not None:
             init.zeros_(self.bias)
 
 
@@ -118,7 +118,7 @@ class RMSNorm(_AffineNorm):
         self.normalized_shape = _as_shape(normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
-        register_affine(self, self.normalized_shape, elementwise_affine, False, {"device": device, "dtype": dtype})
+        register_affine(self, self.normalized_shape, elementwise_affine, None, {"device": device, "dtype": dtype})
         self.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:

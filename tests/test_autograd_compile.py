@@ -1,0 +1,90 @@
+"""gradcheck / gradgradcheck in float64 and torch.compile(fullgraph=True) over the custom ops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+
+import normkit.functional as F
+import normkit.nn as nk
+from normkit.functional import _core
+
+D = dict(dtype=torch.float64)
+RM, RV = torch.randn(4, **D), torch.rand(4, **D) + 0.5
+
+FUNCS = {
+    "batch_norm-train": (lambda x, w, b: F.batch_norm(x, None, None, w, b, True), (3, 4, 5)),
+    "batch_norm-train-channels_last": (lambda x, w, b: F.batch_norm(x, None, None, w, b, True), (2, 4, 3, 2)),
+    "batch_norm-eval": (lambda x, w, b: F.batch_norm(x, RM, RV, w, b, False), (3, 4, 5)),
+    "instance_norm": (lambda x, w, b: F.instance_norm(x, weight=w, bias=b), (2, 4, 5)),
+    "group_norm": (lambda x, w, b: F.group_norm(x, 2, w, b), (2, 4, 3)),
+    "group_norm-channels_last": (lambda x, w, b: F.group_norm(x, 2, w, b), (2, 4, 3, 2)),
+    "layer_norm": (lambda x, w, b: F.layer_norm(x, [4], w, b), (3, 4)),
+    "rms_norm": (lambda x, w, b: F.rms_norm(x, [4], w * b), (3, 4)),
+}
+
+
+def _inputs(name, shape):
+    x = torch.randn(shape, **D)
+    if name.endswith("channels_last"):
+        x = x.to(memory_format=torch.channels_last)
+    w, b = torch.rand(4, **D) + 0.5, torch.randn(4, **D)
+    return tuple(t.requires_grad_() for t in (x, w, b))
+
+
+@pytest.mark.parametrize("name", list(FUNCS))
+def test_gradcheck_and_gradgradcheck(name):
+    fn, shape = FUNCS[name]
+    inputs = _inputs(name, shape)
+    assert gradcheck(fn, inputs)
+    assert gradgradcheck(fn, inputs)
+
+
+def test_custom_ops_pass_opcheck():
+    x = torch.randn(2, 6, 5)
+    w, b = torch.rand(2, 3, 1, 1, requires_grad=True), torch.randn(2, 3, 1, 1, requires_grad=True)
+    shape = [2, 2, 3, 1, 5]
+    torch.library.opcheck(_core._norm_batch, (x.requires_grad_(), shape, w, b, 1e-5, False))
+    mean, rstd = torch.randn(2, 2, 1), torch.rand(2, 2, 1) + 0.5
+    torch.library.opcheck(_core._norm_fixed, (x, shape, mean, rstd, w, b))
+
+
+class SmallCNN(nk.Module):
+    """The article's four layers in one network."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nk.Conv2d(3, 8, 3, padding=1)
+        self.bn = nk.BatchNorm2d(8)
+        self.gn = nk.GroupNorm(2, 8)
+        self.inorm = nk.InstanceNorm2d(8, affine=True)
+        self.ln = nk.LayerNorm([8, 6, 6])
+        self.rms = nk.RMSNorm(6)
+
+    def forward(self, x):
+        return self.rms(self.ln(self.inorm(self.gn(self.bn(self.conv(x)).relu())))).sum()
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_compile_fullgraph_matches_eager(channels_last):
+    torch._dynamo.reset()
+    model = SmallCNN()
+    x = torch.randn(4, 3, 6, 6)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    eager = SmallCNN()
+    eager.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, fullgraph=True)
+    for training in (True, False):
+        model.train(training)
+        eager.train(training)
+        out, ref = compiled(x), eager(x)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+        if training:
+            out.backward()
+            ref.backward()
+            for p, q in zip(model.parameters(), eager.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4)
+    for a, b in zip(model.buffers(), eager.buffers()):
+        torch.testing.assert_close(a, b)
