@@ -1,0 +1,395 @@
+"""Take over an existing model: swap its norm layers, change their kind, sync, freeze or fold them.
+
+Every converter works in place on the model's submodules and returns the model (or the replacement
+when the model itself is a norm layer), like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``.
+A module object that appears several times in the model is converted once and stays shared.
+
+Parameter policy:
+
+- ``to_normkit``, ``to_torch`` and ``convert_sync_batchnorm`` keep the *same* Parameter and buffer
+  objects (no copy): weight tying, optimizers already built on the parameters, hooks, training mode,
+  device, dtype and memory format all carry over.
+- ``replace_norm`` builds new layers; it copies ``weight``, ``bias``, ``running_mean`` and
+  ``running_var`` from the old layer when the new one has a tensor of the same shape (a pretrained
+  model keeps its learned per-channel scale and shift) and leaves the rest at the new layer's
+  defaults (weight 1, bias 0, running mean 0, running var 1).
+- ``freeze_batchnorm`` copies parameters and statistics into buffers of ``FrozenBatchNorm2d``.
+- ``fuse_conv_bn_eval`` replaces each folded Conv/Linear by a new module with fused parameters and
+  the BatchNorm by ``nn.Identity``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import re
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval as _fuse_conv
+from torch.nn.utils.fusion import fuse_linear_bn_eval as _fuse_linear
+
+from . import nn as nk
+from .distributed import SyncBatchNorm
+from .nn.frozen import FrozenBatchNorm2d
+from .nn.layernorm2d import LayerNorm2d
+
+NormFactory = Callable[..., nn.Module]
+
+_TWINS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.BatchNorm1d: nk.BatchNorm1d,
+    nn.BatchNorm2d: nk.BatchNorm2d,
+    nn.BatchNorm3d: nk.BatchNorm3d,
+    nn.InstanceNorm1d: nk.InstanceNorm1d,
+    nn.InstanceNorm2d: nk.InstanceNorm2d,
+    nn.InstanceNorm3d: nk.InstanceNorm3d,
+    nn.GroupNorm: nk.GroupNorm,
+    nn.LayerNorm: nk.LayerNorm,
+    nn.RMSNorm: nk.RMSNorm,
+    nn.SyncBatchNorm: SyncBatchNorm,
+}
+_TORCH_TWINS = {v: k for k, v in _TWINS.items()}
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nk.BatchNorm1d, nk.BatchNorm2d, nk.BatchNorm3d)
+_CHANNEL_NORMS = (
+    *_BATCHNORMS,
+    nn.SyncBatchNorm, SyncBatchNorm, FrozenBatchNorm2d, LayerNorm2d, nn.GroupNorm, nk.GroupNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nk.InstanceNorm1d, nk.InstanceNorm2d, nk.InstanceNorm3d,
+)
+_FOLDABLE = (*_BATCHNORMS, nn.SyncBatchNorm, SyncBatchNorm, FrozenBatchNorm2d)
+
+
+class UnsupportedNormWarning(UserWarning):
+    """A layer that looks like a normalization has no normkit twin and was left as it is."""
+
+
+def _walk(model: nn.Module, swap: Callable[[str, nn.Module], nn.Module | None]) -> nn.Module:
+    """Replace each module for which ``swap(qualified_name, module)`` returns a module; recurse into the rest."""
+    done: dict[int, nn.Module] = {}
+
+    def visit(name: str, module: nn.Module) -> nn.Module:
+        if id(module) in done:
+            return done[id(module)]
+        new = swap(name, module)
+        if new is None:
+            new = module
+            for child_name, child in list(module._modules.items()):
+                if child is not None:
+                    replacement = visit(f"{name}.{child_name}" if name else child_name, child)
+                    if replacement is not child:
+                        setattr(module, child_name, replacement)
+        done[id(module)] = new
+        return new
+
+    return visit("", model)
+
+
+def _twin(module: nn.Module, cls: type[nn.Module], **attrs: Any) -> nn.Module:
+    """An instance of ``cls`` holding ``module``'s state: same Parameter and buffer objects, hooks, mode."""
+    new = cls.__new__(cls)
+    state = {k: copy.copy(v) if isinstance(v, (dict, set)) else v for k, v in vars(module).items()}
+    object.__setattr__(new, "__dict__", {**state, **attrs})
+    return new
+
+
+def _looks_like_norm(module: nn.Module) -> bool:
+    return "Norm" in type(module).__name__ or isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm))
+
+
+def _swap_classes(model: nn.Module, table: dict[type[nn.Module], type[nn.Module]], known: tuple[type, ...], who: str) -> nn.Module:
+    skipped: list[str] = []
+
+    def swap(name: str, module: nn.Module) -> nn.Module | None:
+        cls = table.get(type(module))
+        if cls is not None:
+            return _twin(module, cls)
+        if _looks_like_norm(module) and type(module) not in known:
+            skipped.append(f"{name or '<model>'} ({type(module).__name__})")
+        return None
+
+    result = _walk(model, swap)
+    if skipped:
+        warnings.warn(
+            f"{who}: left {len(skipped)} normalization layer(s) it has no twin for untouched: {', '.join(skipped)}",
+            UnsupportedNormWarning,
+            stacklevel=3,
+        )
+    return result
+
+
+_NORMKIT_ONLY = (FrozenBatchNorm2d, LayerNorm2d)
+
+
+def to_normkit(model: nn.Module) -> nn.Module:
+    """Swap every torch.nn norm layer for its normkit twin, sharing its parameters and buffers.
+
+    Only exact torch.nn classes are swapped: a subclass may override ``forward``. Layers that look
+    like norms but have no twin (custom norms, subclasses) stay as they are, with an
+    ``UnsupportedNormWarning`` naming them.
+    """
+    return _swap_classes(model, _TWINS, (*_TORCH_TWINS, *_NORMKIT_ONLY), "to_normkit")
+
+
+def to_torch(model: nn.Module) -> nn.Module:
+    """Swap every normkit norm layer back to torch.nn, sharing its parameters and buffers.
+
+    ``FrozenBatchNorm2d`` and ``LayerNorm2d`` have no torch.nn twin and stay, with a warning.
+    """
+    return _swap_classes(model, _TORCH_TWINS, tuple(_TWINS), "to_torch")
+
+
+_SPECS: dict[str, Callable[..., nn.Module]] = {
+    "bn": nk.BatchNorm2d,
+    "bn1d": nk.BatchNorm1d,
+    "bn2d": nk.BatchNorm2d,
+    "bn3d": nk.BatchNorm3d,
+    "syncbn": SyncBatchNorm,
+    "frozenbn": FrozenBatchNorm2d,
+    "ln": nk.LayerNorm,
+    "ln2d": LayerNorm2d,
+    "in": nk.InstanceNorm2d,
+    "in1d": nk.InstanceNorm1d,
+    "in2d": nk.InstanceNorm2d,
+    "in3d": nk.InstanceNorm3d,
+    "rms": nk.RMSNorm,
+    "none": nn.Identity,
+}
+_GROUPS = re.compile(r"gn(?::?(\d+))?")
+_GROUP_NORMS = (nn.GroupNorm, nk.GroupNorm)
+
+
+def _valid_specs() -> str:
+    return ", ".join([*_SPECS, "gn", "gn<G>", "gn:<G>"]) + ", None, a norm class or a callable taking num_channels"
+
+
+def _group_norm(groups: int) -> NormFactory:
+    def make(num_channels: int, **kwargs: Any) -> nn.Module:
+        return nk.GroupNorm(groups, num_channels, **kwargs)
+
+    make.__name__ = f"gn{groups}"
+    return make
+
+
+def get_norm_layer(spec: str | type[nn.Module] | NormFactory | None) -> NormFactory:
+    """A factory ``make(num_channels, **kwargs) -> nn.Module`` for a norm named by ``spec``.
+
+    Strings (case-insensitive): ``bn`` (= ``bn2d``), ``bn1d``, ``bn2d``, ``bn3d``, ``syncbn``,
+    ``frozenbn``, ``ln`` (over the last dim), ``ln2d`` (over channels of (N, C, *)), ``in`` (= ``in2d``),
+    ``in1d``, ``in2d``, ``in3d``, ``gn`` (32 groups), ``gn32``, ``gn:16``, ``rms``, ``none``. ``None``
+    means ``none``. A GroupNorm class gets 32 groups unless ``num_groups`` is passed; other classes
+    and callables are called as ``spec(num_channels, **kwargs)``.
+    """
+    if spec is None:
+        return nn.Identity
+    if isinstance(spec, type):
+        if not issubclass(spec, nn.Module):
+            raise TypeError(f"norm layer class must be an nn.Module subclass, got {spec!r}")
+        if issubclass(spec, _GROUP_NORMS):
+            return functools.partial(_class_group_norm, spec)
+        return spec
+    if callable(spec):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"unknown norm layer spec {spec!r}; valid specs: {_valid_specs()}")
+    key = spec.strip().lower()
+    if key in _SPECS:
+        return _SPECS[key]
+    match = _GROUPS.fullmatch(key)
+    if match:
+        groups = int(match.group(1) or 32)
+        if groups < 1:
+            raise ValueError(f"norm layer spec {spec!r} asks for {groups} groups; the number of groups must be positive")
+        return _group_norm(groups)
+    raise ValueError(f"unknown norm layer spec {spec!r}; valid specs: {_valid_specs()}")
+
+
+def _class_group_norm(cls: type[nn.Module], num_channels: int, num_groups: int = 32, **kwargs: Any) -> nn.Module:
+    return cls(num_groups, num_channels, **kwargs)
+
+
+def _num_channels(module: nn.Module) -> int:
+    if isinstance(module, (nn.GroupNorm, nk.GroupNorm)):
+        return module.num_channels
+    if isinstance(module, LayerNorm2d):
+        return module.normalized_shape[0]
+    return module.num_features
+
+
+def _carry_state(old: nn.Module, new: nn.Module) -> None:
+    """Copy the per-channel tensors both layers have, with the same shape; place ``new`` like ``old``."""
+    ref = next((t for t in (*old.parameters(), *old.buffers()) if t.is_floating_point()), None)
+    if ref is not None:
+        new.to(device=ref.device, dtype=ref.dtype)
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            src, dst = getattr(old, name, None), getattr(new, name, None)
+            if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and src.shape == dst.shape:
+                dst.copy_(src)
+    new.train(old.training)
+
+
+def replace_norm(
+    model: nn.Module, spec: str | type[nn.Module] | NormFactory | None, **kwargs: Any
+) -> nn.Module:
+    """Change the kind of every channel norm (BatchNorm, SyncBatchNorm, FrozenBatchNorm2d, InstanceNorm,
+    GroupNorm, LayerNorm2d, torch.nn or normkit) to ``spec`` — e.g. BatchNorm → GroupNorm for small batches.
+
+    The new layer is ``get_norm_layer(spec)(num_channels, **kwargs)`` on the old one's device and dtype,
+    initialised as the module docstring describes. LayerNorm and RMSNorm over trailing dims are left alone.
+    Raises ValueError naming the layer when it cannot be built (e.g. channels not divisible by groups).
+    """
+    make = get_norm_layer(spec)
+
+    def swap(name: str, module: nn.Module) -> nn.Module | None:
+        if not isinstance(module, _CHANNEL_NORMS):
+            return None
+        channels = _num_channels(module)
+        try:
+            new = make(channels, **kwargs)
+        except (ValueError, RuntimeError) as err:
+            raise ValueError(
+                f"replace_norm: cannot replace layer {name or '<model>'!r} ({type(module).__name__}, "
+                f"{channels} channels) by {spec!r}: {err}"
+            ) from err
+        _carry_state(module, new)
+        return new
+
+    return _walk(model, swap)
+
+
+def convert_sync_batchnorm(model: nn.Module, process_group: Any | None = None) -> nn.Module:
+    """Swap every BatchNorm1d/2d/3d (torch.nn or normkit) for normkit's SyncBatchNorm over ``process_group``.
+
+    Parameters and buffers are shared with the original layers, as in torch's converter.
+    """
+
+    def swap(name: str, module: nn.Module) -> nn.Module | None:
+        if type(module) in _BATCHNORMS:
+            return _twin(module, SyncBatchNorm, process_group=process_group)
+        return None
+
+    return _walk(model, swap)
+
+
+def _frozen_from(module: nn.Module) -> FrozenBatchNorm2d:
+    frozen = FrozenBatchNorm2d(module.num_features, module.eps)
+    _carry_state(module, frozen)
+    frozen.train(False)
+    return frozen
+
+
+def freeze_batchnorm(model: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d and SyncBatchNorm (torch.nn or normkit) by ``FrozenBatchNorm2d``.
+
+    The frozen layer holds copies of the affine parameters and running statistics as buffers, so they
+    no longer train, and it normalizes with them in train mode too. Layers without running
+    statistics freeze to mean 0 and variance 1.
+    """
+    kinds = (nn.BatchNorm2d, nk.BatchNorm2d, nn.SyncBatchNorm, SyncBatchNorm)
+
+    def swap(name: str, module: nn.Module) -> nn.Module | None:
+        return _frozen_from(module) if type(module) in kinds else None
+
+    return _walk(model, swap)
+
+
+class _NormLeafTracer(torch.fx.Tracer):
+    """Traces a model keeping every norm layer as one call, so normkit layers need not be traceable."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, _CHANNEL_NORMS) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _traced_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(layer, norm) names where a norm reads only the output of a Conv/Linear that nothing else reads."""
+    graph = _NormLeafTracer().trace(model)
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    modules = dict(model.named_modules())
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], _FOLDABLE) or len(node.args) != 1:
+            continue
+        prev = node.args[0]
+        if (
+            isinstance(prev, torch.fx.Node)
+            and prev.op == "call_module"
+            and len(prev.users) == 1
+            and calls[prev.target] == 1
+            and calls[node.target] == 1
+        ):
+            pairs.append((prev.target, node.target))
+    return pairs
+
+
+def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(layer, norm) names of adjacent children of each nn.Sequential, for models fx cannot trace."""
+    pairs = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Sequential):
+            names = list(module._modules)
+            for a, b in zip(names, names[1:]):
+                prefix = f"{name}." if name else ""
+                pairs.append((prefix + a, prefix + b))
+    return pairs
+
+
+def _fuse(layer: nn.Module, norm: nn.Module) -> nn.Module | None:
+    if getattr(norm, "running_mean", None) is None or getattr(norm, "running_var", None) is None:
+        return None
+    if isinstance(norm, FrozenBatchNorm2d):
+        norm = _as_batchnorm(norm)
+    if isinstance(layer, nn.modules.conv._ConvNd) and layer.out_channels == norm.num_features:
+        return _fuse_conv(layer, norm, transpose=isinstance(layer, nn.modules.conv._ConvTransposeNd))
+    if isinstance(layer, nn.Linear) and layer.out_features == norm.num_features:
+        return _fuse_linear(layer, norm)
+    return None
+
+
+def _as_batchnorm(frozen: FrozenBatchNorm2d) -> nn.Module:
+    """A BatchNorm2d view of a frozen layer's statistics, for torch's fusion helpers."""
+    bn = nn.BatchNorm2d(frozen.num_features, frozen.eps)
+    _carry_state(frozen, bn)
+    return bn.eval()
+
+
+def fuse_conv_bn_eval(model: nn.Module) -> nn.Module:
+    """Fold each eval-mode BatchNorm (or FrozenBatchNorm2d) into the Conv/Linear that feeds it.
+
+    Pairs are found by tracing the model with torch.fx (norm layers kept as leaves), or, when the model
+    cannot be traced, among adjacent children of ``nn.Sequential``. A pair is folded only when the norm
+    reads nothing but that layer's output, each is called once, and the norm has running statistics.
+    Eval-mode outputs are unchanged up to rounding; the model must be in eval mode.
+    """
+    if model.training:
+        raise ValueError("fuse_conv_bn_eval needs a model in eval mode; call model.eval() first")
+    try:
+        pairs = _traced_pairs(model)
+    except Exception:
+        pairs = _sequential_pairs(model)
+    modules = dict(model.named_modules())
+    for layer_name, norm_name in pairs:
+        layer, norm = modules[layer_name], modules[norm_name]
+        if layer.training or norm.training or not isinstance(norm, _FOLDABLE):
+            continue
+        fused = _fuse(layer, norm) if isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear)) else None
+        if fused is not None:
+            model.set_submodule(layer_name, fused)
+            model.set_submodule(norm_name, nn.Identity())
+    return model
+
+
+__all__ = [
+    "UnsupportedNormWarning",
+    "convert_sync_batchnorm",
+    "freeze_batchnorm",
+    "fuse_conv_bn_eval",
+    "get_norm_layer",
+    "replace_norm",
+    "to_normkit",
+    "to_torch",
+]

@@ -1,0 +1,164 @@
+"""SyncBatchNorm over ``torch.distributed``: BatchNorm statistics of the batch concatenated over all ranks.
+
+Forward sends one all-reduce: a (world, 2·C + 1) float64 table where each rank fills its row with its
+(count, mean, M2) and the others with zeros, so every rank receives all rows and merges them exactly
+(Chan's parallel variance, no ``E[x²] − E[x]²`` cancellation). Counts travel with the statistics, so
+uneven batches and ranks with an empty batch need nothing special. Backward sends one all-reduce of
+(Σ dy, Σ dy·x̂) per channel. The normalization itself is the core's ``normalize_fixed``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .functional import _layout as L
+from .functional import batch_norm
+from .functional._core import normalize_fixed
+from .kernels.contract import stats_dtype
+from .nn._base import NormBase
+
+
+def _local_moments(x5: Tensor) -> tuple[int, Tensor, Tensor]:
+    """(count, mean, M2) per channel of a per-channel 5-D view, in float64 for the exchange."""
+    count = x5.shape[2] * x5.shape[4]
+    if count == 0:
+        zeros = x5.new_zeros(x5.shape[3], dtype=torch.float64)
+        return 0, zeros, zeros.clone()
+    var, mean = torch.var_mean(x5.to(stats_dtype(x5.dtype)), dim=(0, 1, 2, 4), correction=0)
+    return count, mean.double(), var.double() * count
+
+
+def _global_moments(x5: Tensor, group: Any) -> tuple[float, Tensor, Tensor]:
+    """Total count, mean and biased variance per channel over all ranks, with one all-reduce."""
+    count, mean, m2 = _local_moments(x5)
+    c = mean.numel()
+    table = mean.new_zeros(dist.get_world_size(group), 2 * c + 1)
+    table[dist.get_rank(group)] = torch.cat([mean.new_tensor([count]), mean, m2])
+    dist.all_reduce(table, group=group)
+    counts, means, m2s = table[:, :1], table[:, 1 : c + 1], table[:, c + 1 :]
+    total = float(counts.sum())
+    if total <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got {int(total)} over all ranks")
+    global_mean = (counts * means).sum(0) / total
+    global_m2 = m2s.sum(0) + (counts * (means - global_mean).square()).sum(0)
+    return total, global_mean, global_m2 / total
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """Normalization with statistics shared across ranks; backward all-reduces the two gradient sums."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight, bias, running_mean, running_var, eps: float, momentum: float, group):
+        xc, perm = L.dense(x)
+        shape = L.per_channel_view(x, perm is not None)
+        acc = stats_dtype(x.dtype)
+        total, mean64, var64 = _global_moments(xc.view(shape), group)
+        c = mean64.numel()
+        mean = mean64.to(acc).view(1, 1, c)
+        rstd = torch.rsqrt(var64 + eps).to(acc).view(1, 1, c)
+        if running_mean is not None:
+            _update_running(running_mean, mean64, momentum)
+        if running_var is not None:
+            _update_running(running_var, var64 * (total / (total - 1)), momentum)
+        w, b = L.param_view(weight, shape, False, False), L.param_view(bias, shape, False, False)
+        y = normalize_fixed(xc, shape, mean, rstd, w, b)
+        ctx.save_for_backward(xc, mean, rstd, weight)
+        ctx.shape, ctx.perm, ctx.total, ctx.group = shape, perm, total, group
+        return L.restore(y, perm)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        xc, mean, rstd, weight = ctx.saved_tensors
+        shape, acc = ctx.shape, mean.dtype
+        if ctx.perm is not None:
+            dy = dy.permute(ctx.perm)
+        dy5 = dy.contiguous().view(shape).to(acc)
+        xhat = normalize_fixed(xc.to(acc), shape, mean, rstd, None, None).view(shape)
+        sums = torch.stack([dy5.sum((0, 1, 2, 4)), (dy5 * xhat).sum((0, 1, 2, 4))])
+        dbias, dweight = sums[0].clone(), sums[1].clone()
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dist.all_reduce(sums, group=ctx.group)
+            mean_dy, mean_dy_xhat = (s.view(1, 1, 1, -1, 1) / ctx.total for s in sums)
+            scale = rstd.view(1, 1, 1, -1, 1)
+            if weight is not None:
+                scale = scale * weight.to(acc).view(1, 1, 1, -1, 1)
+            dx = L.restore(((dy5 - mean_dy - xhat * mean_dy_xhat) * scale).to(xc.dtype).view(xc.shape), ctx.perm)
+        dw = dweight.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        db = dbias.to(weight.dtype if weight is not None else acc) if ctx.needs_input_grad[2] else None
+        return dx, dw, db, None, None, None, None, None
+
+
+@torch.no_grad()
+def _update_running(running: Tensor, batch: Tensor, momentum: float) -> None:
+    running.copy_((batch * momentum + running.double() * (1.0 - momentum)).to(running.dtype))
+
+
+class SyncBatchNorm(NormBase):
+    """BatchNorm whose training statistics span every rank of ``process_group``, as ``torch.nn.SyncBatchNorm``.
+
+    Unlike torch's, it runs on CPU (gloo) as well as GPU, and ranks may hold different batch sizes,
+    including none. Eval mode and a world of one rank use ``normkit.functional.batch_norm`` locally.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any | None = None,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def _check_non_zero_input_channels(self, input: Tensor) -> None:
+        if input.size(1) == 0:
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
+
+    def _group(self) -> Any | None:
+        """The process group to synchronise over, or None when there is nothing to synchronise."""
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group or dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        running_mean = self.running_mean if not self.training or self.track_running_stats else None
+        running_var = self.running_var if not self.training or self.track_running_stats else None
+        group = self._group()
+        if group is None:
+            use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+            return batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps)
+        return _SyncBatchNormFunction.apply(
+            input, self.weight, self.bias, running_mean, running_var, self.eps, factor, group
+        )
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group: Any | None = None) -> torch.nn.Module:
+        """Replace every BatchNorm*D layer of ``module`` by a SyncBatchNorm sharing its parameters and buffers."""
+        from .convert import convert_sync_batchnorm
+
+        return convert_sync_batchnorm(module, process_group)
+
+
+__all__ = ["SyncBatchNorm"]
