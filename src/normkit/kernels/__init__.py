@@ -14,11 +14,13 @@ from .contract import Backend
 # name -> (module, class); modules are imported on first use so importing normkit compiles nothing.
 _REGISTRY: dict[str, tuple[str, str]] = {
     "reference": ("normkit.kernels.reference", "ReferenceBackend"),
+    "triton": ("normkit.kernels.triton", "TritonBackend"),
     "cpu": ("normkit.kernels.cpu", "CpuBackend"),
 }
 # device type -> backends ``auto`` tries before the reference.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {}
 AUTO_ORDER["cpu"] = ("cpu",)
+AUTO_ORDER["cuda"] = ("triton",)
 
 
 def names() -> tuple[str, ...]:

@@ -1,0 +1,369 @@
+"""Triton kernels on the 5-D normalization view ``(Q, P, R1, B, R2)`` (see ``contract``).
+
+A program works on tiles of ``BB`` neighbouring groups ``b`` by a ``(BR1, BR2)`` window of their
+reduced axes; the reduced axes of one group are walked as ``NT = NT1 * NT2`` tiles, tile ``t``
+covering rows ``t // NT2`` and columns ``t % NT2``. With ``FUSED`` the whole group is one tile and a
+program reads it once.
+
+Statistics are float32 and overflow-free. Each tile yields a count, the mean of the input shifted by
+the group's first element, and the sum of squared deviations held as ``scale**2 * ssq`` with
+``scale`` the largest deviation; tiles merge by Chan's formula in that scaled form, so inputs near
+1e30 do not overflow and a constant group has deviations that are exactly zero.
+
+``ACT`` selects a fused activation epilogue applied to ``weight * xhat + bias``: 0 none, 1 ReLU,
+2 SiLU, 3 GELU (erf); the backward kernels recompute its input to apply the derivative.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+ACTIVATIONS = {None: 0, "relu": 1, "silu": 2, "gelu": 3}
+_HUGE = 1.0e38
+
+
+@triton.jit
+def _tile(qp, bb, t, R1, B, R2, NT2, BR1: tl.constexpr, BB: tl.constexpr, BR2: tl.constexpr):
+    """Element offsets, mask, coordinates and valid count of tile ``t`` of groups ``(qp, bb*BB + i)``."""
+    t1 = t // NT2
+    t2 = t % NT2
+    r1 = (t1 * BR1 + tl.arange(0, BR1))[:, None, None]
+    b = (bb * BB + tl.arange(0, BB))[None, :, None]
+    r2 = (t2 * BR2 + tl.arange(0, BR2))[None, None, :]
+    mask = (r1 < R1) & (b < B) & (r2 < R2)
+    offs = qp.to(tl.int64) * R1 * B * R2 + r1.to(tl.int64) * (B * R2) + b * R2 + r2
+    count = tl.minimum(R1 - t1 * BR1, BR1) * tl.minimum(R2 - t2 * BR2, BR2) * 1.0
+    return offs, mask, r1, b, r2, count
+
+
+@triton.jit
+def _param_index(p, r1, b, r2, R1, B, R2, SPAN_R1: tl.constexpr, SPAN_R2: tl.constexpr):
+    """Offsets into the (P, K1, B, K2) parameters; shaped to broadcast against the tile."""
+    if SPAN_R1:
+        off = (p * R1 + r1) * B + b
+        mask = (r1 < R1) & (b < B)
+    else:
+        off = p * B + b
+        mask = b < B
+    if SPAN_R2:
+        off = off * R2 + r2
+        mask = mask & (r2 < R2)
+    return off, mask
+
+
+@triton.jit
+def _activate(z, ACT: tl.constexpr):
+    if ACT == 1:
+        z = tl.maximum(z, 0.0)
+    elif ACT == 2:
+        z = z * tl.sigmoid(z)
+    elif ACT == 3:
+        z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    return z
+
+
+@triton.jit
+def _activate_grad(z, ACT: tl.constexpr):
+    """d activation / dz at z (ACT != 0)."""
+    if ACT == 1:
+        d = tl.where(z > 0.0, 1.0, 0.0)
+    elif ACT == 2:
+        s = tl.sigmoid(z)
+        d = s * (1.0 + z * (1.0 - s))
+    else:
+        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        d = cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+    return d
+
+
+@triton.jit
+def _affine(xhat, w, bias, woff, wmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    z = xhat
+    if HAS_W:
+        z = z * tl.load(w + woff, mask=wmask, other=0.0).to(tl.float32)
+    if HAS_B:
+        z = z + tl.load(bias + woff, mask=wmask, other=0.0).to(tl.float32)
+    return z
+
+
+@triton.jit
+def _shift(x, qp, bv, mask, R1, B, R2, N: tl.constexpr, RMS: tl.constexpr):
+    """The first element of each of N groups (zero for RMS)."""
+    if RMS:
+        s = tl.zeros((N,), tl.float32)
+    else:
+        first = qp.to(tl.int64) * R1 * B * R2 + bv * R2
+        s = tl.load(x + first, mask=mask, other=0.0).to(tl.float32)
+    return s
+
+
+@triton.jit
+def _moments(d, mask, count, BB: tl.constexpr, RMS: tl.constexpr):
+    """(mean, scale, ssq) of the shifted tile ``d`` per group; deviations are ``scale * sqrt(ssq)``."""
+    if RMS:
+        m = tl.zeros((BB,), tl.float32)
+    else:
+        m = tl.sum(tl.sum(d, axis=2), axis=0) / count
+    c = tl.where(mask, d - m[None, :, None], 0.0)
+    s = tl.max(tl.max(tl.abs(c), axis=2), axis=0)
+    c = c * (1.0 / tl.where(s > 0.0, s, 1.0))[None, :, None]
+    return m, s, tl.sum(tl.sum(c * c, axis=2), axis=0)
+
+
+@triton.jit
+def _merge(n_a, m_a, s_a, q_a, n_b, m_b, s_b, q_b):
+    """Chan's merge of two (count, mean, scale, ssq) summaries, in scaled form."""
+    n = n_a + n_b
+    frac = n_b / tl.maximum(n, 1.0)
+    delta = m_b - m_a
+    t = tl.abs(delta) * tl.sqrt(n_a * frac)
+    s = tl.maximum(tl.maximum(s_a, s_b), t)
+    inv = 1.0 / tl.where(s > 0.0, s, 1.0)
+    ra = s_a * inv
+    rb = s_b * inv
+    rt = t * inv
+    return n, m_a + delta * frac, s, q_a * ra * ra + q_b * rb * rb + rt * rt
+
+
+@triton.jit
+def _finish(shift, n, m, s, q, eps):
+    """(mean, rstd, var); rstd comes from the standard deviation when the variance overflows."""
+    r = q / tl.maximum(n, 1.0)
+    var = s * (s * r)
+    std = s * tl.sqrt(r)
+    rstd = tl.where(var < _HUGE, 1.0 / tl.sqrt(var + eps), 1.0 / tl.where(std > 0.0, std, 1.0))
+    return shift + m, rstd, var
+
+
+@triton.jit
+def _fwd_kernel(
+    x, y, w, bias, mean, rstd, var, eps,
+    P, R1, B, R2, NB, NT2, NT, TPC,
+    BR1: tl.constexpr, BB: tl.constexpr, BR2: tl.constexpr,
+    FUSED: tl.constexpr, RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    SPAN_R1: tl.constexpr, SPAN_R2: tl.constexpr, ACT: tl.constexpr,
+):
+    """y = act(weight * (x - mean) * rstd + bias). FUSED: one tile per group, statistics computed
+    here and stored; otherwise the given statistics are applied to tiles ``[TPC*pid1, ...)``."""
+    pid = tl.program_id(0)
+    qp = pid // NB
+    bb = pid % NB
+    p = qp % P
+    bv = bb * BB + tl.arange(0, BB)
+    bmask = bv < B
+    g = qp.to(tl.int64) * B + bv
+    if FUSED:
+        offs, mask, r1, b, r2, count = _tile(qp, bb, 0, R1, B, R2, NT2, BR1, BB, BR2)
+        shift = _shift(x, qp, bv, bmask, R1, B, R2, BB, RMS)
+        xt = tl.load(x + offs, mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(mask, xt - shift[None, :, None], 0.0)
+        m, s, q = _moments(d, mask, count, BB, RMS)
+        mu, rs, vr = _finish(shift, count, m, s, q, eps)
+        tl.store(mean + g, mu, mask=bmask)
+        tl.store(rstd + g, rs, mask=bmask)
+        tl.store(var + g, vr, mask=bmask)
+        woff, wmask = _param_index(p, r1, b, r2, R1, B, R2, SPAN_R1, SPAN_R2)
+        xhat = (d - m[None, :, None]) * rs[None, :, None]
+        z = _activate(_affine(xhat, w, bias, woff, wmask, HAS_W, HAS_B), ACT)
+        tl.store(y + offs, z.to(y.dtype.element_ty), mask=mask)
+    else:
+        mu = tl.load(mean + g, mask=bmask, other=0.0).to(tl.float32)[None, :, None]
+        rs = tl.load(rstd + g, mask=bmask, other=0.0).to(tl.float32)[None, :, None]
+        start = tl.program_id(1) * TPC
+        for t in range(start, tl.minimum(start + TPC, NT)):
+            offs, mask, r1, b, r2, count = _tile(qp, bb, t, R1, B, R2, NT2, BR1, BB, BR2)
+            xt = tl.load(x + offs, mask=mask, other=0.0).to(tl.float32)
+            woff, wmask = _param_index(p, r1, b, r2, R1, B, R2, SPAN_R1, SPAN_R2)
+            z = _activate(_affine((xt - mu) * rs, w, bias, woff, wmask, HAS_W, HAS_B), ACT)
+            tl.store(y + offs, z.to(y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _stats_partial_kernel(
+    x, part, R1, B, R2, NB, NT2, NT, TPC, G,
+    BR1: tl.constexpr, BB: tl.constexpr, BR2: tl.constexpr, RMS: tl.constexpr,
+):
+    """Per-group (count, shifted mean, scale, ssq) over tiles ``[TPC*pid1, ...)``: part[4, SPLIT, G]."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    qp = pid // NB
+    bb = pid % NB
+    bv = bb * BB + tl.arange(0, BB)
+    bmask = bv < B
+    shift = _shift(x, qp, bv, bmask, R1, B, R2, BB, RMS)
+    n_a = tl.zeros((BB,), tl.float32)
+    m_a = tl.zeros((BB,), tl.float32)
+    s_a = tl.zeros((BB,), tl.float32)
+    q_a = tl.zeros((BB,), tl.float32)
+    start = split * TPC
+    for t in range(start, tl.minimum(start + TPC, NT)):
+        offs, mask, r1, b, r2, count = _tile(qp, bb, t, R1, B, R2, NT2, BR1, BB, BR2)
+        xt = tl.load(x + offs, mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(mask, xt - shift[None, :, None], 0.0)
+        m_b, s_b, q_b = _moments(d, mask, count, BB, RMS)
+        n_a, m_a, s_a, q_a = _merge(n_a, m_a, s_a, q_a, count, m_b, s_b, q_b)
+    g = qp.to(tl.int64) * B + bv
+    stride = tl.num_programs(1).to(tl.int64) * G
+    at = part + split.to(tl.int64) * G + g
+    tl.store(at, n_a, mask=bmask)
+    tl.store(at + stride, m_a, mask=bmask)
+    tl.store(at + 2 * stride, s_a, mask=bmask)
+    tl.store(at + 3 * stride, q_a, mask=bmask)
+
+
+@triton.jit
+def _stats_finalize_kernel(
+    x, part, mean, rstd, var, eps, R1, B, R2, G, SPLIT,
+    BS: tl.constexpr, BG: tl.constexpr, RMS: tl.constexpr,
+):
+    """Merge the SPLIT partial summaries of BG groups into mean, rstd and var."""
+    gv = tl.program_id(0).to(tl.int64) * BG + tl.arange(0, BG)
+    gmask = gv < G
+    sv = tl.arange(0, BS)
+    mask = (sv[:, None] < SPLIT) & gmask[None, :]
+    at = part + sv[:, None] * G + gv[None, :]
+    stride = SPLIT * G
+    n = tl.load(at, mask=mask, other=0.0)
+    m = tl.load(at + stride, mask=mask, other=0.0)
+    s = tl.load(at + 2 * stride, mask=mask, other=0.0)
+    q = tl.load(at + 3 * stride, mask=mask, other=0.0)
+    total = tl.sum(n, axis=0)
+    mu = tl.sum(n / tl.maximum(total, 1.0)[None, :] * m, axis=0)
+    t = tl.abs(m - mu[None, :]) * tl.sqrt(n)
+    scale = tl.maximum(tl.max(s, axis=0), tl.max(t, axis=0))
+    inv = (1.0 / tl.where(scale > 0.0, scale, 1.0))[None, :]
+    ssq = tl.sum(q * (s * inv) * (s * inv) + (t * inv) * (t * inv), axis=0)
+    shift = _shift(x, gv // B, gv % B, gmask, R1, B, R2, BG, RMS)
+    out_mean, out_rstd, out_var = _finish(shift, total, mu, scale, ssq, eps)
+    tl.store(mean + gv, out_mean, mask=gmask)
+    tl.store(rstd + gv, out_rstd, mask=gmask)
+    tl.store(var + gv, out_var, mask=gmask)
+
+
+@triton.jit
+def _grad_tile(
+    x, dy, w, bias, offs, mask, woff, wmask, mu, rs,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+):
+    """(xhat, dy through the activation, g = dy * weight) for one tile."""
+    xt = tl.load(x + offs, mask=mask, other=0.0).to(tl.float32)
+    dyt = tl.load(dy + offs, mask=mask, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (xt - mu) * rs, 0.0)
+    if ACT != 0:
+        dyt = dyt * _activate_grad(_affine(xhat, w, bias, woff, wmask, HAS_W, HAS_B), ACT)
+    g = dyt
+    if HAS_W:
+        g = dyt * tl.load(w + woff, mask=wmask, other=0.0).to(tl.float32)
+    return xhat, dyt, g
+
+
+@triton.jit
+def _bwd_sums_kernel(
+    x, dy, w, bias, mean, rstd, part, P, R1, B, R2, NB, NT2, NT, TPC, G,
+    BR1: tl.constexpr, BB: tl.constexpr, BR2: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SPAN_R1: tl.constexpr, SPAN_R2: tl.constexpr,
+    ACT: tl.constexpr,
+):
+    """Per-group partial sums of g and g * xhat over tiles ``[TPC*pid1, ...)``: part[2, SPLIT, G]."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    qp = pid // NB
+    bb = pid % NB
+    p = qp % P
+    bv = bb * BB + tl.arange(0, BB)
+    bmask = bv < B
+    g_idx = qp.to(tl.int64) * B + bv
+    mu = tl.load(mean + g_idx, mask=bmask, other=0.0).to(tl.float32)[None, :, None]
+    rs = tl.load(rstd + g_idx, mask=bmask, other=0.0).to(tl.float32)[None, :, None]
+    sum_g = tl.zeros((BB,), tl.float32)
+    sum_gx = tl.zeros((BB,), tl.float32)
+    start = split * TPC
+    for t in range(start, tl.minimum(start + TPC, NT)):
+        offs, mask, r1, b, r2, count = _tile(qp, bb, t, R1, B, R2, NT2, BR1, BB, BR2)
+        woff, wmask = _param_index(p, r1, b, r2, R1, B, R2, SPAN_R1, SPAN_R2)
+        xhat, dyt, g = _grad_tile(x, dy, w, bias, offs, mask, woff, wmask, mu, rs, HAS_W, HAS_B, ACT)
+        sum_g += tl.sum(tl.sum(g, axis=2), axis=0)
+        sum_gx += tl.sum(tl.sum(g * xhat, axis=2), axis=0)
+    at = part + split.to(tl.int64) * G + g_idx
+    tl.store(at, sum_g, mask=bmask)
+    tl.store(at + tl.num_programs(1).to(tl.int64) * G, sum_gx, mask=bmask)
+
+
+@triton.jit
+def _bwd_kernel(
+    x, dy, dx, w, bias, mean, rstd, sums, dw_part, db_part,
+    Q, P, R1, B, R2, NB, NT2, NT, TPC, G, NS, PK,
+    BR1: tl.constexpr, BB: tl.constexpr, BR2: tl.constexpr,
+    FUSED: tl.constexpr, BATCH_STATS: tl.constexpr, RMS: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SPAN_R1: tl.constexpr, SPAN_R2: tl.constexpr,
+    ACT: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+):
+    """dx for groups q = pid2, pid2 + QS, ... and their per-program partial dweight/dbias.
+
+    Grid (P * NB, chunks, QS). For each of its tiles a program accumulates dy * xhat and dy over its
+    groups, reduces the axes the parameters do not span, and writes one slot of
+    ``part[QS, NS, P, K1, B, K2]`` (PK = P * K1 * B * K2 elements a slot); the caller sums the partials. FUSED: the tile is the whole group
+    and the batch-statistics sums are computed here; otherwise ``sums[2, G]`` holds them.
+    """
+    pid = tl.program_id(0)
+    pq = tl.program_id(2)
+    p = pid // NB
+    bb = pid % NB
+    bv = bb * BB + tl.arange(0, BB)
+    bmask = bv < B
+    inv_n = 1.0 / (R1 * R2 * 1.0)
+    start = tl.program_id(1) * TPC
+    for t in range(start, tl.minimum(start + TPC, NT)):
+        acc_w = tl.zeros((BR1, BB, BR2), tl.float32)
+        acc_b = tl.zeros((BR1, BB, BR2), tl.float32)
+        for qi in range(pq, Q, tl.num_programs(2)):
+            qp = qi * P + p
+            offs, mask, r1, b, r2, count = _tile(qp, bb, t, R1, B, R2, NT2, BR1, BB, BR2)
+            woff, wmask = _param_index(p, r1, b, r2, R1, B, R2, SPAN_R1, SPAN_R2)
+            g_idx = qp.to(tl.int64) * B + bv
+            rs_v = tl.load(rstd + g_idx, mask=bmask, other=0.0).to(tl.float32)
+            mu = tl.load(mean + g_idx, mask=bmask, other=0.0).to(tl.float32)[None, :, None]
+            rs = rs_v[None, :, None]
+            xhat, dyt, g = _grad_tile(x, dy, w, bias, offs, mask, woff, wmask, mu, rs, HAS_W, HAS_B, ACT)
+            if NEED_DX:
+                if BATCH_STATS:
+                    if FUSED:
+                        sum_g = tl.sum(tl.sum(g, axis=2), axis=0)
+                        sum_gx = tl.sum(tl.sum(g * xhat, axis=2), axis=0)
+                    else:
+                        sum_g = tl.load(sums + g_idx, mask=bmask, other=0.0)
+                        sum_gx = tl.load(sums + G + g_idx, mask=bmask, other=0.0)
+                    proj = (sum_gx * inv_n)[None, :, None]
+                    if RMS:
+                        centred = g
+                    else:
+                        centred = g - (sum_g * inv_n)[None, :, None]
+                    dxt = (centred - xhat * proj) * rs
+                else:
+                    dxt = g * rs
+                tl.store(dx + offs, dxt.to(dx.dtype.element_ty), mask=mask)
+            if NEED_DW:
+                acc_w += dyt * xhat
+            if NEED_DB:
+                acc_b += dyt
+        t1 = t // NT2
+        t2 = t % NT2
+        slot = t1 * 0
+        if not SPAN_R1:
+            slot = t1
+            acc_w = tl.expand_dims(tl.sum(acc_w, axis=0), 0)
+            acc_b = tl.expand_dims(tl.sum(acc_b, axis=0), 0)
+        if not SPAN_R2:
+            slot = slot * NT2 + t2
+            acc_w = tl.expand_dims(tl.sum(acc_w, axis=2), 2)
+            acc_b = tl.expand_dims(tl.sum(acc_b, axis=2), 2)
+        r1 = (t1 * BR1 + tl.arange(0, BR1))[:, None, None]
+        b = bv[None, :, None]
+        r2 = (t2 * BR2 + tl.arange(0, BR2))[None, None, :]
+        woff, wmask = _param_index(p, r1, b, r2, R1, B, R2, SPAN_R1, SPAN_R2)
+        base = (pq.to(tl.int64) * NS + slot) * PK
+        if NEED_DW:
+            tl.store(dw_part + base + woff, acc_w, mask=wmask)
+        if NEED_DB:
+            tl.store(db_part + base + woff, acc_b, mask=wmask)
