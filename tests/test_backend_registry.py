@@ -23,20 +23,24 @@ def test_unknown_backend_is_a_clear_error():
 
 
 def test_context_manager_nests_and_restores():
-    assert normkit.get_backend() == "auto"
+    before = normkit.get_backend()
     with normkit.backend("reference"):
         assert normkit.get_backend() == "reference"
-    assert normkit.get_backend() == "auto"
+        with normkit.backend("auto"):
+            assert normkit.get_backend() == "auto"
+        assert normkit.get_backend() == "reference"
+    assert normkit.get_backend() == before
 
 
 def test_set_backend_is_process_wide():
+    before = normkit.get_backend()
     try:
         normkit.set_backend("reference")
         assert normkit.get_backend() == "reference"
         x5 = torch.randn(1, 1, 4, 3, 1)
         assert selection.resolve(x5, None).name == "reference"
     finally:
-        normkit.set_backend("auto")
+        normkit.set_backend(before)
 
 
 class _Declining:

@@ -1,11 +1,14 @@
 """Reference backend: plain torch ops, differentiable, the oracle every fast backend is tested against.
 
-Statistics are two-pass and shifted by the first element of each group, so constant groups give
-exactly zero variance and their exact value as mean; a group whose squared deviations overflow the
-accumulation dtype is recomputed in float64.
+Two-pass statistics: the mean accumulates in float64 (exact for constant float32 groups, which then
+normalize to exactly ``b``), the variance is the norm of ``x - mean``; a group whose variance
+overflows float32 is recomputed in float64. ``x - mean`` is computed once and reused for the output,
+and per-group factors fold into few passes: ``y = (x - mean) * (rstd * w) + b``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -13,27 +16,40 @@ from torch import Tensor
 from .contract import REDUCED_DIMS, Grads, Stats, param_reduce_dims, stats_dtype
 
 
-def _moments(xa: Tensor, rms: bool) -> tuple[Tensor, Tensor]:
-    """Mean and biased variance (RMS: zero and mean square) with keepdim over the reduced dims."""
+def _rows(t: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """A view whose reduced axes are adjacent when B == 1 (LayerNorm, GroupNorm/InstanceNorm NCHW)."""
+    q, p, r1, b, r2 = t.shape
+    if b == 1 and t.is_contiguous():
+        return t.view(q, p, r1 * r2), (2,)
+    return t, REDUCED_DIMS
+
+
+def _centred_moments(xa: Tensor, rms: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, biased variance, x - mean) with keepdim; RMS: (0, mean square, x).
+
+    The mean accumulates in float64, which makes it exact for constant float32 groups, so those
+    normalize to exactly zero.
+    """
+    view, dims = _rows(xa)
+    n = max(math.prod(view.shape[d] for d in dims), 1)
     if rms:
-        return torch.zeros_like(xa[:, :, :1, :, :1]), xa.square().mean(REDUCED_DIMS, keepdim=True)
-    shift = xa[:, :, :1, :, :1]
-    d = xa - shift
-    mean_d = d.mean(REDUCED_DIMS, keepdim=True)
-    var = (d - mean_d).square().mean(REDUCED_DIMS, keepdim=True)
-    return shift + mean_d, var
+        mean, centred = torch.zeros_like(view.sum(dims, keepdim=True)), view
+    else:
+        mean = view.mean(dims, keepdim=True, dtype=torch.float64).to(xa.dtype)
+        centred = view - mean
+    var = torch.linalg.vector_norm(centred, 2, dim=dims, keepdim=True).square() / n
+    q, p, _, b, _ = xa.shape
+    return mean.view(q, p, 1, b, 1), var.view(q, p, 1, b, 1), centred.view(xa.shape)
 
 
-def moments(x5: Tensor, eps: float, rms: bool) -> Stats:
-    """Statistics with keepdim shape (Q, P, 1, B, 1); differentiable."""
+def centred_moments(x5: Tensor, eps: float, rms: bool) -> tuple[Stats, Tensor]:
+    """Statistics with keepdim shape (Q, P, 1, B, 1) and ``x - mean`` in the stats dtype; differentiable."""
     acc = stats_dtype(x5.dtype)
-    mean, var = _moments(x5.to(acc), rms)
-    rstd = torch.rsqrt(var + eps)
+    mean, var, centred = _centred_moments(x5.to(acc), rms)
     if acc == torch.float32 and bool(torch.isinf(var).any()):
-        mean64, var64 = _moments(x5.to(torch.float64), rms)
-        mean, rstd = mean64.to(acc), torch.rsqrt(var64 + eps).to(acc)
-        var = var64.to(acc)
-    return Stats(mean, rstd, var)
+        mean, var, centred = _centred_moments(x5.to(torch.float64), rms)
+        return Stats(mean.to(acc), torch.rsqrt(var + eps).to(acc), var.to(acc)), centred.to(acc)
+    return Stats(mean, torch.rsqrt(var + eps), var), centred
 
 
 def _bcast(t: Tensor) -> Tensor:
@@ -45,17 +61,21 @@ def _param(w: Tensor | None, acc: torch.dtype) -> Tensor | None:
     return None if w is None else w.to(acc).unsqueeze(0)
 
 
-def normalize_keepdim(
-    x5: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None
-) -> Tensor:
-    acc = stats_dtype(x5.dtype)
-    y = (x5.to(acc) - mean) * rstd
-    w, b = _param(weight, acc), _param(bias, acc)
-    if w is not None:
-        y = y * w
-    if b is not None:
-        y = y + b
-    return y.to(x5.dtype)
+def _per_group(w: Tensor | None) -> bool:
+    """Parameters constant over the reduced axes (BatchNorm, InstanceNorm) fold into per-group factors."""
+    return w is None or (w.shape[1] == 1 and w.shape[3] == 1)
+
+
+def _affine(centred: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """``centred * rstd * w + b`` in few passes; ``rstd * w`` folds when w is constant per group."""
+    w, b = _param(weight, centred.dtype), _param(bias, centred.dtype)
+    if _per_group(weight):
+        scale = rstd if w is None else rstd * w
+        y = centred * scale if b is None else torch.addcmul(b, centred, scale)
+    else:
+        y = centred * rstd
+        y = y * w if b is None else torch.addcmul(b, y, w)
+    return y.to(dtype)
 
 
 class ReferenceBackend:
@@ -67,15 +87,16 @@ class ReferenceBackend:
     def forward(
         self, x5: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool
     ) -> tuple[Tensor, Stats]:
-        st = moments(x5, eps, rms)
-        y = normalize_keepdim(x5, st.mean, st.rstd, weight, bias)
+        st, centred = centred_moments(x5, eps, rms)
+        y = _affine(centred, st.rstd, weight, bias, x5.dtype)
         q, p, _, b, _ = x5.shape
         return y, Stats(*(t.reshape(q, p, b) for t in st))
 
     def normalize(
         self, x5: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None
     ) -> Tensor:
-        return normalize_keepdim(x5, _bcast(mean), _bcast(rstd), weight, bias)
+        centred = x5.to(stats_dtype(x5.dtype)) - _bcast(mean)
+        return _affine(centred, _bcast(rstd), weight, bias, x5.dtype)
 
     def backward(
         self,
@@ -93,18 +114,20 @@ class ReferenceBackend:
         mean, rstd = _bcast(mean), _bcast(rstd)
         dy = dy5.to(acc)
         xhat = (x5.to(acc) - mean) * rstd
-        dx = dw = db = None
-        if output_mask[0]:
-            w = _param(weight, acc)
-            g = dy if w is None else dy * w
-            if batch_stats:
-                proj = (g * xhat).mean(REDUCED_DIMS, keepdim=True)
-                centred = g if rms else g - g.mean(REDUCED_DIMS, keepdim=True)
-                g = centred - xhat * proj
-            dx = (g * rstd).to(x5.dtype)
+        w = _param(weight, acc)
         dims = param_reduce_dims(param_shape)
-        if output_mask[1]:
-            dw = (dy * xhat).sum(dims).reshape(param_shape)
-        if output_mask[2]:
-            db = dy.sum(dims).reshape(param_shape)
-        return Grads(dx, dw, db)
+        dw = (dy * xhat).sum(dims).reshape(param_shape) if output_mask[1] else None
+        db = dy.sum(dims).reshape(param_shape) if output_mask[2] else None
+        if not output_mask[0]:
+            return Grads(None, dw, db)
+        # dx = rstd * (g - mean_R(g) - xhat * mean_R(g * xhat)), g = dy * w, as dy * A + xhat * B + C.
+        per_group = _per_group(weight)
+        g = dy if per_group or w is None else dy * w
+        scale = rstd * w if per_group and w is not None else rstd
+        if not batch_stats:
+            return Grads((g * scale).to(x5.dtype), dw, db)
+        n = math.prod(x5.shape[d] for d in REDUCED_DIMS)
+        proj = (g * xhat).sum(REDUCED_DIMS, keepdim=True) * (-1.0 / n)
+        shift = torch.zeros_like(proj) if rms else g.sum(REDUCED_DIMS, keepdim=True) * (-1.0 / n)
+        dx = torch.addcmul(torch.addcmul(shift * scale, g, scale), xhat, proj * scale)
+        return Grads(dx.to(x5.dtype), dw, db)
