@@ -5,10 +5,10 @@ reduced axes; the reduced axes of one group are walked as ``NT = NT1 * NT2`` til
 covering rows ``t // NT2`` and columns ``t % NT2``. With ``FUSED`` the whole group is one tile and a
 program reads it once.
 
-Statistics are float32 and overflow-free. Each tile yields a count, the mean of the input shifted by
-the group's first element, and the sum of squared deviations held as ``scale**2 * ssq`` with
-``scale`` the largest deviation; tiles merge by Chan's formula in that scaled form, so inputs near
-1e30 do not overflow and a constant group has deviations that are exactly zero.
+Statistics are float32 and overflow-free. Each tile yields a count, its mean accumulated in float64
+(exact for a constant float32 group, whose deviations are then exactly zero) and the sum of squared
+deviations held as ``scale**2 * ssq`` with ``scale`` the largest deviation; tiles merge by Chan's
+formula in that scaled form, so inputs near 1e30 do not overflow.
 
 ``ACT`` selects a fused activation epilogue applied to ``weight * xhat + bias``: 0 none, 1 ReLU,
 2 SiLU, 3 GELU (erf); the backward kernels recompute its input to apply the derivative.
@@ -88,24 +88,13 @@ def _affine(xhat, w, bias, woff, wmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr
 
 
 @triton.jit
-def _shift(x, qp, bv, mask, R1, B, R2, N: tl.constexpr, RMS: tl.constexpr):
-    """The first element of each of N groups (zero for RMS)."""
+def _moments(xt, mask, count, BB: tl.constexpr, RMS: tl.constexpr):
+    """(float64 mean, scale, ssq) of a tile per group; deviations are ``scale * sqrt(ssq)``."""
     if RMS:
-        s = tl.zeros((N,), tl.float32)
+        m = tl.zeros((BB,), tl.float64)
     else:
-        first = qp.to(tl.int64) * R1 * B * R2 + bv * R2
-        s = tl.load(x + first, mask=mask, other=0.0).to(tl.float32)
-    return s
-
-
-@triton.jit
-def _moments(d, mask, count, BB: tl.constexpr, RMS: tl.constexpr):
-    """(mean, scale, ssq) of the shifted tile ``d`` per group; deviations are ``scale * sqrt(ssq)``."""
-    if RMS:
-        m = tl.zeros((BB,), tl.float32)
-    else:
-        m = tl.sum(tl.sum(d, axis=2), axis=0) / count
-    c = tl.where(mask, d - m[None, :, None], 0.0)
+        m = tl.sum(tl.sum(xt.to(tl.float64), axis=2), axis=0) / count
+    c = tl.where(mask, xt - m.to(tl.float32)[None, :, None], 0.0)
     s = tl.max(tl.max(tl.abs(c), axis=2), axis=0)
     c = c * (1.0 / tl.where(s > 0.0, s, 1.0))[None, :, None]
     return m, s, tl.sum(tl.sum(c * c, axis=2), axis=0)
@@ -113,11 +102,11 @@ def _moments(d, mask, count, BB: tl.constexpr, RMS: tl.constexpr):
 
 @triton.jit
 def _merge(n_a, m_a, s_a, q_a, n_b, m_b, s_b, q_b):
-    """Chan's merge of two (count, mean, scale, ssq) summaries, in scaled form."""
+    """Chan's merge of two (count, float64 mean, scale, ssq) summaries, in scaled form."""
     n = n_a + n_b
     frac = n_b / tl.maximum(n, 1.0)
     delta = m_b - m_a
-    t = tl.abs(delta) * tl.sqrt(n_a * frac)
+    t = (tl.abs(delta) * tl.sqrt(n_a * frac)).to(tl.float32)
     s = tl.maximum(tl.maximum(s_a, s_b), t)
     inv = 1.0 / tl.where(s > 0.0, s, 1.0)
     ra = s_a * inv
@@ -127,13 +116,13 @@ def _merge(n_a, m_a, s_a, q_a, n_b, m_b, s_b, q_b):
 
 
 @triton.jit
-def _finish(shift, n, m, s, q, eps):
-    """(mean, rstd, var); rstd comes from the standard deviation when the variance overflows."""
+def _finish(n, m, s, q, eps):
+    """(mean, rstd, var) in float32; rstd comes from the standard deviation when the variance overflows."""
     r = q / tl.maximum(n, 1.0)
     var = s * (s * r)
     std = s * tl.sqrt(r)
     rstd = tl.where(var < _HUGE, 1.0 / tl.sqrt(var + eps), 1.0 / tl.where(std > 0.0, std, 1.0))
-    return shift + m, rstd, var
+    return m.to(tl.float32), rstd, var
 
 
 @triton.jit
@@ -155,16 +144,14 @@ def _fwd_kernel(
     g = qp.to(tl.int64) * B + bv
     if FUSED:
         offs, mask, r1, b, r2, count = _tile(qp, bb, 0, R1, B, R2, NT2, BR1, BB, BR2)
-        shift = _shift(x, qp, bv, bmask, R1, B, R2, BB, RMS)
         xt = tl.load(x + offs, mask=mask, other=0.0).to(tl.float32)
-        d = tl.where(mask, xt - shift[None, :, None], 0.0)
-        m, s, q = _moments(d, mask, count, BB, RMS)
-        mu, rs, vr = _finish(shift, count, m, s, q, eps)
+        m, s, q = _moments(xt, mask, count, BB, RMS)
+        mu, rs, vr = _finish(count, m, s, q, eps)
         tl.store(mean + g, mu, mask=bmask)
         tl.store(rstd + g, rs, mask=bmask)
         tl.store(var + g, vr, mask=bmask)
         woff, wmask = _param_index(p, r1, b, r2, R1, B, R2, SPAN_R1, SPAN_R2)
-        xhat = (d - m[None, :, None]) * rs[None, :, None]
+        xhat = (xt - mu[None, :, None]) * rs[None, :, None]
         z = _activate(_affine(xhat, w, bias, woff, wmask, HAS_W, HAS_B), ACT)
         tl.store(y + offs, z.to(y.dtype.element_ty), mask=mask)
     else:
@@ -184,40 +171,37 @@ def _stats_partial_kernel(
     x, part, R1, B, R2, NB, NT2, NT, TPC, G,
     BR1: tl.constexpr, BB: tl.constexpr, BR2: tl.constexpr, RMS: tl.constexpr,
 ):
-    """Per-group (count, shifted mean, scale, ssq) over tiles ``[TPC*pid1, ...)``: part[4, SPLIT, G]."""
+    """Per-group (count, mean, scale, ssq) over tiles ``[TPC*pid1, ...)``: float64 part[4, SPLIT, G]."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     qp = pid // NB
     bb = pid % NB
     bv = bb * BB + tl.arange(0, BB)
     bmask = bv < B
-    shift = _shift(x, qp, bv, bmask, R1, B, R2, BB, RMS)
     n_a = tl.zeros((BB,), tl.float32)
-    m_a = tl.zeros((BB,), tl.float32)
+    m_a = tl.zeros((BB,), tl.float64)
     s_a = tl.zeros((BB,), tl.float32)
     q_a = tl.zeros((BB,), tl.float32)
     start = split * TPC
     for t in range(start, tl.minimum(start + TPC, NT)):
         offs, mask, r1, b, r2, count = _tile(qp, bb, t, R1, B, R2, NT2, BR1, BB, BR2)
         xt = tl.load(x + offs, mask=mask, other=0.0).to(tl.float32)
-        d = tl.where(mask, xt - shift[None, :, None], 0.0)
-        m_b, s_b, q_b = _moments(d, mask, count, BB, RMS)
+        m_b, s_b, q_b = _moments(xt, mask, count, BB, RMS)
         n_a, m_a, s_a, q_a = _merge(n_a, m_a, s_a, q_a, count, m_b, s_b, q_b)
     g = qp.to(tl.int64) * B + bv
     stride = tl.num_programs(1).to(tl.int64) * G
     at = part + split.to(tl.int64) * G + g
-    tl.store(at, n_a, mask=bmask)
+    tl.store(at, n_a.to(tl.float64), mask=bmask)
     tl.store(at + stride, m_a, mask=bmask)
-    tl.store(at + 2 * stride, s_a, mask=bmask)
-    tl.store(at + 3 * stride, q_a, mask=bmask)
+    tl.store(at + 2 * stride, s_a.to(tl.float64), mask=bmask)
+    tl.store(at + 3 * stride, q_a.to(tl.float64), mask=bmask)
 
 
 @triton.jit
 def _stats_finalize_kernel(
-    x, part, mean, rstd, var, eps, R1, B, R2, G, SPLIT,
-    BS: tl.constexpr, BG: tl.constexpr, RMS: tl.constexpr,
+    part, mean, rstd, var, eps, G, SPLIT, BS: tl.constexpr, BG: tl.constexpr,
 ):
-    """Merge the SPLIT partial summaries of BG groups into mean, rstd and var."""
+    """Merge the SPLIT partial summaries of BG groups into mean, rstd and var (in float64)."""
     gv = tl.program_id(0).to(tl.int64) * BG + tl.arange(0, BG)
     gmask = gv < G
     sv = tl.arange(0, BS)
@@ -234,8 +218,9 @@ def _stats_finalize_kernel(
     scale = tl.maximum(tl.max(s, axis=0), tl.max(t, axis=0))
     inv = (1.0 / tl.where(scale > 0.0, scale, 1.0))[None, :]
     ssq = tl.sum(q * (s * inv) * (s * inv) + (t * inv) * (t * inv), axis=0)
-    shift = _shift(x, gv // B, gv % B, gmask, R1, B, R2, BG, RMS)
-    out_mean, out_rstd, out_var = _finish(shift, total, mu, scale, ssq, eps)
+    out_mean, out_rstd, out_var = _finish(
+        total.to(tl.float32), mu, scale.to(tl.float32), ssq.to(tl.float32), eps
+    )
     tl.store(mean + gv, out_mean, mask=gmask)
     tl.store(rstd + gv, out_rstd, mask=gmask)
     tl.store(var + gv, out_var, mask=gmask)

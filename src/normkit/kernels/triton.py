@@ -146,7 +146,7 @@ class TritonBackend:
         nb, nt2 = cdiv(b, tile.bb), cdiv(r2, tile.br2)
         nt, groups, n_stats = cdiv(r1, tile.br1) * nt2, q * p * cdiv(b, tile.bb), q * p * b
         sp = split(nt, groups, self._target(x5))
-        part = x5.new_empty((4, sp.programs, n_stats), dtype=torch.float32)
+        part = x5.new_empty((4, sp.programs, n_stats), dtype=torch.float64)
         blocks = dict(BR1=tile.br1, BB=tile.bb, BR2=tile.br2)
         self._run(
             kern._stats_partial_kernel, (groups, sp.programs),
@@ -156,8 +156,8 @@ class TritonBackend:
         bs, bg = finalize_blocks(sp.programs)
         self._run(
             kern._stats_finalize_kernel, (cdiv(n_stats, bg),),
-            (x5, part, mean, rstd, var, eps, r1, b, r2, n_stats, sp.programs),
-            dict(BS=bs, BG=bg, RMS=rms), warps_for(bs * bg),
+            (part, mean, rstd, var, eps, n_stats, sp.programs),
+            dict(BS=bs, BG=bg), warps_for(bs * bg),
         )
 
     def _apply(
