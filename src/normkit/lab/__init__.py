@@ -1,0 +1,1 @@
+"""``normkit lab``: the article's claims about normalization re-measured on seeded training runs, with a report."""

@@ -1,0 +1,113 @@
+"""Runs are independent jobs: a results cache keyed by each config's hash, and executors that fill it.
+
+The cache writes each finished run to a temporary file and renames it into place, so a lab killed at any
+moment leaves only complete results behind and the next invocation runs only what is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from multiprocessing import get_context
+from pathlib import Path
+
+from .study import Run
+
+
+def job_key(config: dict) -> str:
+    """Stable short hash of a run config (sorted JSON)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:20]
+
+
+class Cache:
+    """One JSON file per finished run under ``root/<study>/<key>.json``."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def path(self, config: dict) -> Path:
+        return self.root / config["study"] / f"{job_key(config)}.json"
+
+    def get(self, config: dict) -> Run | None:
+        path = self.path(config)
+        if not path.exists():
+            return None
+        stored = json.loads(path.read_text())
+        return Run(stored["config"], stored["result"])
+
+    def put(self, run: Run, seconds: float) -> None:
+        """Atomic write: temp file in the same directory, then ``os.replace``."""
+        path = self.path(run.config)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"config": run.config, "result": run.result, "seconds": seconds}, f)
+        os.replace(tmp, path)
+
+
+def execute(config: dict) -> tuple[dict, dict, float]:
+    """Run one job in this process: one thread, the config's backend, the owning study's ``run``."""
+    import torch
+
+    import normkit
+
+    from .studies import STUDIES
+
+    torch.set_num_threads(1)
+    if config["backend"] != "torch":
+        normkit.set_backend(config["backend"])
+    start = time.perf_counter()
+    result = STUDIES[config["study"]].run(config)
+    return config, result, time.perf_counter() - start
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+Done = Callable[[dict, dict, float], None]
+
+
+def run_local(configs: list[dict], jobs: int, done: Done) -> None:
+    """A process pool sized to ``jobs``; ``jobs == 1`` runs inline (no process start-up, easy to debug)."""
+    if jobs <= 1:
+        for config in configs:
+            done(*execute(config))
+        return
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
+        pending = {pool.submit(execute, c) for c in configs}
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                done(*future.result())
+
+
+def run_ray(configs: list[dict], address: str | None, done: Done) -> None:
+    """The same jobs as Ray tasks (one CPU each); results come back here and land in the same cache."""
+    try:
+        import ray
+    except ImportError as err:
+        raise SystemExit("--executor ray needs the optional extra: pip install 'normkit[ray]'") from err
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    remote = ray.remote(num_cpus=1)(execute)
+    pending = [remote.remote(c) for c in configs]
+    while pending:
+        finished, pending = ray.wait(pending, num_returns=1)
+        for ref in finished:
+            done(*ray.get(ref))
+
+
+def unique(configs: Iterable[dict]) -> list[dict]:
+    """Configs deduplicated by key (studies may share runs), order kept."""
+    seen: dict[str, dict] = {}
+    for config in configs:
+        seen.setdefault(job_key(config), config)
+    return list(seen.values())

@@ -1,0 +1,136 @@
+"""Statistics shared by every study: confidence intervals, effect sizes and the verdict vocabulary.
+
+Seeds are the unit of replication: a run's number is one sample, intervals are over seeds. Small seed
+counts give wide Student-t intervals -- that is the honest answer, not a defect to hide.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+HOLDS = "holds"
+PARTLY = "holds partly"
+NOT = "does not hold here"
+VERDICTS = (HOLDS, PARTLY, NOT)
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class Effect:
+    """A named estimate with its 95% interval, the unit it is in, and Hedges' g where two groups were compared."""
+
+    name: str
+    estimate: float
+    low: float
+    high: float
+    unit: str
+    g: float | None = None
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def text(self, digits: int = 2) -> str:
+        g = "" if self.g is None or not math.isfinite(self.g) else f", g = {self.g:.2f}"
+        return f"{self.estimate:.{digits}f} {self.unit} [{self.low:.{digits}f}, {self.high:.{digits}f}]{g}"
+
+
+def _finite(values: Sequence[float]) -> np.ndarray:
+    return np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
+    """Mean and Student-t 95% interval over seeds; a single value gives a zero-width interval."""
+    x = _finite(values)
+    if x.size == 0:
+        return math.nan, math.nan, math.nan
+    m = float(x.mean())
+    if x.size == 1 or float(x.std()) == 0.0:
+        return m, m, m
+    half = float(scipy_stats.t.ppf(0.5 + CONFIDENCE / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
+    return m, m - half, m + half
+
+
+def hedges_g(a: Sequence[float], b: Sequence[float]) -> float:
+    """Standardized mean difference (a - b) with the small-sample correction; inf when both groups are constant."""
+    x, y = _finite(a), _finite(b)
+    if x.size < 2 or y.size < 2:
+        return math.nan
+    pooled = math.sqrt(((x.size - 1) * x.var(ddof=1) + (y.size - 1) * y.var(ddof=1)) / (x.size + y.size - 2))
+    diff = float(x.mean() - y.mean())
+    if pooled == 0:
+        return 0.0 if diff == 0 else math.copysign(math.inf, diff)
+    correction = 1 - 3 / (4 * (x.size + y.size) - 9)
+    return diff / pooled * correction
+
+
+def paired_effect(name: str, a: Sequence[float], b: Sequence[float], unit: str) -> Effect:
+    """Mean of a - b over seeds (same seed = same data order and init family), t-interval, Hedges' g."""
+    diffs = [x - y for x, y in zip(a, b)]
+    m, lo, hi = mean_ci(diffs)
+    return Effect(name, m, lo, hi, unit, hedges_g(a, b))
+
+
+def ratio_effect(name: str, a: Sequence[float], b: Sequence[float]) -> Effect:
+    """Geometric-mean ratio a / b over seeds, interval from the t-interval of log ratios."""
+    logs = [math.log(x / y) for x, y in zip(a, b) if x > 0 and y > 0]
+    m, lo, hi = mean_ci(logs)
+    return Effect(name, math.exp(m), math.exp(lo), math.exp(hi), "x", hedges_g(np.log(a), np.log(b)))
+
+
+def bootstrap_effect(
+    name: str, groups: Sequence[Sequence[float]], statistic: Callable[[list[np.ndarray]], float], unit: str, n: int = 2000
+) -> Effect:
+    """Percentile bootstrap over seeds (resampled within each group) for statistics with no closed form."""
+    arrays = [_finite(g) for g in groups]
+    point = float(statistic(arrays))
+    rng = np.random.default_rng(0)
+    samples = [statistic([a[rng.integers(0, a.size, a.size)] for a in arrays]) for _ in range(n)]
+    lo, hi = np.percentile(samples, [100 * (1 - CONFIDENCE) / 2, 100 * (1 + CONFIDENCE) / 2])
+    return Effect(name, point, float(lo), float(hi), unit)
+
+
+def summarize(values: Sequence[float]) -> dict:
+    """Mean, interval and n of one group, ready for a table cell."""
+    m, lo, hi = mean_ci(values)
+    return {"mean": m, "low": lo, "high": hi, "n": int(_finite(values).size)}
+
+
+def cell(values: Sequence[float], digits: int = 3, scale: float = 1.0) -> str:
+    """``mean [low, high]`` for a report table."""
+    m, lo, hi = mean_ci([v * scale for v in values])
+    if math.isnan(m):
+        return "n/a"
+    return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def exceeds(effect: Effect, threshold: float) -> bool:
+    """The whole interval lies above ``threshold``: the effect is there and at least that large."""
+    return effect.low > threshold
+
+
+def verdict_from_checks(checks: dict[str, bool], needed: Sequence[str] | None = None) -> str:
+    """``holds`` when every check passes, ``holds partly`` when some (or all ``needed``) pass, else ``does not hold here``."""
+    passed = [name for name, ok in checks.items() if ok]
+    if len(passed) == len(checks):
+        return HOLDS
+    if passed and (needed is None or all(checks[n] for n in needed)):
+        return PARTLY
+    return NOT
+
+
+def graded(effect: Effect, practical: float) -> str:
+    """``holds`` when the interval clears a practically relevant size, ``holds partly`` when it only clears 0."""
+    if effect.low > practical:
+        return HOLDS
+    if effect.low > 0:
+        return PARTLY
+    return NOT
