@@ -2,13 +2,18 @@
 
 Each world size is one spawned job that runs every case (uneven and empty per-rank batches, dtypes,
 affine, momentum, layouts, DDP) and reports all mismatches together, so a failure names its cases.
+Spawned processes use the reference backend: loading a compiled backend in every fresh process costs
+more than the cases themselves, and the backends are held to the reference by their own tests.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import os
 import socket
+import subprocess
+import sys
 import time
 from datetime import timedelta
 
@@ -18,6 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+import normkit
 import normkit.nn as nk
 from normkit.distributed import SyncBatchNorm
 
@@ -35,6 +41,7 @@ def _free_port() -> int:
 
 def _entry(rank: int, world: int, port: int, job) -> None:
     torch.set_num_threads(1)
+    normkit.set_backend("reference")
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
     )
@@ -199,3 +206,14 @@ def test_input_errors_match_torch() -> None:
         SyncBatchNorm(3)(torch.randn(3))
     with pytest.raises(ValueError, match="number of input channels should be non-zero"):
         SyncBatchNorm(0)(torch.randn(2, 0))
+
+
+def test_ddp_example_runs_under_torchrun() -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           "-m", "normkit.examples.ddp_train", "--steps", "10"]
+    env = {**os.environ, "NORMKIT_BACKEND": "reference"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=JOB_TIMEOUT_S, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "2 rank(s) over gloo" in done.stdout
+    rows = [line.split() for line in done.stdout.splitlines() if line.startswith(("local BN", "SyncBN"))]
+    assert [row[-5] for row in rows] == ["2", "4"], done.stdout
