@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 ACTIVATIONS = {None: 0, "relu": 1, "silu": 2, "gelu": 3}
-_HUGE = 1.0e38
+_HUGE = tl.constexpr(1.0e38)
 
 
 @triton.jit

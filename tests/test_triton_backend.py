@@ -1,0 +1,198 @@
+"""The Triton kernels, run by Triton's interpreter on CPU tensors, against the reference backend.
+
+Triton picks the interpreter when it is imported, so this process (where TRITON_INTERPRET is unset)
+only checks that the backend declines CPU tensors, and runs this same file in a child process with
+TRITON_INTERPRET=1, where the kernel checks are defined. Shapes are small: the interpreter runs every
+program in Python.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import normkit  # noqa: E402
+from normkit import kernels  # noqa: E402
+from normkit.functional import _layout as L  # noqa: E402
+from normkit.kernels.reference import ReferenceBackend  # noqa: E402
+from normkit.kernels.triton import TritonBackend  # noqa: E402
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+REF = ReferenceBackend()
+
+# One streamed tile is at most 64 elements and groups above 64 elements are split over programs, so
+# small shapes take the multi-tile, split-reduction and multi-program-parameter-sum paths.
+SPLIT = TritonBackend(max_tile=64, max_fused=64, programs=3)
+FUSED = TritonBackend()
+
+VIEWS = {
+    # name: (input shapes, view(x, channels_last) -> (shape5, affine spans r1, affine spans r2), layouts)
+    "batch": ([(3, 5, 4, 7), (2, 3, 9, 9), (5, 3)], lambda x, cl: (L.per_channel_view(x, cl), False, False)),
+    "instance": ([(2, 3, 5, 7), (2, 5, 11)], lambda x, cl: (L.per_instance_view(x, cl), False, False)),
+    "group": ([(2, 6, 5, 3), (3, 4, 13)], lambda x, cl: (L.per_group_view(x, 2, cl), not cl, cl)),
+    "layer": ([(4, 37), (3, 2, 70)], lambda x, cl: (L.trailing_view(x, x.shape[-1]), True, False)),
+    "rms": ([(4, 37), (3, 2, 70)], lambda x, cl: (L.trailing_view(x, x.shape[-1]), True, False)),
+}
+
+
+def _cases():
+    for norm, (shapes, _) in VIEWS.items():
+        for shape in shapes:
+            for cl in [False] if norm in ("layer", "rms") or len(shape) < 3 else [False, True]:
+                yield pytest.param(norm, shape, cl, id=f"{norm}-{'x'.join(map(str, shape))}-{'cl' if cl else 'cf'}")
+
+
+def _make(norm, shape, cl, affine=True, scale=2.0):
+    x = torch.randn(shape) * scale + 0.5
+    shape5, span_r1, span_r2 = VIEWS[norm][1](x, cl)
+    xc = x.movedim(1, -1).contiguous() if cl else x.contiguous()
+    _, p, r1, b, r2 = shape5
+    pshape = (p, r1 if span_r1 else 1, b, r2 if span_r2 else 1)
+    w = torch.rand(pshape) + 0.5 if affine else None
+    bias = torch.randn(pshape) if affine else None
+    return xc.view(shape5), w, bias, pshape
+
+
+def _close(actual, expected, tol=1e-5):
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol)
+
+
+if not INTERPRETING:
+
+    def test_declines_cpu_tensors_when_not_interpreting():
+        x5 = torch.randn(2, 1, 8, 1, 1)
+        assert not TritonBackend().supports(x5, None)
+        assert kernels.AUTO_ORDER["cuda"] == ("triton",)
+        with normkit.backend("triton"):
+            y = normkit.functional.layer_norm(torch.randn(3, 8), (8,))
+        assert y.shape == (3, 8)
+
+    def test_kernels_under_the_interpreter():
+        env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning", __file__]
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-4000:]
+
+else:
+
+    def test_supports_cpu_tensors_under_the_interpreter():
+        assert FUSED.supports(torch.randn(2, 1, 8, 1, 1), None)
+        assert not FUSED.supports(torch.randn(2, 1, 8, 1, 1, dtype=torch.float64), None)
+        assert not FUSED.supports(torch.randn(0, 1, 8, 1, 1), None)
+
+    @pytest.mark.parametrize("backend", [FUSED, SPLIT], ids=["fused", "split"])
+    @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+    @pytest.mark.parametrize("norm,shape,cl", list(_cases()))
+    def test_forward_and_backward_match_reference(backend, affine, norm, shape, cl):
+        x5, w, b, pshape = _make(norm, shape, cl, affine)
+        rms = norm == "rms"
+        y, st = backend.forward(x5, w, b, 1e-5, rms)
+        y_r, st_r = REF.forward(x5, w, b, 1e-5, rms)
+        _close(y, y_r)
+        for got, want in zip(st, st_r):
+            _close(got, want)
+        dy = torch.randn_like(x5)
+        mask = (True, affine, affine)
+        g = backend.backward(dy, x5, st.mean, st.rstd, w, pshape, rms, True, mask)
+        g_r = REF.backward(dy, x5, st_r.mean, st_r.rstd, w, pshape, rms, True, mask)
+        _close(g.dx, g_r.dx, 1e-4)
+        if affine:
+            _close(g.dweight, g_r.dweight, 1e-4)
+            _close(g.dbias, g_r.dbias, 1e-4)
+
+    @pytest.mark.parametrize("backend", [FUSED, SPLIT], ids=["fused", "split"])
+    @pytest.mark.parametrize("norm,shape,cl", [c for c in _cases() if c.values[0] in ("batch", "instance")])
+    def test_fixed_statistics_match_reference(backend, norm, shape, cl):
+        x5, w, b, pshape = _make(norm, shape, cl)
+        stat = (x5.shape[0], x5.shape[1], x5.shape[3])
+        mean, rstd = torch.randn(stat), torch.rand(stat) + 0.5
+        _close(backend.normalize(x5, mean, rstd, w, b), REF.normalize(x5, mean, rstd, w, b))
+        dy = torch.randn_like(x5)
+        g = backend.backward(dy, x5, mean, rstd, w, pshape, False, False, (True, True, True))
+        g_r = REF.backward(dy, x5, mean, rstd, w, pshape, False, False, (True, True, True))
+        for got, want in zip(g, g_r):
+            _close(got, want, 1e-4)
+
+    @pytest.mark.parametrize("backend", [FUSED, SPLIT], ids=["fused", "split"])
+    @pytest.mark.parametrize("mask", [(True, False, False), (False, True, False), (False, False, True)])
+    def test_partial_output_mask(backend, mask):
+        x5, w, b, pshape = _make("group", (2, 6, 5, 3), True)
+        _, st = REF.forward(x5, w, b, 1e-5, False)
+        dy = torch.randn_like(x5)
+        g = backend.backward(dy, x5, st.mean, st.rstd, w, pshape, False, True, mask)
+        g_r = REF.backward(dy, x5, st.mean, st.rstd, w, pshape, False, True, mask)
+        for got, want in zip(g, g_r):
+            assert (got is None) == (want is None)
+            if want is not None:
+                _close(got, want, 1e-4)
+
+    @pytest.mark.parametrize("backend", [FUSED, SPLIT], ids=["fused", "split"])
+    @pytest.mark.parametrize("value", [1.0e7 + 1.0, -3.25, 1.0e30])
+    def test_constant_groups_normalize_to_exactly_zero(backend, value):
+        x5, w, b, _ = _make("batch", (2, 3, 9, 9), True)
+        x5 = torch.full_like(x5, value)
+        y, st = backend.forward(x5, w, b, 1e-5, False)
+        assert torch.equal(y, b.unsqueeze(0).expand_as(y))
+        assert torch.equal(st.mean, torch.full_like(st.mean, value))
+        assert torch.equal(st.var, torch.zeros_like(st.var))
+
+    @pytest.mark.parametrize("backend", [FUSED, SPLIT], ids=["fused", "split"])
+    @pytest.mark.parametrize("norm", ["batch", "group", "rms"])
+    def test_huge_scales_do_not_overflow(backend, norm):
+        shape = (3, 2, 70) if norm == "rms" else (2, 6, 5, 3)
+        x5, _, _, _ = _make(norm, shape, norm != "rms", affine=False, scale=1.0e30)
+        y, st = backend.forward(x5, None, None, 1e-5, norm == "rms")
+        y_r, st_r = REF.forward(x5, None, None, 1e-5, norm == "rms")
+        assert torch.isfinite(y).all() and torch.isfinite(st.rstd).all()
+        _close(y, y_r)
+        _close(st.rstd / st_r.rstd, torch.ones_like(st.rstd))
+
+    @pytest.mark.parametrize("backend", [FUSED, SPLIT], ids=["fused", "split"])
+    @pytest.mark.parametrize("activation", ["relu", "silu", "gelu"])
+    @pytest.mark.parametrize("norm,shape,cl", [("group", (2, 6, 5, 3), True), ("batch", (2, 3, 9, 9), False)])
+    def test_fused_activation_matches_reference_then_activation(backend, activation, norm, shape, cl):
+        x5, w, b, pshape = _make(norm, shape, cl)
+        act = {"relu": torch.relu, "silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}[activation]
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x5, w, b))
+        y_r = act(REF.forward(xs, ws, bs, 1e-5, False)[0])
+        y, st = backend.forward(x5, w, b, 1e-5, False, activation=activation)
+        _close(y, y_r.detach())
+        dy = torch.randn_like(x5)
+        want = torch.autograd.grad(y_r, (xs, ws, bs), dy)
+        g = backend.backward(dy, x5, st.mean, st.rstd, w, pshape, False, True, (True, True, True), bias=b, activation=activation)
+        for got, exp in zip(g, want):
+            _close(got, exp, 1e-4)
+        _close(backend.normalize(x5, st.mean, st.rstd, w, b, activation=activation), y_r.detach())
+
+    def test_unknown_activation_is_a_clear_error():
+        x5, w, b, _ = _make("layer", (4, 37), False)
+        with pytest.raises(ValueError, match="unknown activation 'tanh'"):
+            FUSED.forward(x5, w, b, 1e-5, False, activation="tanh")
+
+    @pytest.mark.parametrize("cl", [False, True], ids=["cf", "cl"])
+    def test_layers_through_the_core_match_torch(cl):
+        x = torch.randn(2, 6, 5, 3)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        for ours, theirs in [
+            (normkit.nn.GroupNorm(3, 6), torch.nn.GroupNorm(3, 6)),
+            (normkit.nn.BatchNorm2d(6), torch.nn.BatchNorm2d(6)),
+            (normkit.nn.InstanceNorm2d(6, affine=True), torch.nn.InstanceNorm2d(6, affine=True)),
+        ]:
+            ours.load_state_dict(theirs.state_dict())
+            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            with normkit.backend("triton"):
+                y = ours(xa)
+                y.square().sum().backward()
+            y_t = theirs(xb)
+            y_t.square().sum().backward()
+            _close(y, y_t.detach(), 1e-4)
+            _close(xa.grad, xb.grad, 1e-4)
+            _close(ours.weight.grad, theirs.weight.grad, 1e-4)
+            assert y.is_contiguous(memory_format=torch.channels_last) == cl
