@@ -68,6 +68,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         y = normalize_fixed(xc, shape, mean, rstd, w, b)
         ctx.save_for_backward(xc, mean, rstd, weight)
         ctx.shape, ctx.perm, ctx.total, ctx.group = shape, perm, total, group
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return L.restore(y, perm)
 
     @staticmethod
@@ -88,8 +89,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             if weight is not None:
                 scale = scale * weight.to(acc).view(1, 1, 1, -1, 1)
             dx = L.restore(((dy5 - mean_dy - xhat * mean_dy_xhat) * scale).to(xc.dtype).view(xc.shape), ctx.perm)
-        dw = dweight.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        db = dbias.to(weight.dtype if weight is not None else acc) if ctx.needs_input_grad[2] else None
+        dw = dweight.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        db = dbias.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
         return dx, dw, db, None, None, None, None, None
 
 
