@@ -59,6 +59,7 @@ _CHANNEL_NORMS = (
     nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nk.InstanceNorm1d, nk.InstanceNorm2d, nk.InstanceNorm3d,
 )
 _FOLDABLE = (*_BATCHNORMS, nn.SyncBatchNorm, SyncBatchNorm, FrozenBatchNorm2d)
+_NORMKIT_ONLY = (FrozenBatchNorm2d, LayerNorm2d)
 
 
 class UnsupportedNormWarning(UserWarning):
@@ -117,9 +118,6 @@ def _swap_classes(model: nn.Module, table: dict[type[nn.Module], type[nn.Module]
             stacklevel=3,
         )
     return result
-
-
-_NORMKIT_ONLY = (FrozenBatchNorm2d, LayerNorm2d)
 
 
 def to_normkit(model: nn.Module) -> nn.Module:
