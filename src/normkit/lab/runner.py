@@ -44,7 +44,7 @@ class Cache:
         """Atomic write: temp file in the same directory, then ``os.replace``."""
         path = self.path(run.config)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
         with os.fdopen(fd, "w") as f:
             json.dump({"config": run.config, "result": run.result, "seconds": seconds}, f)
         os.replace(tmp, path)

@@ -92,7 +92,7 @@ def train_classifier(
         for i in range(0, len(order) - batch_size + 1, batch_size):
             idx = order[i : i + batch_size]
             loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
-            value = float(loss)
+            value = float(loss.detach())
             history.step_loss.append(value)
             if not math.isfinite(value) or value > DIVERGED_LOSS:
                 history.diverged = True

@@ -36,7 +36,7 @@ NORMS = ("none", "bn", "ghost16", "ghost4")
 def settings(profile: Profile) -> dict:
     return {
         "n_train": profile.pick(128, 1024, 1024),
-        "epochs": profile.pick(2, 25, 60),
+        "epochs": profile.pick(2, 20, 60),
         "width": profile.pick(32, 128, 256),
         "lr": 0.05,
         "batch_size": 64,

@@ -44,11 +44,9 @@ def settings(profile: Profile) -> dict:
 
 
 def implementations(device: str) -> list[str]:
-    """torch.nn plus every normkit backend that loads here (``auto`` too when it can pick a fast one on ``device``)."""
-    names = ["torch"] + [n for n in kernels.names() if kernels.try_load(n) is not None]
-    if kernels.AUTO_ORDER.get(device):
-        names.append("auto")
-    return names
+    """torch.nn, normkit's reference backend, and the normkit backends ``auto`` would try on ``device`` that load here."""
+    fast = [n for n in kernels.AUTO_ORDER.get(device, ()) if kernels.try_load(n) is not None]
+    return ["torch", "reference", *fast]
 
 
 def jobs(profile: Profile) -> list[dict]:

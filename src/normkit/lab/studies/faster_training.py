@@ -35,9 +35,9 @@ SMOOTH = 10
 def settings(profile: Profile) -> dict:
     return {
         "lrs": profile.pick([0.05, 0.5], [0.02, 0.1, 0.5], [0.01, 0.03, 0.1, 0.3, 1.0]),
-        "epochs": profile.pick(1, 6, 15),
-        "n_train": profile.pick(256, 2000, 4000),
-        "widths": profile.pick([8, 8], [16, 32, 32], [32, 64, 64]),
+        "epochs": profile.pick(1, 6, 12),
+        "n_train": profile.pick(256, 1000, 4000),
+        "widths": profile.pick([8, 8], [8, 16], [16, 32, 32]),
         "batch_size": 64,
     }
 

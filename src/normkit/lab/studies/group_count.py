@@ -33,8 +33,9 @@ def settings(profile: Profile) -> dict:
     return {
         "channels": channels,
         "groups": [g for g in (1, 2, 4, 8, 16, 32, 64) if g <= channels],
-        "n_train": profile.pick(256, 2000, 4000),
+        "n_train": profile.pick(256, 1000, 4000),
         "epochs": profile.pick(1, 5, 12),
+        "layers": profile.pick(2, 2, 3),
         "lr": 0.1,
         "batch_size": 64,
     }
@@ -44,7 +45,7 @@ def jobs(profile: Profile) -> list[dict]:
     s = settings(profile)
     base = profile.base(CLAIM.id, VERSION)
     return [
-        {**base, "groups": g, "seed": seed, "channels": s["channels"], "n_train": s["n_train"], "epochs": s["epochs"], "lr": s["lr"],
+        {**base, "groups": g, "seed": seed, "channels": s["channels"], "layers": s["layers"], "n_train": s["n_train"], "epochs": s["epochs"], "lr": s["lr"],
          "batch_size": s["batch_size"]}
         for g in s["groups"] for seed in profile.seeds
     ]  # fmt: skip
@@ -54,7 +55,8 @@ def run(config: dict) -> dict:
     seed_everything(config["seed"])
     data = mnist1d().subset(config["n_train"])
     c = config["channels"]
-    model = ConvNet(1, (40,), [c, c, c], 10, f"gn{config['groups']}", config["backend"], strides=[1, 2, 2])
+    layers = config["layers"]
+    model = ConvNet(1, (40,), [c] * layers, 10, f"gn{config['groups']}", config["backend"], strides=[1] + [2] * (layers - 1))
     history = train_classifier(model, data, epochs=config["epochs"], batch_size=config["batch_size"], lr=config["lr"], seed=config["seed"],
                                device=config["device"])  # fmt: skip
     result = history.to_dict()
@@ -93,7 +95,7 @@ def analyze(runs: list[Run], profile: Profile, out_dir: Path) -> Finding:
         reason=reason,
         effect=effect,
         setting=(
-            f"MNIST-1D ({s['n_train']} signals), 1-D CNN with three conv layers of C={s['channels']} channels, GroupNorm(G) after each, "
+            f"MNIST-1D ({s['n_train']} signals), 1-D CNN with {s['layers']} conv layers of C={s['channels']} channels, GroupNorm(G) after each, "
             f"G in {s['groups']}, {s['epochs']} epochs, SGD lr {s['lr']} momentum 0.9, batch {s['batch_size']}."
         ),
         stats=stats,

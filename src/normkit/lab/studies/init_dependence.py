@@ -34,11 +34,11 @@ PRACTICAL = 0.05  # 5 accuracy points of spread removed
 def settings(profile: Profile) -> dict:
     return {
         "scales": profile.pick([0.1, 10.0], [0.01, 0.1, 1.0, 10.0], [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0]),
-        "epochs": profile.pick(1, 6, 15),
+        "epochs": profile.pick(1, 5, 12),
         "width": 64,
-        "depth": profile.pick(2, 3, 4),
+        "depth": profile.pick(2, 2, 4),
         "lr": 0.05,
-        "batch_size": 32,
+        "batch_size": 64,
     }
 
 

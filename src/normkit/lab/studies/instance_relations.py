@@ -32,7 +32,7 @@ PRACTICAL = 0.05
 
 
 def settings(profile: Profile) -> dict:
-    return {"n_train": profile.pick(256, 1024, 4000), "epochs": profile.pick(1, 6, 15), "lr": 0.05, "batch_size": 32}
+    return {"n_train": profile.pick(256, 512, 2000), "epochs": profile.pick(1, 5, 12), "lr": 0.05, "batch_size": 32}
 
 
 def jobs(profile: Profile) -> list[dict]:

@@ -37,8 +37,8 @@ NOISE = 0.6
 
 
 def settings(profile: Profile) -> dict:
-    return {"epochs": profile.pick(1, 6, 15), "den_epochs": profile.pick(1, 8, 25), "batch_size": 32, "lr": 0.05, "data": profile.data,
-            "data_dir": profile.data_dir}  # fmt: skip
+    return {"epochs": profile.pick(1, 5, 15), "den_epochs": profile.pick(1, 6, 20), "batch_size": 64, "lr": 0.1, "data": profile.data,
+            "data_dir": profile.data_dir, "width": profile.pick(8, 8, 16)}  # fmt: skip
 
 
 def jobs(profile: Profile) -> list[dict]:
@@ -68,12 +68,12 @@ def run(config: dict) -> dict:
     device = config["device"]
     channels, *size = data.x_train.shape[1:]
     if config["part"] == "classify":
-        model = ConvNet(channels, tuple(size), [16, 32], data.num_classes, config["norm"], config["backend"], strides=[1, 2])
+        model = ConvNet(channels, tuple(size), [config["width"], 2 * config["width"]], data.num_classes, config["norm"], config["backend"], strides=[1, 2])
         history = train_classifier(model, data, epochs=config["epochs"], batch_size=config["batch_size"], lr=config["lr"],
                                    seed=config["seed"], device=device)  # fmt: skip
         shifted = style_shift(data.x_test, config["seed"]).to(device)
         return {"clean_acc": history.test_acc[-1], "shifted_acc": evaluate(model, shifted, data.y_test.to(device))[1]}
-    model = DenoisingAutoencoder(config["norm"], config["backend"]).to(device)
+    model = DenoisingAutoencoder(config["norm"], config["backend"], config["width"]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     x_train = data.x_train.to(device)
     for _ in range(config["den_epochs"]):
@@ -161,7 +161,7 @@ def analyze(runs: list[Run], profile: Profile, out_dir: Path) -> Finding:
         reason=reason,
         effect=gain,
         setting=(
-            f"{'sklearn digits 8x8' if s['data'] == 'digits' else s['data']}; (a) 2-D CNN widths [16, 32], {s['epochs']} epochs, SGD lr "
+            f"{'sklearn digits 8x8' if s['data'] == 'digits' else s['data']}; (a) 2-D CNN widths [{s['width']}, {2 * s['width']}], {s['epochs']} epochs, SGD lr "
             f"{s['lr']}, batch {s['batch_size']}; test images get per-image contrast x0.25..x4 and brightness +-1.5 std. "
             f"(b) conv autoencoder on digits, Gaussian noise sigma {NOISE} (data std units), Adam 3e-3, {s['den_epochs']} epochs; PSNR with "
             "peak = data range. (c) the IN autoencoder (seed 0) decodes digit A's features with digit B's channel mean/std."

@@ -68,7 +68,7 @@ def loss_and_grad(model: tnn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[
     with torch.no_grad():
         for k, v in model.named_buffers():
             v.copy_(buffers[k])
-    return float(loss), [g.detach() for g in grads]
+    return float(loss.detach()), [g.detach() for g in grads]
 
 
 def smoothness_probe(model: tnn.Module, x: torch.Tensor, y: torch.Tensor, lr: float) -> dict[str, float]:

@@ -34,7 +34,7 @@ MAX_LEN, VOCAB = 32, 12
 
 
 def settings(profile: Profile) -> dict:
-    return {"n_train": profile.pick(256, 2000, 6000), "epochs": profile.pick(1, 4, 10), "batch_size": 32, "lr": 3e-3,
+    return {"n_train": profile.pick(256, 1500, 6000), "epochs": profile.pick(1, 3, 10), "batch_size": 32, "lr": 3e-3,
             "dim": profile.pick(16, 32, 64), "depth": 2}  # fmt: skip
 
 
@@ -68,7 +68,7 @@ def run(config: dict) -> dict:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         curve.append(accuracy(model, *test))
     return {"test_acc": curve, "final_test_acc": curve[-1], "final_loss": sum(losses[-20:]) / len(losses[-20:])}
 

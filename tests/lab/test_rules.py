@@ -1,0 +1,110 @@
+"""Each verdict rule flips when fed synthetic numbers on the other side of its threshold."""
+
+from __future__ import annotations
+
+from normkit.lab.stats import HOLDS, NOT, PARTLY, Effect
+from normkit.lab.studies import (
+    batch_noise,
+    compute_overhead,
+    faster_training,
+    gradient_stability,
+    group_count,
+    init_dependence,
+    instance_relations,
+    instance_style,
+    loss_surface,
+    sequences,
+    small_batch,
+    summary,
+)
+
+
+def effect(low: float, estimate: float | None = None, high: float | None = None) -> Effect:
+    estimate = low + 0.01 if estimate is None else estimate
+    return Effect("synthetic", estimate, low, estimate + 0.01 if high is None else high, "acc")
+
+
+def verdict(module, stats) -> str:
+    return module.rule(stats)[0]
+
+
+def test_faster_training():
+    fast = {"speedup_low": {"bn": 1.5, "ln": 1.2, "in": 1.1, "gn": 0.9}}
+    slow = {"speedup_low": {"bn": 0.8, "ln": 0.9, "in": 0.7, "gn": 0.9}}
+    assert verdict(faster_training, fast) == HOLDS
+    assert verdict(faster_training, slow) == NOT
+    assert verdict(faster_training, {"speedup_low": {"bn": 1.5, "ln": 0.9, "in": 0.7, "gn": 0.9}}) == PARTLY
+
+
+def test_gradient_stability():
+    keys = [("mlp", "bn"), ("mlp", "ln"), ("cnn", "bn")]
+    assert verdict(gradient_stability, {"spread_reduction_low": {k: 0.5 for k in keys}}) == HOLDS
+    assert verdict(gradient_stability, {"spread_reduction_low": {k: -0.5 for k in keys}}) == NOT
+    assert verdict(gradient_stability, {"spread_reduction_low": dict(zip(keys, [0.5, -0.5, 0.5]))}) == PARTLY
+
+
+def test_init_dependence():
+    assert verdict(init_dependence, {"effect": effect(0.2)}) == HOLDS
+    assert verdict(init_dependence, {"effect": effect(0.01)}) == PARTLY
+    assert verdict(init_dependence, {"effect": effect(-0.01)}) == NOT
+
+
+def test_batch_noise():
+    good = {"gap_reduction_low": 0.02, "ghost_reduction_low": 0.01, "test_acc_diff_high": 0.03}
+    assert verdict(batch_noise, good) == HOLDS
+    assert verdict(batch_noise, {**good, "ghost_reduction_low": -0.01}) == PARTLY
+    assert verdict(batch_noise, {**good, "gap_reduction_low": -0.02}) == NOT
+
+
+def test_loss_surface():
+    measures = loss_surface.MEASURES
+    assert verdict(loss_surface, {"ratio_low": {m: 1.5 for m in measures}}) == HOLDS
+    assert verdict(loss_surface, {"ratio_low": {m: 0.7 for m in measures}}) == NOT
+    assert verdict(loss_surface, {"ratio_low": dict(zip(measures, [1.5, 0.7, 0.7]))}) == PARTLY
+
+
+def test_small_batch():
+    good = {"bn_degradation_low": 0.2, "excess_low": {"mlp/ln": 0.1, "mlp/gn": 0.1, "cnn/in": 0.05}}
+    assert verdict(small_batch, good) == HOLDS
+    assert verdict(small_batch, {**good, "excess_low": {"mlp/ln": 0.1, "mlp/gn": -0.1, "cnn/in": 0.05}}) == PARTLY
+    assert verdict(small_batch, {**good, "bn_degradation_low": 0.0}) == NOT
+
+
+def test_compute_overhead():
+    good = {"bn_over_none_low": 1.2, "ln_over_bn_low": 1.2, "gn_over_ln_high": 0.9}
+    assert verdict(compute_overhead, good) == HOLDS
+    assert verdict(compute_overhead, {**good, "ln_over_bn_low": 0.9}) == PARTLY
+    assert verdict(compute_overhead, {"bn_over_none_low": 1.0, "ln_over_bn_low": 0.9, "gn_over_ln_high": 1.3}) == NOT
+
+
+def test_instance_style():
+    assert verdict(instance_style, {"shift_gain_low": 0.1, "psnr_gain_low": 0.5}) == HOLDS
+    assert verdict(instance_style, {"shift_gain_low": 0.1, "psnr_gain_low": -0.5}) == PARTLY
+    assert verdict(instance_style, {"shift_gain_low": -0.1, "psnr_gain_low": -0.5}) == NOT
+
+
+def test_instance_relations():
+    good = {"in_deficit_low": {"brightness": 0.2, "amplitude": 0.2, "shape": 0.0}, "in_deficit": {"brightness": 0.3, "amplitude": 0.3, "shape": 0.0}}
+    assert verdict(instance_relations, good) == HOLDS
+    partly = {**good, "in_deficit_low": {"brightness": 0.2, "amplitude": 0.0, "shape": 0.0}}
+    assert verdict(instance_relations, partly) == PARTLY
+    none = {**good, "in_deficit_low": {"brightness": 0.0, "amplitude": 0.01, "shape": 0.0}}
+    assert verdict(instance_relations, none) == NOT
+
+
+def test_group_count():
+    assert verdict(group_count, {"effect": effect(0.05), "best": 4, "worst": 32}) == HOLDS
+    assert verdict(group_count, {"effect": effect(0.005), "best": 4, "worst": 32}) == PARTLY
+    assert verdict(group_count, {"effect": effect(-0.01), "best": 4, "worst": 32}) == NOT
+
+
+def test_sequences():
+    assert verdict(sequences, {"effect": effect(0.05)}) == HOLDS
+    assert verdict(sequences, {"effect": effect(0.01)}) == PARTLY
+    assert verdict(sequences, {"effect": effect(-0.05)}) == NOT
+
+
+def test_summary():
+    assert verdict(summary, {"winners": ["bn", "ln", "gn"], "fraction_mattering": 0.8}) == HOLDS
+    assert verdict(summary, {"winners": ["bn", "bn", "bn"], "fraction_mattering": 0.8}) == PARTLY
+    assert verdict(summary, {"winners": ["bn", "bn"], "fraction_mattering": 0.0}) == NOT
