@@ -130,9 +130,7 @@ def test_layer_kernels_compile_for_hopper(case, dtype):
 
 def _shape_for(tile: plan.Tile) -> tuple[int, int, int]:
     """An (r1, b, r2) for which the planner picks ``tile``."""
-    r2 = tile.br2 if tile.br2 < plan.MAX_TILE else 2 * plan.MAX_TILE
-    r1 = tile.br1 if tile.fused else max(2 * tile.br1, plan.MAX_FUSED)
-    return r1, tile.bb, r2
+    return (tile.br1 if tile.fused else 2 * plan.MAX_FUSED), tile.bb, tile.br2
 
 
 def test_every_kernel_appears_in_the_layer_cases():

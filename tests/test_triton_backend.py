@@ -48,19 +48,38 @@ def _cases():
                 yield pytest.param(norm, shape, cl, id=f"{norm}-{'x'.join(map(str, shape))}-{'cl' if cl else 'cf'}")
 
 
-def _make(norm, shape, cl, affine=True, scale=2.0):
-    x = torch.randn(shape) * scale + 0.5
+def _make(norm, shape, cl, affine=True, scale=2.0, device="cpu", dtype=torch.float32):
+    x = torch.randn(shape, device=device) * scale + 0.5
     shape5, span_r1, span_r2 = VIEWS[norm][1](x, cl)
     xc = x.movedim(1, -1).contiguous() if cl else x.contiguous()
     _, p, r1, b, r2 = shape5
     pshape = (p, r1 if span_r1 else 1, b, r2 if span_r2 else 1)
-    w = torch.rand(pshape) + 0.5 if affine else None
-    bias = torch.randn(pshape) if affine else None
-    return xc.view(shape5), w, bias, pshape
+    w = (torch.rand(pshape, device=device) + 0.5).to(dtype) if affine else None
+    bias = torch.randn(pshape, device=device).to(dtype) if affine else None
+    return xc.view(shape5).to(dtype), w, bias, pshape
 
 
 def _close(actual, expected, tol=1e-5):
     torch.testing.assert_close(actual, expected, rtol=tol, atol=tol)
+
+
+def _check_against_reference(backend, x5, w, b, pshape, rms, tol=1e-5, grad_tol=1e-4):
+    """Forward statistics and output, then dx/dweight/dbias, against the reference backend."""
+    y, st = backend.forward(x5, w, b, 1e-5, rms)
+    y_r, st_r = REF.forward(x5, w, b, 1e-5, rms)
+    _close(y, y_r, tol)
+    for got, want in zip(st, st_r):
+        _close(got, want, 1e-5)
+    dy = torch.randn_like(x5)
+    affine = w is not None
+    mask = (True, affine, affine)
+    g = backend.backward(dy, x5, st.mean, st.rstd, w, pshape, rms, True, mask)
+    g_r = REF.backward(dy, x5, st_r.mean, st_r.rstd, w, pshape, rms, True, mask)
+    _close(g.dx, g_r.dx, grad_tol)
+    if affine:
+        scale = max(1.0, g_r.dweight.abs().max().item())
+        _close(g.dweight / scale, g_r.dweight / scale, grad_tol)
+        _close(g.dbias / scale, g_r.dbias / scale, grad_tol)
 
 
 if not INTERPRETING:
@@ -79,6 +98,58 @@ if not INTERPRETING:
         run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-4000:]
 
+    cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+    CUDA_TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (5e-2, 5e-2), torch.float16: (1e-2, 1e-2)}
+    LARGE = [
+        ("batch", (32, 64, 28, 28), False), ("batch", (32, 64, 28, 28), True),
+        ("group", (8, 256, 16, 16), False), ("group", (8, 256, 16, 16), True),
+        ("instance", (8, 64, 32, 32), True), ("layer", (64, 32768), False), ("rms", (512, 4096), False),
+    ]
+
+    @cuda
+    @pytest.mark.parametrize("backend", [FUSED, SPLIT], ids=["fused", "split"])
+    @pytest.mark.parametrize("dtype", list(CUDA_TOL), ids=lambda d: str(d).split(".")[-1])
+    @pytest.mark.parametrize("norm,shape,cl", list(_cases()))
+    def test_cuda_matches_reference(backend, dtype, norm, shape, cl):
+        x5, w, b, pshape = _make(norm, shape, cl, device="cuda", dtype=dtype)
+        assert backend.supports(x5, w)
+        _check_against_reference(backend, x5, w, b, pshape, norm == "rms", *CUDA_TOL[dtype])
+
+    @cuda
+    @pytest.mark.parametrize("norm,shape,cl", LARGE)
+    def test_cuda_large_shapes_match_reference(norm, shape, cl):
+        x5, w, b, pshape = _make(norm, shape, cl, device="cuda")
+        _check_against_reference(TritonBackend(), x5, w, b, pshape, norm == "rms", 1e-4, 1e-3)
+
+    @cuda
+    @torch.no_grad()
+    def test_cuda_graph_replays_layers():
+        layer = normkit.nn.GroupNorm(8, 64).cuda()
+        x = torch.randn(4, 64, 16, 16, device="cuda").contiguous(memory_format=torch.channels_last)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            layer(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = layer(x)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        _close(y, torch.nn.functional.group_norm(x, 8, layer.weight, layer.bias).detach(), 1e-4)
+
+    @cuda
+    def test_torch_compile_fullgraph_on_cuda():
+        layer = normkit.nn.GroupNorm(8, 64).cuda()
+        x = torch.randn(4, 64, 16, 16, device="cuda", requires_grad=True)
+        compiled = torch.compile(layer, fullgraph=True)
+        compiled(x).square().sum().backward()
+        grad, x.grad = x.grad, None
+        y_t = torch.nn.functional.group_norm(x, 8, layer.weight, layer.bias)
+        y_t.square().sum().backward()
+        _close(grad, x.grad, 1e-4)
+
 else:
 
     def test_supports_cpu_tensors_under_the_interpreter():
@@ -91,20 +162,7 @@ else:
     @pytest.mark.parametrize("norm,shape,cl", list(_cases()))
     def test_forward_and_backward_match_reference(backend, affine, norm, shape, cl):
         x5, w, b, pshape = _make(norm, shape, cl, affine)
-        rms = norm == "rms"
-        y, st = backend.forward(x5, w, b, 1e-5, rms)
-        y_r, st_r = REF.forward(x5, w, b, 1e-5, rms)
-        _close(y, y_r)
-        for got, want in zip(st, st_r):
-            _close(got, want)
-        dy = torch.randn_like(x5)
-        mask = (True, affine, affine)
-        g = backend.backward(dy, x5, st.mean, st.rstd, w, pshape, rms, True, mask)
-        g_r = REF.backward(dy, x5, st_r.mean, st_r.rstd, w, pshape, rms, True, mask)
-        _close(g.dx, g_r.dx, 1e-4)
-        if affine:
-            _close(g.dweight, g_r.dweight, 1e-4)
-            _close(g.dbias, g_r.dbias, 1e-4)
+        _check_against_reference(backend, x5, w, b, pshape, norm == "rms")
 
     @pytest.mark.parametrize("backend", [FUSED, SPLIT], ids=["fused", "split"])
     @pytest.mark.parametrize("norm,shape,cl", [c for c in _cases() if c.values[0] in ("batch", "instance")])
