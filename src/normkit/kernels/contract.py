@@ -4,9 +4,9 @@ Every normalization in normkit is computed on a 5-D view ``(Q, P, R1, B, R2)`` o
 tensor. Statistics (mean, rstd) are taken per ``(q, p, b)`` over ``(r1, r2)`` and have shape
 ``(Q, P, B)``. The affine parameters arrive already viewed as ``(P, K1, B, K2)`` with ``K1`` in
 ``{1, R1}`` and ``K2`` in ``{1, R2}``, so ``weight[p, r1 % K1, b, r2 % K2]`` scales element
-``x[q, p, r1, b, r2]``; parameters may be broadcast views (stride 0 along B or K1, e.g. LayerNorm2d),
-so a backend that needs dense parameters makes them contiguous. ``P`` is the period with which the channel repeats along the statistics
-axis (InstanceNorm in NCHW: ``A = N*C`` split as ``Q=N, P=C``).
+``x[q, p, r1, b, r2]``. Parameters may be broadcast views (stride 0, e.g. LayerNorm2d): a backend
+that needs dense ones makes them contiguous. ``P`` is the period with which the channel repeats
+along the statistics axis (InstanceNorm in NCHW: ``A = N*C`` split as ``Q=N, P=C``).
 
 Statistics are float32 for float32/bfloat16/float16 input and float64 for float64 input.
 ``mean`` is 0 for RMSNorm, whose ``var`` is the mean square.
