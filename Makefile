@@ -22,9 +22,9 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/normkit bench --quick
 
-# headless Chromium for the slow test that opens report.html in a real browser (Debian package)
+# headless Chromium (and CJK fonts for the article's quotes) for the slow test that opens report.html in a real browser
 browser:
-	apt-get install -y chromium
+	apt-get install -y chromium fonts-noto-cjk
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
