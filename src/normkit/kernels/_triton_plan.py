@@ -20,7 +20,6 @@ from functools import lru_cache
 MAX_TILE = 4096
 MAX_FUSED = 8192
 ROW_SPAN = 64
-MAX_SPLIT = 256
 FINALIZE_TILE = 2048
 
 

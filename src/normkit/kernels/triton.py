@@ -208,6 +208,8 @@ class TritonBackend:
     ) -> Grads:
         """The contract's backward; ``bias`` is needed only with an ``activation``."""
         need_dx, need_dw, need_db = output_mask
+        if not any(output_mask):
+            return Grads(None, None, None)
         q, p, r1, b, r2 = x5.shape
         tile = self.tile(x5)
         w, bi = _param(weight), _param(bias)
