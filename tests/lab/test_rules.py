@@ -50,9 +50,9 @@ def test_init_dependence():
 
 
 def test_batch_noise():
-    good = {"gap_reduction_low": 0.02, "ghost_reduction_low": 0.01, "test_acc_diff_high": 0.03}
+    good = {"gap_reduction_low": 0.02, "ghost_test_gain_low": 0.01, "test_acc_diff_high": 0.03}
     assert verdict(batch_noise, good) == HOLDS
-    assert verdict(batch_noise, {**good, "ghost_reduction_low": -0.01}) == PARTLY
+    assert verdict(batch_noise, {**good, "ghost_test_gain_low": -0.01}) == PARTLY
     assert verdict(batch_noise, {**good, "gap_reduction_low": -0.02}) == NOT
 
 

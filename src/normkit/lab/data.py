@@ -117,8 +117,8 @@ def synthetic_channels(task: str, n: int, seed: int, channels: int = 4, length: 
 
     ``brightness``: all channels share an offset of +-0.5 (the label) under per-example random gain -- the label
     is a per-instance mean. ``amplitude``: channel 0 vs channel 1, which has the larger amplitude -- a relation
-    between features that normalizing each channel on its own erases. ``shape``: a bump at the start vs the end
-    of the signal -- spatial structure that every normalization keeps (the control).
+    between features that normalizing each channel on its own erases. ``shape``: sparse spikes pointing up vs
+    down in every channel -- the skew of each channel's values, which survives per-channel normalization (the control).
     """
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, 2, (n,), generator=g)
@@ -132,9 +132,8 @@ def synthetic_channels(task: str, n: int, seed: int, channels: int = 4, length: 
         x[:, 0] *= ratio.view(n, 1)
         x[:, 1] /= ratio.view(n, 1)
     elif task == "shape":
-        pos = torch.arange(length).float()
-        bump = torch.where(y.view(n, 1) == 1, torch.exp(-((pos - length / 4) ** 2) / 8), torch.exp(-((pos - 3 * length / 4) ** 2) / 8))
-        x = noise + 1.5 * bump.view(n, 1, length)
+        spikes = (torch.rand(n, channels, length, generator=g) < 0.1).float()
+        x = noise + 3.0 * sign * spikes
     else:
         raise ValueError(f"unknown synthetic task {task!r}")
     gain = torch.exp(0.3 * torch.randn(n, 1, 1, generator=g))
@@ -154,3 +153,11 @@ def token_sequences(n: int, seed: int, vocab: int = 12, min_len: int = 4, max_le
     counts = torch.stack([(tokens == t).sum(dim=1) for t in range(1, 5)], dim=1)
     labels = counts.argmax(dim=1)
     return tokens, lengths, labels
+
+
+def classification(name: str) -> Split:
+    """A bundled classification dataset by name: ``digits`` (8x8 images) or ``mnist1d`` (length-40 signals)."""
+    return {"digits": digits, "mnist1d": mnist1d}[name]()
+
+
+DATA_LABELS = {"digits": "sklearn digits (1347 train / 450 test, 8x8 images)", "mnist1d": "MNIST-1D (4000 train / 1000 test signals of length 40)"}

@@ -91,10 +91,13 @@ def run_lab(
             for sid in owners[job_key(config)]:
                 progress.advance(tasks[sid])
 
+        alone = {job_key(c) for m in studies if getattr(m, "TIMES_THE_MACHINE", False) for c in configs[m.CLAIM.id]}
+        shared = [c for c in pending if job_key(c) not in alone]
         if executor == "ray":
-            run_ray(pending, ray_address, done)
+            run_ray(shared, ray_address, done)
         else:
-            run_local(pending, jobs, done)
+            run_local(shared, jobs, done)
+        run_local([c for c in pending if job_key(c) in alone], 1, done)  # timings: here, one at a time, nothing beside them
 
     findings = []
     for module in studies:

@@ -3,6 +3,8 @@
 A study module defines ``CLAIM``, ``jobs(profile)`` (the run configs), ``run(config)`` (one training run,
 executed in a worker), ``analyze(runs, profile, out_dir)`` (statistics, figures, verdict) and ``rule(stats)``
 (the verdict, from numbers only, so a test can feed it synthetic numbers on either side of its threshold).
+A study that measures speed sets ``TIMES_THE_MACHINE = True``: its runs then go last, one at a time, in the
+lab's own process, so no other run of the lab competes with the timings.
 """
 
 from __future__ import annotations

@@ -73,11 +73,12 @@ def run(config: dict) -> dict:
 
 
 def rule(stats: dict) -> tuple[str, str]:
-    """Needed: BN's train/test gap is below no-norm's (CI of the difference > 0). Extra: noisier ghost batches (4)
-    narrow it further than BN at 64 (CI > 0), and BN's test accuracy is not below no-norm's (CI upper end >= 0)."""
+    """Needed: BN's train/test gap is below no-norm's (CI of the difference > 0). Extra: more batch noise (ghost
+    batches of 16) raises test accuracy over BN at 64 (CI > 0), and BN's test accuracy is not below no-norm's
+    (CI upper end >= 0). A narrower gap from underfitting alone does not count as regularization."""
     checks = {
         "BN narrows the generalization gap": stats["gap_reduction_low"] > 0,
-        "more batch noise (ghost 4) narrows it further": stats["ghost_reduction_low"] > 0,
+        "more batch noise (ghost 16) raises test accuracy": stats["ghost_test_gain_low"] > 0,
         "BN does not cost test accuracy": stats["test_acc_diff_high"] >= 0,
     }
     verdict = verdict_from_checks(checks, needed=["BN narrows the generalization gap"])
@@ -91,11 +92,13 @@ def analyze(runs: list[Run], profile: Profile, out_dir: Path) -> Finding:
     gap_effect = paired_effect("train/test gap: no norm - BN", gaps["none"], gaps["bn"], "acc")
     ghost_effect = paired_effect("train/test gap: BN(64) - ghost BN(4)", gaps["bn"], gaps["ghost4"], "acc")
     acc_effect = paired_effect("test accuracy: BN - no norm", values(by[("bn",)], "final_test_acc"), values(by[("none",)], "final_test_acc"), "acc")
+    ghost_gain = paired_effect("test accuracy: ghost BN(16) - BN(64)", values(by[("ghost16",)], "final_test_acc"), values(by[("bn",)], "final_test_acc"), "acc")
     stats = {
         "gap_reduction": gap_effect.estimate,
         "gap_reduction_low": gap_effect.low,
         "ghost_reduction": ghost_effect.estimate,
-        "ghost_reduction_low": ghost_effect.low,
+        "ghost_test_gain": ghost_gain.estimate,
+        "ghost_test_gain_low": ghost_gain.low,
         "test_acc_diff": acc_effect.estimate,
         "test_acc_diff_high": acc_effect.high,
     }
@@ -131,6 +134,7 @@ def analyze(runs: list[Run], profile: Profile, out_dir: Path) -> Finding:
         figures=figures,
         notes=[
             f"Test accuracy with BN: running statistics (eval mode) minus per-batch statistics: {eval_vs_batch.text(3)}.",
-            f"Test accuracy BN minus no norm: {acc_effect.text(3)}; ghost BN(4) gap reduction over BN(64): {ghost_effect.text(3)}.",
+            f"Test accuracy BN minus no norm: {acc_effect.text(3)}; ghost BN(4) gap reduction over BN(64): {ghost_effect.text(3)}; "
+            f"ghost BN(16) test accuracy over BN(64): {ghost_gain.text(3)}.",
         ],
     )

@@ -37,8 +37,8 @@ def settings(profile: Profile) -> dict:
     return {
         "depth": profile.pick(20, 20, 30),
         "width": {"mlp": profile.pick(16, 32, 64), "cnn": profile.pick(8, 8, 16)},
-        "epochs": profile.pick(1, 1, 3),
-        "n_train": profile.pick(256, 1024, 4000),
+        "epochs": profile.pick(1, 1, 2),
+        "n_train": profile.pick(256, 1024, 2000),
         "lr": 0.02,
         "batch_size": 64,
     }

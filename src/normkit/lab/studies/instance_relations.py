@@ -2,8 +2,9 @@
 
 Protocol: synthetic 4-channel signals whose binary label lives in (i) a per-instance offset shared by all
 channels ("brightness": a per-instance statistic), (ii) the amplitude of channel 0 relative to channel 1
-("amplitude": a cross-channel relation), and (iii) the position of a bump (a spatial-shape control every norm
-should solve). The same 1-D CNN with BN, LN, GN (2 groups) or IN after each convolution.
+("amplitude": a cross-channel relation), and (iii) sparse spikes pointing up vs down (a within-channel shape control
+that per-channel normalization keeps). Global average pooling follows the convolutions, so a network sees
+each channel's level and energy only if its norm leaves them there. The same 1-D CNN with BN, LN, GN (2 groups) or IN after each convolution.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ PRACTICAL = 0.05
 
 
 def settings(profile: Profile) -> dict:
-    return {"n_train": profile.pick(256, 512, 2000), "epochs": profile.pick(1, 5, 12), "lr": 0.05, "batch_size": 32}
+    return {"n_train": profile.pick(256, 512, 2000), "epochs": profile.pick(1, 5, 8), "lr": 0.05, "batch_size": 32}
 
 
 def jobs(profile: Profile) -> list[dict]:

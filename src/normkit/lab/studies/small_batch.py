@@ -2,7 +2,7 @@
 
 Protocol: batch sizes 2..128, the same number of epochs for each, learning rate scaled linearly with the
 batch (Goyal et al. 2017: lr = base * batch / 32). Main arm: an MLP on MNIST-1D (where the BN degradation is
-known to show clearly) with no norm, BN, LN, GN. A 1-D CNN arm adds InstanceNorm, which needs a spatial axis.
+known to show clearly; quick mode uses the digits, which an MLP learns in few steps) with no norm, BN, LN, GN. A 1-D CNN arm adds InstanceNorm, which needs a spatial axis.
 Statistic: degradation = test accuracy at batch 32 minus at batch 2, compared between norms.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import plots
-from ..data import mnist1d
+from ..data import DATA_LABELS, classification
 from ..models import MLP, ConvNet, norm_label
 from ..stats import Effect, cell, mean_ci, paired_effect, verdict_from_checks
 from ..study import Claim, Finding, Profile, Run, Table, group, values
@@ -39,8 +39,9 @@ def settings(profile: Profile) -> dict:
             "mlp": profile.pick([2, 32], [2, 4, 8, 16, 32, 64, 128], [2, 4, 8, 16, 32, 64, 128]),
             "cnn": profile.pick([2, 32], [], [2, 4, 8, 16, 32, 64, 128]),
         },
-        "n_train": profile.pick(128, 512, 2000),
-        "epochs": profile.pick(1, 2, 4),
+        "data": profile.pick("digits", "digits", "mnist1d"),
+        "n_train": profile.pick(128, 640, 1500),
+        "epochs": profile.pick(1, 2, 3),
         "base_lr": 0.05,
         "width": profile.pick(32, 128, 128),
     }
@@ -50,7 +51,7 @@ def jobs(profile: Profile) -> list[dict]:
     s = settings(profile)
     base = profile.base(CLAIM.id, VERSION)
     return [
-        {**base, "arch": arch, "norm": n, "batch_size": b, "seed": seed, "lr": s["base_lr"] * b / REFERENCE, "n_train": s["n_train"],
+        {**base, "arch": arch, "norm": n, "batch_size": b, "seed": seed, "lr": s["base_lr"] * b / REFERENCE, "data": s["data"], "n_train": s["n_train"],
          "epochs": s["epochs"], "width": s["width"]}
         for arch, norms in ARMS.items() for n in norms for b in s["batches"][arch] for seed in profile.seeds
     ]  # fmt: skip
@@ -58,11 +59,12 @@ def jobs(profile: Profile) -> list[dict]:
 
 def run(config: dict) -> dict:
     seed_everything(config["seed"])
-    data = mnist1d().subset(config["n_train"])
+    data = classification(config["data"]).subset(config["n_train"])
+    channels, *size = data.x_train.shape[1:]
     if config["arch"] == "mlp":
-        model = MLP(40, config["width"], 2, 10, config["norm"], config["backend"])
+        model = MLP(data.x_train[0].numel(), config["width"], 2, 10, config["norm"], config["backend"])
     else:
-        model = ConvNet(1, (40,), [16, 32], 10, config["norm"], config["backend"], strides=[1, 2])
+        model = ConvNet(channels, tuple(size), [16, 32], 10, config["norm"], config["backend"], strides=[1, 2])
     history = train_classifier(
         model, data, epochs=config["epochs"], batch_size=config["batch_size"], lr=config["lr"], seed=config["seed"],
         device=config["device"],
@@ -111,7 +113,7 @@ def analyze(runs: list[Run], profile: Profile, out_dir: Path) -> Finding:
     for ax, (arch, norms) in zip(axes, arms.items()):
         for n in norms:
             plots.line_ci(ax, s["batches"][arch], [values(by[(arch, n, b)], "final_test_acc") for b in s["batches"][arch]], norm_label(n), n, 100)
-        ax.set(xscale="log", xlabel="batch size (lr scaled linearly)", ylabel="test accuracy (%)", title=f"{arch.upper()} on MNIST-1D")
+        ax.set(xscale="log", xlabel="batch size (lr scaled linearly)", ylabel="test accuracy (%)", title=f"{arch.upper()} on {s['data']}")
         ax.set_xticks(s["batches"][arch], [str(b) for b in s["batches"][arch]])
         ax.legend(fontsize=7)
     figures = [plots.save(fig, out_dir, f"{CLAIM.id}.png")]
@@ -127,8 +129,8 @@ def analyze(runs: list[Run], profile: Profile, out_dir: Path) -> Finding:
         reason=reason,
         effect=excess["mlp/ln"],
         setting=(
-            f"MNIST-1D, {s['n_train']} training signals, {s['epochs']} epochs at every batch size, SGD momentum 0.9, "
-            f"lr = {s['base_lr']} x batch / {REFERENCE}. MLP 2x{s['width']}; CNN 1-D conv widths [16, 32]. "
+            f"{DATA_LABELS[s['data']]}, {s['n_train']} training examples, {s['epochs']} epochs at every batch size, SGD momentum 0.9, "
+            f"lr = {s['base_lr']} x batch / {REFERENCE}. MLP 2x{s['width']}; CNN conv widths [16, 32]. "
             "Evaluation in eval mode (BN uses its running statistics)."
             + ("" if s["batches"]["cnn"] else " The CNN arm with InstanceNorm runs in --full mode only (time budget).")
         ),
@@ -150,7 +152,7 @@ def decision_rows(runs: list[Run], profile: Profile) -> list[dict]:
     s = settings(profile)
     by = group(runs, "arch", "norm", "batch_size")
     return [
-        {"task": "MNIST-1D, MLP", "batch": b, "metric": "test accuracy",
+        {"task": f"{s['data']}, MLP", "batch": b, "metric": "test accuracy",
          "scores": {n: values(by[("mlp", n, b)], "final_test_acc") for n in ARMS["mlp"]}}
         for b in s["batches"]["mlp"]
     ]  # fmt: skip
