@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import math
 import os
+from functools import lru_cache
 from typing import NamedTuple
 
 import numba
+import numpy as np
 import torch
 from torch import Tensor
 
 from ._numba_kernels import DRIVERS
-from .contract import Grads, Stats, stat_shape, stats_dtype
+from .contract import Grads, Stats
 
 NATIVE = (torch.float32, torch.float64)
 WIDENED = (torch.bfloat16, torch.float16)
@@ -31,6 +33,8 @@ CACHE_BYTES = 1 << 19
 SERIAL_BELOW = 1 << 15
 # Column loops serve groups of fewer adjacent elements than this; longer runs use segment loops.
 COL_MAX_RUN = 32
+# A unit of the column loops reads at least this many contiguous bytes per row (whole cache lines).
+COL_MIN_BYTES = 256
 
 _parallel_pid: int | None = None
 
@@ -38,38 +42,10 @@ _parallel_pid: int | None = None
 class Plan(NamedTuple):
     """How the work is cut: ``nrc`` row chunks of ``rchunk`` rows and ``nbc`` group chunks of ``bchunk``."""
 
-    threads: int
     nrc: int
     rchunk: int
     nbc: int
     bchunk: int
-
-
-def threads_for(numel: int) -> int:
-    """Threads to use: torch's setting, or 1 for small work and in a forked child."""
-    n = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-    if n <= 1 or numel < SERIAL_BELOW:
-        return 1
-    if _parallel_pid is not None and _parallel_pid != os.getpid():
-        return 1
-    return n
-
-
-def plan(groups: int, rows: int, nb: int, run: int, itemsize: int, threads: int, fuse: bool = True) -> Plan:
-    """Cut ``groups`` slabs of ``rows`` x ``nb`` x ``run`` into units: whole groups when they fit in
-    cache and give every thread work, otherwise row chunks as well. Without ``fuse`` (no reduction)
-    units only need to give every thread work."""
-    group_bytes = max(1, rows * run * itemsize)
-    want = 4 * threads if threads > 1 else 1
-    bchunk = max(1, min(nb, CACHE_BYTES // group_bytes))
-    bchunk = min(bchunk, max(1, math.ceil(nb / math.ceil(want / groups))))
-    nbc = math.ceil(nb / bchunk)
-    units = groups * nbc
-    if rows == 1 or (units >= want if not fuse else group_bytes <= CACHE_BYTES and units >= min(want, 2 * threads)):
-        return Plan(threads, 1, rows, nbc, bchunk)
-    nrc = min(rows, max(math.ceil(want / units), math.ceil(group_bytes * bchunk / CACHE_BYTES)))
-    rchunk = math.ceil(rows / nrc)
-    return Plan(threads, math.ceil(rows / rchunk), rchunk, nbc, bchunk)
 
 
 class View(NamedTuple):
@@ -85,16 +61,49 @@ class View(NamedTuple):
 
     @property
     def col(self) -> bool:
-        """Per-column accumulation: several short groups side by side in each row (channels_last)."""
+        """Per-column loops: several short groups side by side in each row (channels_last)."""
         return self.b > 1 and self.r2 < COL_MAX_RUN and self.k1 == 1
 
+    @property
     def param_shape(self) -> tuple[int, int, int, int]:
         return (self.p, self.k1, self.b, self.k2)
 
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        return (self.g, self.r1, self.b * self.r2) if self.col else (self.g, self.r1, self.b, self.r2)
+
+
+def threads_for(numel: int) -> int:
+    """Threads to use: torch's setting, or 1 for small work and in a forked child."""
+    n = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    if n <= 1 or numel < SERIAL_BELOW:
+        return 1
+    if _parallel_pid is not None and _parallel_pid != os.getpid():
+        return 1
+    return n
+
+
+def plan(v: View, itemsize: int, threads: int, fuse: bool = True) -> Plan:
+    """Cut the view into units: whole groups when they fit in cache and give every thread work
+    (``fuse``: statistics and output in one read), otherwise row chunks as well."""
+    group_bytes = max(1, v.r1 * v.r2 * itemsize)
+    want = 4 * threads if threads > 1 else 1
+    min_b = min(v.b, math.ceil(COL_MIN_BYTES / (v.r2 * itemsize))) if v.col else 1
+    bchunk = min(v.b, max(min_b, CACHE_BYTES // group_bytes))
+    bchunk = min(bchunk, max(min_b, math.ceil(v.b / math.ceil(want / v.g))))
+    nbc = math.ceil(v.b / bchunk)
+    units = v.g * nbc
+    enough = units >= (min(want, 2 * threads) if fuse else want)
+    if v.r1 == 1 or (enough and (not fuse or group_bytes * bchunk <= CACHE_BYTES)):
+        return Plan(1, v.r1, nbc, bchunk)
+    nrc = min(v.r1, max(math.ceil(want / units), math.ceil(group_bytes * bchunk / CACHE_BYTES)))
+    rchunk = math.ceil(v.r1 / nrc)
+    return Plan(math.ceil(v.r1 / rchunk), rchunk, nbc, bchunk)
+
 
 def canonical(shape5: tuple[int, ...], pshape: tuple[int, ...], itemsize: int, threads: int) -> View:
-    """Merge a single contiguous group into one run and re-split long runs into rows so that few,
-    long groups (a huge LayerNorm row) still spread over threads."""
+    """Merge a single contiguous group into one run, and re-split a long run into rows so that a
+    few long groups (a huge LayerNorm row) still spread over threads."""
     q, p, r1, b, r2 = shape5
     _, k1, _, k2 = pshape
     v = View(q * p, r1, b, r2, p, k1, k2)
@@ -107,8 +116,8 @@ def canonical(shape5: tuple[int, ...], pshape: tuple[int, ...], itemsize: int, t
     if v.r1 == 1 and v.g < 2 * threads and v.r2 * itemsize > CACHE_BYTES:
         run = _divisor_near(v.r2, CACHE_BYTES // (8 * itemsize))
         if run < v.r2:
-            per_elem = v.k2 > 1
-            v = View(v.g, v.r2 // run, 1, run, p, v.r2 // run if per_elem else 1, run if per_elem else 1)
+            rows = v.r2 // run
+            v = View(v.g, rows, 1, run, p, rows, run) if v.k2 > 1 else View(v.g, rows, 1, run, p, 1, 1)
     return v
 
 
@@ -120,22 +129,36 @@ def _divisor_near(n: int, target: int) -> int:
     return n
 
 
-def _params(weight: Tensor | None, bias: Tensor | None, shape: tuple[int, ...], acc: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Weight and bias in the accumulation dtype, both of ``shape`` (ones / zeros where absent)."""
-    w = torch.ones(shape, dtype=acc) if weight is None else weight.detach().to(acc).expand(shape).contiguous()
-    b = torch.zeros(shape, dtype=acc) if bias is None else bias.detach().to(acc).expand(shape).contiguous()
-    return w, b
+@lru_cache(maxsize=64)
+def _constant(shape: tuple[int, ...], dtype: np.dtype, value: float) -> np.ndarray:
+    """Ones / zeros standing in for an absent weight / bias (never written)."""
+    return np.full(shape, value, dtype=dtype)
 
 
-def _forward_shape(x5: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[int, int, int, int]:
-    _, p, _, b, _ = x5.shape
-    shapes = [tuple(t.shape) for t in (weight, bias) if t is not None]
-    return tuple(torch.broadcast_shapes(*shapes)) if shapes else (p, 1, b, 1)
+def _np(t: Tensor, dtype: torch.dtype | None = None) -> np.ndarray:
+    t = t.detach()
+    return (t if dtype is None or t.dtype == dtype else t.to(dtype)).numpy()
 
 
-def _col_params(t: Tensor, v: View) -> Tensor:
-    """(P, 1, B, K2) -> (P, B*R2): one value per column."""
-    return t.expand(v.p, 1, v.b, v.r2).reshape(v.p, v.b * v.r2).contiguous()
+def _param(t: Tensor | None, v: View, pshape: tuple[int, ...], acc: torch.dtype, absent: float) -> np.ndarray:
+    """A parameter in the accumulation dtype, shaped for the kernels: (P, K1, B, K2) or (P, W)."""
+    if t is None:
+        a = _constant(v.param_shape, np.dtype(str(acc).removeprefix("torch.")), absent)
+    else:
+        a = _np(t, acc)
+        if a.shape != pshape or not a.flags.c_contiguous:
+            a = np.ascontiguousarray(np.broadcast_to(a, pshape))
+        a = a.reshape(v.param_shape)
+    if v.col:
+        a = np.ascontiguousarray(np.broadcast_to(a, (v.p, 1, v.b, v.r2))).reshape(v.p, v.b * v.r2)
+    return a
+
+
+def _pshape(x5: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[int, int, int, int]:
+    if weight is not None and bias is not None and weight.shape != bias.shape:
+        return tuple(np.broadcast_shapes(tuple(weight.shape), tuple(bias.shape)))
+    t = weight if weight is not None else bias
+    return tuple(t.shape) if t is not None else (x5.shape[1], 1, x5.shape[3], 1)
 
 
 def _driver(name: str, threads: int):
@@ -155,6 +178,10 @@ def _widen(t: Tensor) -> Tensor:
     return t.float() if t.dtype in WIDENED else t
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class CpuBackend:
     name = "cpu"
 
@@ -171,58 +198,42 @@ class CpuBackend:
         self, x5: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool
     ) -> tuple[Tensor, Stats]:
         xs = _widen(x5)
-        acc = stats_dtype(xs.dtype)
-        pshape = _forward_shape(x5, weight, bias)
+        acc = _acc(xs.dtype)
         threads = threads_for(xs.numel())
+        pshape = _pshape(x5, weight, bias)
         v = canonical(tuple(x5.shape), pshape, xs.element_size(), threads)
-        w, b = _params(weight, bias, pshape, acc)
         y = torch.empty_like(xs)
-        g, nb = v.g, v.b
-        mean, rstd, var = (torch.empty((g, nb), dtype=acc) for _ in range(3))
-        pl = plan(g, v.r1, nb, v.r2, xs.element_size(), threads)
-        stats = (mean.numpy(), rstd.numpy(), var.numpy())
+        q, p, _, nb, _ = x5.shape
+        stats = [torch.empty((q, p, nb), dtype=acc) for _ in range(3)]
+        mean, rstd, var = (t.numpy().reshape(v.g, v.b) for t in stats)
+        pl = plan(v, xs.element_size(), threads)
+        w, b = _param(weight, v, pshape, acc, 1.0), _param(bias, v, pshape, acc, 0.0)
+        data = (xs.numpy().reshape(v.data_shape), y.numpy().reshape(v.data_shape), w, b, mean, rstd, var)
         if v.col:
-            w, b = _col_params(w.view(v.param_shape()), v), _col_params(b.view(v.param_shape()), v)
-            shape3 = (g, v.r1, nb * v.r2)
-            _driver("forward_col", threads)(
-                xs.view(shape3).numpy(), y.view(shape3).numpy(), w.numpy(), b.numpy(), *stats, v.r2,
-                float(eps), rms, pl.nrc, pl.rchunk, pl.nbc, pl.bchunk,
-            )
+            _driver("forward_col", threads)(*data, v.r2, float(eps), rms, *pl)
         else:
-            shape4 = (g, v.r1, nb, v.r2)
-            _driver("forward_seg", threads)(
-                xs.view(shape4).numpy(), y.view(shape4).numpy(), w.view(v.param_shape()).numpy(),
-                b.view(v.param_shape()).numpy(), *stats, float(eps), rms, pl.nrc, pl.rchunk, pl.nbc, pl.bchunk,
-            )
-        out = stat_shape(x5)
-        return y.to(x5.dtype), Stats(mean.view(out), rstd.view(out), var.view(out))
+            _driver("forward_seg", threads)(*data, float(eps), rms, *pl)
+        return y.to(x5.dtype), Stats(*stats)
 
     def normalize(
         self, x5: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None
     ) -> Tensor:
         xs = _widen(x5)
-        acc = stats_dtype(xs.dtype)
-        pshape = _forward_shape(x5, weight, bias)
+        acc = _acc(xs.dtype)
         threads = threads_for(xs.numel())
+        pshape = _pshape(x5, weight, bias)
         v = canonical(tuple(x5.shape), pshape, xs.element_size(), threads)
-        w, b = _params(weight, bias, pshape, acc)
         y = torch.empty_like(xs)
-        m = mean.detach().to(acc).reshape(v.g, v.b).contiguous().numpy()
-        r = rstd.detach().to(acc).reshape(v.g, v.b).contiguous().numpy()
-        pl = plan(v.g, v.r1, v.b, v.r2, xs.element_size(), threads, fuse=False)
+        pl = plan(v, xs.element_size(), threads, fuse=False)
+        data = (
+            xs.numpy().reshape(v.data_shape), y.numpy().reshape(v.data_shape),
+            _param(weight, v, pshape, acc, 1.0), _param(bias, v, pshape, acc, 0.0),
+            _np(mean, acc).reshape(v.g, v.b), _np(rstd, acc).reshape(v.g, v.b),
+        )
         if v.col:
-            w, b = _col_params(w.view(v.param_shape()), v), _col_params(b.view(v.param_shape()), v)
-            shape3 = (v.g, v.r1, v.b * v.r2)
-            _driver("apply_col", threads)(
-                xs.view(shape3).numpy(), y.view(shape3).numpy(), w.numpy(), b.numpy(), m, r, v.r2,
-                pl.nrc, pl.rchunk, pl.nbc, pl.bchunk,
-            )
+            _driver("apply_col", threads)(*data, v.r2, *pl)
         else:
-            shape4 = (v.g, v.r1, v.b, v.r2)
-            _driver("apply_seg", threads)(
-                xs.view(shape4).numpy(), y.view(shape4).numpy(), w.view(v.param_shape()).numpy(),
-                b.view(v.param_shape()).numpy(), m, r, pl.nrc, pl.rchunk, pl.nbc, pl.bchunk,
-            )
+            _driver("apply_seg", threads)(*data, *pl)
         return y.to(x5.dtype)
 
     def backward(
@@ -238,41 +249,34 @@ class CpuBackend:
         output_mask: tuple[bool, bool, bool],
     ) -> Grads:
         xs, dys = _widen(x5), _widen(dy5).contiguous()
-        acc = stats_dtype(xs.dtype)
+        acc = _acc(xs.dtype)
         threads = threads_for(xs.numel())
         v = canonical(tuple(x5.shape), tuple(param_shape), xs.element_size(), threads)
-        w, _ = _params(weight, None, tuple(param_shape), acc)
-        m = mean.detach().to(acc).reshape(v.g, v.b).contiguous().numpy()
-        r = rstd.detach().to(acc).reshape(v.g, v.b).contiguous().numpy()
-        pl = plan(v.g, v.r1, v.b, v.r2, xs.element_size(), threads)
+        pl = plan(v, xs.element_size(), threads)
         nlanes = min(threads, v.g * pl.nrc * pl.nbc)
-        dx = torch.empty_like(xs) if output_mask[0] else torch.empty_like(xs[:0])
+        want_dx = output_mask[0]
+        dx = torch.empty_like(xs) if want_dx else None
+        pcols = (v.p, v.b * v.r2) if v.col else v.param_shape
+        lanes = np.zeros((2, nlanes, *pcols))
+        args = (
+            dys.numpy().reshape(v.data_shape), xs.numpy().reshape(v.data_shape),
+            (dx if want_dx else xs[:0]).numpy().reshape(v.data_shape if want_dx else (0,) * len(v.data_shape)),
+            _np(mean, acc).reshape(v.g, v.b), _np(rstd, acc).reshape(v.g, v.b), _param(weight, v, tuple(param_shape), acc, 1.0),
+            lanes[0], lanes[1],
+        )
+        flags = (rms, batch_stats, want_dx, nlanes, *pl)
         if v.col:
-            w = _col_params(w.view(v.param_shape()), v)
-            shape3 = (v.g, v.r1, v.b * v.r2)
-            lanes = torch.zeros((2, nlanes, v.p, v.b * v.r2), dtype=torch.float64)
-            _driver("backward_col", threads)(
-                dys.view(shape3).numpy(), xs.view(shape3).numpy(),
-                dx.view(shape3).numpy() if output_mask[0] else dx.numpy().reshape(0, 0, 0), m, r, w.numpy(),
-                lanes[0].numpy(), lanes[1].numpy(), v.r2, rms, batch_stats, output_mask[0], nlanes,
-                pl.nrc, pl.rchunk, pl.nbc, pl.bchunk,
-            )
-            sums = lanes.sum(1).view(2, v.p, 1, v.b, v.r2)
-            if v.k2 == 1:
-                sums = sums.sum(4, keepdim=True)
+            _driver("backward_col", threads)(*args, v.r2, *flags)
         else:
-            shape4 = (v.g, v.r1, v.b, v.r2)
-            lanes = torch.zeros((2, nlanes, *v.param_shape()), dtype=torch.float64)
-            _driver("backward_seg", threads)(
-                dys.view(shape4).numpy(), xs.view(shape4).numpy(),
-                dx.view(shape4).numpy() if output_mask[0] else dx.numpy().reshape(0, 0, 0, 0), m, r,
-                w.view(v.param_shape()).numpy(), lanes[0].numpy(), lanes[1].numpy(), rms, batch_stats,
-                output_mask[0], nlanes, pl.nrc, pl.rchunk, pl.nbc, pl.bchunk,
-            )
-            sums = lanes.sum(1)
-        dw, db = (s.reshape(param_shape).to(acc) for s in sums)
+            _driver("backward_seg", threads)(*args, *flags)
+        sums = lanes.sum(1)
+        if v.col:
+            sums = sums.reshape(2, v.p, 1, v.b, v.r2)
+            if v.k2 == 1:
+                sums = sums.sum(4, keepdims=True)
+        dw, db = (torch.from_numpy(np.ascontiguousarray(s)).reshape(param_shape).to(acc) for s in sums)
         return Grads(
-            dx.to(x5.dtype) if output_mask[0] else None,
+            dx.to(x5.dtype) if want_dx else None,
             dw if output_mask[1] else None,
             db if output_mask[2] else None,
         )

@@ -1,0 +1,258 @@
+"""The ``cpu`` backend beyond the contract grid: every work split and loop shape against the reference,
+edge sizes, non-finite input, adversarial numerics, backend choice and thread handling."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+
+import pytest
+import torch
+
+import normkit
+import normkit.nn as nk
+from normkit import kernels
+from normkit.functional import _layout as L
+from normkit.kernels import cpu
+from normkit.numerics import CASES, LAYERS, applies, max_error
+from normkit.selection import resolve
+
+REF = kernels.load("reference")
+CPU = kernels.load("cpu")
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+# name -> (input shape, view builder(x, channels_last) -> (shape5, affine_r1, affine_r2), layouts)
+VIEWS = {
+    "batch": ((6, 40, 9, 11), lambda x, cl: (L.per_channel_view(x, cl), False, False), (False, True)),
+    "batch1d": ((300, 48), lambda x, cl: (L.per_channel_view(x, cl), False, False), (False,)),
+    "batch-1ch": ((4, 1, 60, 70), lambda x, cl: (L.per_channel_view(x, cl), False, False), (False, True)),
+    "instance": ((3, 24, 17, 19), lambda x, cl: (L.per_instance_view(x, cl), False, False), (False, True)),
+    "group": ((3, 48, 13, 15), lambda x, cl: (L.per_group_view(x, 6, cl), not cl, cl), (False, True)),
+    "group-wide": ((2, 256, 9, 9), lambda x, cl: (L.per_group_view(x, 4, cl), not cl, cl), (False, True)),
+    "layer": ((64, 33, 96), lambda x, cl: (L.trailing_view(x, 96), True, False), (False,)),
+    "layer-long": ((2, 3 * 2**16), lambda x, cl: (L.trailing_view(x, 3 * 2**16), True, False), (False,)),
+    "rms": ((50, 37, 64), lambda x, cl: (L.trailing_view(x, 64), True, False), (False,)),
+}
+RMS = {"rms"}
+
+# Work splits: the default; parallel; parallel with a tiny cache budget (row chunks, two passes);
+# segment loops only (no column loops); serial.
+SPLITS = {
+    "default": {},
+    "parallel": {"SERIAL_BELOW": 0},
+    "rowchunks": {"SERIAL_BELOW": 0, "CACHE_BYTES": 2048},
+    "segonly": {"SERIAL_BELOW": 0, "COL_MAX_RUN": 0},
+    "serial": {"SERIAL_BELOW": 1 << 62},
+}
+
+
+@pytest.fixture(params=list(SPLITS))
+def split(request, monkeypatch):
+    for name, value in SPLITS[request.param].items():
+        monkeypatch.setattr(cpu, name, value)
+    return request.param
+
+
+def _make(view: str, cl: bool, dtype: torch.dtype, affine: bool = True):
+    shape, build, _ = VIEWS[view]
+    x = (torch.randn(shape, dtype=torch.float64) * 1.5 + 0.3).to(dtype)
+    if cl:
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    shape5, ar1, ar2 = build(x, cl)
+    xc = x.movedim(1, -1).contiguous() if cl else x.contiguous()
+    _, p, r1, b, r2 = shape5
+    pshape = (p, r1 if ar1 else 1, b, r2 if ar2 else 1)
+    w = (torch.rand(pshape, dtype=torch.float64) + 0.5).to(dtype) if affine else None
+    bias = torch.randn(pshape, dtype=torch.float64).to(dtype) if affine else None
+    return xc.view(shape5), w, bias, pshape
+
+
+def _close(actual, expected, tol, what):
+    a, e = actual.double(), expected.double()
+    scale = max(1.0, e.abs().max().item())
+    err = (a - e).abs().max().item()
+    assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol * scale:.3g}"
+
+
+def _cases():
+    for view, (_, _, layouts) in VIEWS.items():
+        for cl in layouts:
+            yield pytest.param(view, cl, id=f"{view}-{'cl' if cl else 'cf'}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("view,cl", list(_cases()))
+def test_every_split_matches_reference(split, view, cl, dtype):
+    x5, w, b, pshape = _make(view, cl, dtype)
+    rms = view in RMS
+    tol = TOL[dtype]
+    y, st = CPU.forward(x5, w, b, 1e-5, rms)
+    y_r, st_r = REF.forward(x5, w, b, 1e-5, rms)
+    _close(y, y_r, tol, "y")
+    for name in ("mean", "rstd", "var"):
+        _close(getattr(st, name), getattr(st_r, name), 1e-5 if dtype != torch.float64 else 1e-10, name)
+
+    dy = torch.randn_like(x5, dtype=torch.float64).to(dtype)
+    for batch_stats in (True, False):
+        g = CPU.backward(dy, x5, st_r.mean, st_r.rstd, w, pshape, rms, batch_stats, (True, True, True))
+        g_r = REF.backward(dy, x5, st_r.mean, st_r.rstd, w, pshape, rms, batch_stats, (True, True, True))
+        _close(g.dx, g_r.dx, 4 * tol, f"dx batch_stats={batch_stats}")
+        n = math.sqrt(x5.numel())
+        _close(g.dweight, g_r.dweight, 4 * tol * n, "dweight")
+        _close(g.dbias, g_r.dbias, 4 * tol * n, "dbias")
+
+    _close(CPU.normalize(x5, st_r.mean, st_r.rstd, w, b), REF.normalize(x5, st_r.mean, st_r.rstd, w, b), tol, "normalize")
+
+
+@pytest.mark.parametrize("view,cl", [("group", True), ("batch", True), ("layer", False)])
+def test_without_affine_and_partial_masks(split, view, cl):
+    x5, _, _, pshape = _make(view, cl, torch.float32, affine=False)
+    y, st = CPU.forward(x5, None, None, 1e-5, False)
+    y_r, _ = REF.forward(x5, None, None, 1e-5, False)
+    _close(y, y_r, 2e-5, "y")
+    dy = torch.randn_like(x5)
+    for mask in ((True, False, False), (False, True, True), (False, False, True)):
+        g = CPU.backward(dy, x5, st.mean, st.rstd, None, pshape, False, True, mask)
+        g_r = REF.backward(dy, x5, st.mean, st.rstd, None, pshape, False, True, mask)
+        for a, e in zip(g, g_r):
+            assert (a is None) == (e is None)
+            if a is not None:
+                _close(a, e, 1e-4, f"mask {mask}")
+
+
+@pytest.mark.parametrize(
+    "shape,groups",
+    [((7, 1), None), ((3, 1, 5), 1), ((2, 2048, 2, 2), 32), ((100_000, 8), None), ((5, 7, 3), 7), ((2, 6, 1, 1), 3)],
+    ids=["one-element", "one-channel", "large-C", "huge-Q", "odd", "unit-spatial"],
+)
+@pytest.mark.parametrize("cl", [False, True], ids=["cf", "cl"])
+def test_edge_shapes_through_layers(shape, groups, cl):
+    x = torch.randn(shape)
+    if cl and x.dim() == 4:
+        x = x.to(memory_format=torch.channels_last)
+    if groups is None:
+        layers = [(nk.LayerNorm(shape[-1]), torch.nn.LayerNorm(shape[-1])), (nk.RMSNorm(shape[-1]), torch.nn.RMSNorm(shape[-1]))]
+    else:
+        layers = [(nk.GroupNorm(groups, shape[1]), torch.nn.GroupNorm(groups, shape[1]))]
+    if x.dim() == 4 and math.prod(shape[2:]) > 1:
+        layers.append((nk.InstanceNorm2d(shape[1], affine=True), torch.nn.InstanceNorm2d(shape[1], affine=True)))
+    if shape[0] * math.prod(shape[2:]) > 1 and x.dim() in (2, 3, 4):
+        bn = {2: nk.BatchNorm1d, 3: nk.BatchNorm1d, 4: nk.BatchNorm2d}[x.dim()]
+        layers.append((bn(shape[1]), getattr(torch.nn, bn.__name__)(shape[1])))
+    for ours, theirs in layers:
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        with normkit.backend("cpu"):
+            ya = ours(xa)
+            (ya * torch.arange(ya.numel()).view_as(ya).sin()).sum().backward()
+        yb = theirs(xb)
+        (yb * torch.arange(yb.numel()).view_as(yb).sin()).sum().backward()
+        _close(ya, yb, 1e-4, f"{type(ours).__name__} y")
+        _close(xa.grad, xb.grad, 1e-3, f"{type(ours).__name__} dx")
+
+
+@pytest.mark.parametrize("split_name", ["serial", "parallel"])
+@pytest.mark.parametrize("view,cl", [("batch", False), ("batch", True), ("group", True), ("layer", False)])
+def test_nan_and_inf_propagate_to_their_groups_only(monkeypatch, split_name, view, cl):
+    for name, value in SPLITS[split_name].items():
+        monkeypatch.setattr(cpu, name, value)
+    x5, w, b, _ = _make(view, cl, torch.float32)
+    x5 = x5.clone()
+    x5[0, 0, 1, 0, 0] = float("nan")
+    x5[-1, 0, 2, -1, -1] = float("inf")
+    y, st = CPU.forward(x5, w, b, 1e-5, False)
+    y_r, st_r = REF.forward(x5, w, b, 1e-5, False)
+    assert torch.equal(torch.isnan(y), torch.isnan(y_r))
+    assert torch.equal(torch.isfinite(st.mean), torch.isfinite(st_r.mean))
+    finite = torch.isfinite(y_r)
+    _close(y[finite], y_r[finite], 2e-5, "finite part")
+
+
+def _numerics_params():
+    for layer, (_, _, layouts) in LAYERS.items():
+        for case in CASES:
+            if applies(layer, case):
+                for layout in layouts if not case.long else ("contiguous",):
+                    yield pytest.param(layer, case, layout, id=f"{layer}-{case.name}-{layout}")
+
+
+@pytest.mark.parametrize("split_name", ["serial", "rowchunks"])
+@pytest.mark.parametrize("layer,case,layout", list(_numerics_params()))
+def test_numerics_bound_on_cpu(monkeypatch, split_name, layer, case, layout):
+    for name, value in SPLITS[split_name].items():
+        monkeypatch.setattr(cpu, name, value)
+    with normkit.backend("cpu"):
+        err = max_error(layer, case, layout, nk)
+    bound = case.bound(layer)
+    if bound == 0:
+        assert err == 0.0, f"constant input must normalize to exactly beta, max error {err}"
+    else:
+        assert err <= bound, f"max error {err:.3g} > bound {bound:.3g}"
+
+
+def test_auto_picks_cpu_and_falls_back():
+    x5 = torch.randn(4, 1, 8, 3, 5)
+    with normkit.backend("auto"):
+        assert resolve(x5, None).name == "cpu"
+        assert resolve(x5.to(torch.float16), None).name == "cpu"
+        assert resolve(x5[:0], None).name == "reference"
+        assert resolve(torch.randn(4, 1, 8, 3, 5, device="meta"), None).name == "reference"
+    with normkit.backend("reference"):
+        assert resolve(x5, None).name == "reference"
+
+
+def test_importing_normkit_compiles_nothing():
+    code = "import sys, normkit, normkit.nn; print(any(m.startswith('numba') for m in sys.modules))"
+    out = _python(code)
+    assert out.strip() == "False"
+
+
+def _python(code: str) -> str:
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+
+
+def test_threads_follow_torch(monkeypatch):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert cpu.threads_for(1 << 24) == 1
+        torch.set_num_threads(max(2, threads))
+        assert cpu.threads_for(1 << 24) == min(max(2, threads), cpu.numba.config.NUMBA_NUM_THREADS)
+        assert cpu.threads_for(10) == 1
+        monkeypatch.setattr(cpu, "_parallel_pid", os.getpid() + 1)
+        assert cpu.threads_for(1 << 24) == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+FORK_INPUT = torch.randn(2, 1, 256, 64, 1, generator=torch.Generator().manual_seed(1))
+
+
+def _child_forward(queue):
+    """Only normkit runs here: torch's own OpenMP pool is not usable after fork with 2 threads."""
+    y, _ = CPU.forward(FORK_INPUT, None, None, 1e-5, False)
+    queue.put(y.tolist())
+
+
+@pytest.mark.skipif(cpu.numba.config.NUMBA_NUM_THREADS < 2, reason="needs two threads")
+def test_forked_child_after_parallel_use(monkeypatch):
+    """A forked worker (DataLoader) must run the serial kernels: the OpenMP layer is not fork-safe."""
+    monkeypatch.setattr(cpu, "SERIAL_BELOW", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected, _ = CPU.forward(FORK_INPUT, None, None, 1e-5, False)
+        assert cpu._parallel_pid == os.getpid()
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_child_forward, args=(queue,))
+        proc.start()
+        got = torch.tensor(queue.get(timeout=120))
+        proc.join(30)
+    finally:
+        torch.set_num_threads(threads)
+    assert proc.exitcode == 0
+    _close(got, expected, 1e-6, "forked child")
