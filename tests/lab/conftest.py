@@ -15,6 +15,11 @@ TINY = Profile(mode="tiny", seeds=(0, 1))
 
 
 @pytest.fixture(scope="session")
+def tiny_profile() -> Profile:
+    return TINY
+
+
+@pytest.fixture(scope="session")
 def tiny_lab(tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("lab")
     results = run_lab(TINY, None, out, jobs=2, console=Console(quiet=True))

@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from normkit.lab.runner import Cache
 from normkit.lab.schema import validate
 from normkit.lab.stats import VERDICTS
 from normkit.lab.studies import ORDER, STUDIES
@@ -19,7 +20,7 @@ def test_results_follow_the_schema(tiny_lab):
 
 
 @pytest.mark.parametrize("study_id", list(STUDIES))
-def test_study_finding(tiny_lab, study_id):
+def test_study_finding(tiny_lab, tiny_profile, study_id):
     results, out = tiny_lab
     finding = next(s for s in results["studies"] if s["id"] == study_id)
     assert finding["verdict"] in VERDICTS
@@ -29,21 +30,13 @@ def test_study_finding(tiny_lab, study_id):
     assert finding["tables"] and all(len(row) == len(t["columns"]) for t in finding["tables"] for row in t["rows"])
     for name in finding["figures"]:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert finding["n_runs"] == len(STUDIES[study_id].jobs(_tiny()))
+    assert finding["n_runs"] == len(STUDIES[study_id].jobs(tiny_profile))
 
 
 @pytest.mark.parametrize("study_id", [s for s in STUDIES if s != "summary"])
-def test_every_run_is_cached_with_its_config(tiny_lab, study_id):
-    from normkit.lab.runner import Cache
-
+def test_every_run_is_cached_with_its_config(tiny_lab, tiny_profile, study_id):
     _, out = tiny_lab
     cache = Cache(out / "runs")
-    for config in STUDIES[study_id].jobs(_tiny()):
+    for config in STUDIES[study_id].jobs(tiny_profile):
         run = cache.get(config)
         assert run is not None and run.config == config
-
-
-def _tiny():
-    from .conftest import TINY
-
-    return TINY
