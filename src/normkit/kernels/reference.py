@@ -1,8 +1,8 @@
 """Reference backend: plain torch ops, differentiable, the oracle every fast backend is tested against.
 
-Two-pass statistics: the mean accumulates in float64 (exact for constant float32 groups, which then
-normalize to exactly ``b``), the variance is the norm of ``x - mean``; a group whose variance
-overflows float32 is recomputed in float64. ``x - mean`` is computed once and reused for the output,
+Shifted two-pass statistics: each group is shifted by its first element (constant groups become
+exactly zero and normalize to exactly ``b``), the variance is the norm of ``x - mean``; a group whose
+variance overflows float32 is recomputed in float64. ``x - mean`` is computed once and reused for the output,
 and per-group factors fold into few passes: ``y = (x - mean) * (rstd * w) + b``.
 """
 
@@ -27,16 +27,20 @@ def _rows(t: Tensor) -> tuple[Tensor, tuple[int, ...]]:
 def _centred_moments(xa: Tensor, rms: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(mean, biased variance, x - mean) with keepdim; RMS: (0, mean square, x).
 
-    The mean accumulates in float64, which makes it exact for constant float32 groups, so those
-    normalize to exactly zero.
+    Shifting by the first element of each group makes constant groups exactly zero before any
+    rounding, so they normalize to exactly ``b``, and keeps the sums small for offset data.
     """
     view, dims = _rows(xa)
     n = max(math.prod(view.shape[d] for d in dims), 1)
     if rms:
         mean, centred = torch.zeros_like(view.sum(dims, keepdim=True)), view
     else:
-        mean = view.mean(dims, keepdim=True, dtype=torch.float64).to(xa.dtype)
-        centred = view - mean
+        shift = view
+        for d in dims:
+            shift = shift.narrow(d, 0, 1)
+        shifted = view - shift
+        mean_shifted = shifted.mean(dims, keepdim=True)
+        mean, centred = shift + mean_shifted, shifted - mean_shifted
     var = torch.linalg.vector_norm(centred, 2, dim=dims, keepdim=True).square() / n
     q, p, _, b, _ = xa.shape
     return mean.view(q, p, 1, b, 1), var.view(q, p, 1, b, 1), centred.view(xa.shape)
