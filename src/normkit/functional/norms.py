@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..kernels.contract import stats_dtype
 from . import _layout as L
+from . import masked as M
 from ._core import normalize_batch, normalize_fixed
 
 
@@ -70,8 +71,13 @@ def batch_norm(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    mask: Tensor | None = None,
 ) -> Tensor:
-    """Batch normalization with ``torch.nn.functional.batch_norm``'s signature and semantics."""
+    """Batch normalization with ``torch.nn.functional.batch_norm``'s signature and semantics.
+
+    ``mask`` (bool, True = valid; shape broadcastable to the input, or the input's without the channel
+    dim) restricts the training statistics and running-statistics updates to the valid positions.
+    """
     if training:
         _verify_batch_size(input.size())
     _check_float(input, "batch_norm")
@@ -84,6 +90,8 @@ def batch_norm(
         return _per_channel_eval(input, running_mean, running_var, weight, bias, eps)
     if input.numel() == 0:
         return input.clone()
+    if mask is not None:
+        return M.batch_norm(input, mask, running_mean, running_var, weight, bias, momentum, eps)
     xc, perm = L.dense(input)
     shape = L.per_channel_view(input, perm is not None)
     y, mean, _, var = normalize_batch(
@@ -105,8 +113,12 @@ def instance_norm(
     use_input_stats: bool = True,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    mask: Tensor | None = None,
 ) -> Tensor:
-    """Instance normalization with ``torch.nn.functional.instance_norm``'s signature; keeps channels-last."""
+    """Instance normalization with ``torch.nn.functional.instance_norm``'s signature; keeps channels-last.
+
+    ``mask`` (bool, True = valid) restricts the statistics to the valid positions, as in ``batch_norm``.
+    """
     if use_input_stats:
         _verify_spatial_size(input.size())
     _check_float(input, "batch_norm")
@@ -122,6 +134,8 @@ def instance_norm(
         return _per_channel_eval(input, running_mean, running_var, weight, bias, eps)
     if input.numel() == 0:
         return input.clone()
+    if mask is not None:
+        return M.instance_norm(input, mask, running_mean, running_var, weight, bias, momentum, eps)
     xc, perm = L.dense(input)
     shape = L.per_instance_view(input, perm is not None)
     y, mean, _, var = normalize_batch(
@@ -140,8 +154,12 @@ def group_norm(
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     eps: float = 1e-5,
+    mask: Tensor | None = None,
 ) -> Tensor:
-    """Group normalization with ``torch.nn.functional.group_norm``'s signature; fast in both layouts."""
+    """Group normalization with ``torch.nn.functional.group_norm``'s signature; fast in both layouts.
+
+    ``mask`` (bool, True = valid) restricts the statistics to the valid positions, as in ``batch_norm``.
+    """
     if input.dim() < 2:
         raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
     _verify_batch_size([input.size(0) * input.size(1) // num_groups, num_groups] + list(input.size()[2:]))
@@ -160,6 +178,8 @@ def group_norm(
             )
     if input.numel() == 0:
         return input.clone()
+    if mask is not None:
+        return M.group_norm(input, mask, num_groups, weight, bias, eps)
     xc, perm = L.dense(input)
     cl = perm is not None
     shape = L.per_group_view(input, num_groups, cl)
@@ -205,10 +225,17 @@ def layer_norm(
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     eps: float = 1e-5,
+    mask: Tensor | None = None,
 ) -> Tensor:
-    """Layer normalization with ``torch.nn.functional.layer_norm``'s signature."""
+    """Layer normalization with ``torch.nn.functional.layer_norm``'s signature.
+
+    ``mask`` (bool, True = valid, broadcastable to the input) restricts each row's statistics to its
+    valid positions.
+    """
     d = _check_normalized_shape(input, normalized_shape, weight, bias, ", ")
     _check_float(input, "LayerNormKernelImpl")
+    if mask is not None and input.numel():
+        return M.layer_norm(input, mask, d, weight, bias, eps)
     return _trailing_norm(input, d, weight, bias, eps, rms=False)
 
 

@@ -14,7 +14,8 @@ class _BatchNorm(NormBase):
     def _check_input_dim(self, input: Tensor) -> None:
         check_dims(input, self._dims)
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``mask`` (bool, True = valid) keeps padding out of the batch and running statistics."""
         self._check_input_dim(input)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
@@ -31,6 +32,7 @@ class _BatchNorm(NormBase):
             use_batch_stats,
             factor,
             self.eps,
+            mask,
         )
 
 

@@ -51,7 +51,7 @@ class _InstanceNorm(NormBase):
                     state_dict.pop(key)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
-    def _apply_instance_norm(self, input: Tensor) -> Tensor:
+    def _apply_instance_norm(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         return F.instance_norm(
             input,
             self.running_mean,
@@ -61,9 +61,11 @@ class _InstanceNorm(NormBase):
             self.training or not self.track_running_stats,
             self.momentum if self.momentum is not None else 0.0,
             self.eps,
+            mask,
         )
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``mask`` (bool, True = valid) keeps padding out of the statistics."""
         self._check_input_dim(input)
         feature_dim = input.dim() - self._no_batch_dim
         if input.size(feature_dim) != self.num_features:
@@ -79,8 +81,8 @@ class _InstanceNorm(NormBase):
                 stacklevel=2,
             )
         if input.dim() == self._no_batch_dim:
-            return self._apply_instance_norm(input.unsqueeze(0)).squeeze(0)
-        return self._apply_instance_norm(input)
+            return self._apply_instance_norm(input.unsqueeze(0), None if mask is None else mask.unsqueeze(0)).squeeze(0)
+        return self._apply_instance_norm(input, mask)
 
 
 class InstanceNorm1d(_InstanceNorm):

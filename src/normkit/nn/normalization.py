@@ -55,8 +55,9 @@ class LayerNorm(_AffineNorm):
         )
         self.reset_parameters()
 
-    def forward(self, input: Tensor) -> Tensor:
-        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``mask`` (bool, True = valid) keeps padding out of each row's statistics."""
+        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, mask)
 
     def extra_repr(self) -> str:
         return (
@@ -91,8 +92,9 @@ class GroupNorm(_AffineNorm):
         register_affine(self, (num_channels,), affine, affine and bias, {"device": device, "dtype": dtype})
         self.reset_parameters()
 
-    def forward(self, input: Tensor) -> Tensor:
-        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``mask`` (bool, True = valid) keeps padding out of the group statistics."""
+        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps, mask)
 
     def extra_repr(self) -> str:
         return (

@@ -1,0 +1,163 @@
+"""Statistics computed with torch ops — from valid positions only when a mask is given — applied by the core.
+
+Padded batches (sequences of different lengths, images with padding) pollute batch statistics: the
+padding counts as data. Here the statistics of a 5-D view are taken over the positions a boolean
+``mask`` marks valid, with plain torch ops, so autograd differentiates them. They are applied by the
+core's ``normalize_fixed`` through ``normalize_with``, which routes the gradient through the
+statistics as well. The variants whose statistics are not a plain batch statistic (SwitchableNorm,
+EvoNorm, AdaIN) use the same two functions.
+
+A group without any valid position gets mean 0 and variance 0. Masked positions are normalized with
+their group's statistics like the others; what they hold (even NaN) does not reach the statistics.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..kernels.contract import REDUCED_DIMS, stats_dtype
+from . import _layout as L
+from ._core import normalize_fixed
+
+
+def expand_mask(mask: Tensor, input: Tensor, channel_dim: bool) -> Tensor:
+    """``mask`` broadcast to ``input``'s shape. With ``channel_dim``, a mask one dim short has no channel dim."""
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True = valid position), got {mask.dtype}")
+    if channel_dim and mask.dim() == input.dim() - 1:
+        mask = mask.unsqueeze(1)
+    try:
+        return mask.expand(input.shape)
+    except RuntimeError:
+        raise RuntimeError(
+            f"mask of shape {list(mask.shape)} does not broadcast to input of shape {list(input.shape)}"
+        ) from None
+
+
+def view_mask(mask: Tensor, input: Tensor, perm: tuple[int, ...] | None, shape: list[int], channel_dim: bool) -> Tensor:
+    """``mask`` laid out like the 5-D view ``shape`` of ``input`` made dense by ``L.dense`` (permutation ``perm``)."""
+    full = expand_mask(mask, input, channel_dim)
+    return (full if perm is None else full.permute(perm)).reshape(shape)
+
+
+def moments(x5: Tensor, mask5: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, biased variance, count) of each group of the 5-D view, shape (Q, P, B); differentiable.
+
+    Two passes in the statistics dtype with the mean accumulated in float64; a float32 variance that
+    overflows is recomputed in float64.
+    """
+    acc = stats_dtype(x5.dtype)
+    mean, var, count = _moments(x5.to(acc), mask5)
+    if acc == torch.float32 and bool(torch.isinf(var).any()):
+        mean, var, count = (t.to(acc) for t in _moments(x5.to(torch.float64), mask5))
+    q, p, _, b, _ = x5.shape
+    return mean.view(q, p, b), var.view(q, p, b), count.view(q, p, b)
+
+
+def _moments(xa: Tensor, mask5: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    if mask5 is None:
+        count = torch.full((), xa.shape[2] * xa.shape[4], dtype=xa.dtype, device=xa.device)
+        valid = xa
+    else:
+        count = mask5.sum(REDUCED_DIMS, keepdim=True, dtype=xa.dtype)
+        valid = torch.where(mask5, xa, 0)
+    total = count.clamp(min=1)
+    mean = (valid.sum(REDUCED_DIMS, keepdim=True, dtype=torch.float64) / total).to(xa.dtype)
+    centred = xa - mean if mask5 is None else torch.where(mask5, xa - mean, 0)
+    var = centred.square().sum(REDUCED_DIMS, keepdim=True) / total
+    return mean, var, count.expand_as(mean)
+
+
+def normalize_with(
+    xc: Tensor, shape: list[int], mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None
+) -> Tensor:
+    """``normalize_fixed`` with statistics (Q, P, B) that may depend on ``xc``: gradients reach them too.
+
+    The core treats given statistics as constants. When they carry a graph, the core normalizes
+    ``x' = mean + (x − mean) · rstd / rstd₀`` (equal to ``x``; ``mean``/``rstd`` detached as ``mean₀``,
+    ``rstd₀``) with ``mean₀`` and ``rstd₀``, which is the same function of ``x``, ``mean`` and ``rstd``
+    to every order, so autograd gives the exact backward.
+    """
+    if torch.is_grad_enabled() and (mean.requires_grad or rstd.requires_grad):
+        q, p, _, b, _ = shape
+        m0, r0 = mean.detach(), rstd.detach()
+        x5 = xc.view(shape).to(mean.dtype)
+        scale = (rstd / r0).view(q, p, 1, b, 1)
+        xc = (torch.addcmul(m0.view(q, p, 1, b, 1), x5 - mean.view(q, p, 1, b, 1), scale)).to(xc.dtype).view(xc.shape)
+        mean, rstd = m0, r0
+    return normalize_fixed(xc, shape, mean, rstd, weight, bias)
+
+
+def _normalize(
+    input: Tensor, mask: Tensor, channel_dim: bool, view, weight: Tensor | None, bias: Tensor | None, eps: float,
+    affine_r: tuple[bool, bool] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Masked statistics of the view ``view(input, channels_last)`` applied by the core; returns (y, mean, var, count)."""
+    xc, perm = L.dense(input)
+    cl = perm is not None
+    shape = view(input, cl)
+    mean, var, count = moments(xc.view(shape), view_mask(mask, input, perm, shape, channel_dim))
+    r1, r2 = affine_r if affine_r is not None else (False, False)
+    y = normalize_with(
+        xc, shape, mean, torch.rsqrt(var + eps), L.param_view(weight, shape, r1, r2), L.param_view(bias, shape, r1, r2)
+    )
+    return L.restore(y, perm), mean, var, count
+
+
+@torch.no_grad()
+def _update_running(
+    running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor, count: Tensor, momentum: float
+) -> None:
+    """Fold per-(instance, channel) statistics (I, C) into running ones, as torch does: the average over
+    instances of the mean and the unbiased variance. Only groups with 2+ valid values count; a channel
+    without any keeps its running statistics."""
+    ok = count > 1
+    k = ok.sum(0).clamp(min=1)
+    has = ok.any(0)
+    unbiased = var * count / (count - 1).clamp(min=1)
+    for running, batch in ((running_mean, mean), (running_var, unbiased)):
+        if running is not None:
+            value = torch.where(ok, batch, 0).sum(0) / k
+            new = value * momentum + running.to(value.dtype) * (1.0 - momentum)
+            running.copy_(torch.where(has, new, running.to(value.dtype)).to(running.dtype))
+
+
+def batch_norm(
+    input: Tensor, mask: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+    weight: Tensor | None, bias: Tensor | None, momentum: float, eps: float,
+) -> Tensor:
+    """Training-mode batch norm with per-channel statistics over the valid positions only."""
+    c = input.shape[1]
+    y, mean, var, count = _normalize(input, mask, True, L.per_channel_view, weight, bias, eps)
+    _update_running(running_mean, running_var, mean.view(1, c), var.view(1, c), count.view(1, c), momentum)
+    return y
+
+
+def instance_norm(
+    input: Tensor, mask: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+    weight: Tensor | None, bias: Tensor | None, momentum: float, eps: float,
+) -> Tensor:
+    """Instance norm with per-(sample, channel) statistics over the valid positions only."""
+    n, c = input.shape[0], input.shape[1]
+    y, mean, var, count = _normalize(input, mask, True, L.per_instance_view, weight, bias, eps)
+    _update_running(running_mean, running_var, mean.view(n, c), var.view(n, c), count.view(n, c), momentum)
+    return y
+
+
+def group_norm(input: Tensor, mask: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """Group norm with per-(sample, group) statistics over the valid positions only."""
+    cl = L.channels_last_perm(input) is not None
+    return _normalize(
+        input, mask, True, lambda x, c: L.per_group_view(x, num_groups, c), weight, bias, eps, (not cl, cl)
+    )[0]
+
+
+def layer_norm(input: Tensor, mask: Tensor, d: int, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """Layer norm with per-row statistics over the valid positions of the normalized dims only."""
+    xc = input.contiguous()
+    shape = L.trailing_view(xc, d)
+    mask5 = expand_mask(mask, input, False).reshape(shape)
+    mean, var, _ = moments(xc.view(shape), mask5)
+    w, b = L.param_view(weight, shape, True, False), L.param_view(bias, shape, True, False)
+    return normalize_with(xc, shape, mean, torch.rsqrt(var + eps), w, b)
