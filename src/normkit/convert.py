@@ -36,6 +36,8 @@ from . import nn as nk
 from .distributed import SyncBatchNorm
 from .nn.frozen import FrozenBatchNorm2d
 from .nn.layernorm2d import LayerNorm2d
+from .nn.variants import CHANNEL_VARIANTS, SPEC_NAMES, GroupNormAct
+from .nn.variants import factory as _variant_factory
 
 NormFactory = Callable[..., nn.Module]
 
@@ -57,9 +59,10 @@ _CHANNEL_NORMS = (
     *_BATCHNORMS,
     nn.SyncBatchNorm, SyncBatchNorm, FrozenBatchNorm2d, LayerNorm2d, nn.GroupNorm, nk.GroupNorm,
     nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nk.InstanceNorm1d, nk.InstanceNorm2d, nk.InstanceNorm3d,
+    *CHANNEL_VARIANTS,
 )
 _FOLDABLE = (*_BATCHNORMS, nn.SyncBatchNorm, SyncBatchNorm, FrozenBatchNorm2d)
-_NORMKIT_ONLY = (FrozenBatchNorm2d, LayerNorm2d)
+_NORMKIT_ONLY = (FrozenBatchNorm2d, LayerNorm2d, *CHANNEL_VARIANTS)
 
 
 class UnsupportedNormWarning(UserWarning):
@@ -159,7 +162,7 @@ _GROUP_NORMS = (nn.GroupNorm, nk.GroupNorm)
 
 
 def _valid_specs() -> str:
-    return ", ".join([*_SPECS, "gn", "gn<G>", "gn:<G>"]) + ", None, a norm class or a callable taking num_channels"
+    return ", ".join([*_SPECS, "gn", "gn<G>", "gn:<G>", *SPEC_NAMES]) + ", None, a norm class or a callable taking num_channels"
 
 
 def _group_norm(groups: int) -> NormFactory:
@@ -175,7 +178,9 @@ def get_norm_layer(spec: str | type[nn.Module] | NormFactory | None) -> NormFact
 
     Strings (case-insensitive): ``bn`` (= ``bn2d``), ``bn1d``, ``bn2d``, ``bn3d``, ``syncbn``,
     ``frozenbn``, ``ln`` (over the last dim), ``ln2d`` (over channels of (N, C, *)), ``in`` (= ``in2d``),
-    ``in1d``, ``in2d``, ``in3d``, ``gn`` (32 groups), ``gn32``, ``gn:16``, ``rms``, ``none``. ``None``
+    ``in1d``, ``in2d``, ``in3d``, ``gn`` (32 groups), ``gn32``, ``gn:16``, ``rms``, ``none``, and the
+    variants of ``normkit.nn.variants.factory`` (``brn``, ``gbn:16``, ``sn``, ``evos0``, ``evob0``,
+    ``gn:auto``, ``bnact:silu``, ``gnact``, …). ``None``
     means ``none``. A GroupNorm class gets 32 groups unless ``num_groups`` is passed; other classes
     and callables are called as ``spec(num_channels, **kwargs)``.
     """
@@ -194,6 +199,9 @@ def get_norm_layer(spec: str | type[nn.Module] | NormFactory | None) -> NormFact
     key = spec.strip().lower()
     if key in _SPECS:
         return _SPECS[key]
+    variant = _variant_factory(key)
+    if variant is not None:
+        return variant
     match = _GROUPS.fullmatch(key)
     if match:
         groups = int(match.group(1) or 32)
@@ -232,16 +240,17 @@ def replace_norm(
     model: nn.Module, spec: str | type[nn.Module] | NormFactory | None, **kwargs: Any
 ) -> nn.Module:
     """Change the kind of every channel norm (BatchNorm, SyncBatchNorm, FrozenBatchNorm2d, InstanceNorm,
-    GroupNorm, LayerNorm2d, torch.nn or normkit) to ``spec`` — e.g. BatchNorm → GroupNorm for small batches.
+    GroupNorm, LayerNorm2d, the normkit variants, torch.nn or normkit) to ``spec`` — e.g. BatchNorm → GroupNorm for small batches.
 
     The new layer is ``get_norm_layer(spec)(num_channels, **kwargs)`` on the old one's device and dtype,
-    initialised as the module docstring describes. LayerNorm and RMSNorm over trailing dims are left alone.
+    initialised as the module docstring describes. LayerNorm and RMSNorm over trailing dims and the
+    norm+activation layers (BatchNormAct2d, GroupNormAct) are left alone.
     Raises ValueError naming the layer when it cannot be built (e.g. channels not divisible by groups).
     """
     make = get_norm_layer(spec)
 
     def swap(name: str, module: nn.Module) -> nn.Module | None:
-        if not isinstance(module, _CHANNEL_NORMS):
+        if not isinstance(module, _CHANNEL_NORMS) or isinstance(module, GroupNormAct):
             return None
         channels = _num_channels(module)
         try:

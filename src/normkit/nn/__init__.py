@@ -6,20 +6,44 @@ from .frozen import FrozenBatchNorm2d
 from .instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .layernorm2d import LayerNorm2d
 from .normalization import GroupNorm, LayerNorm, RMSNorm
+from .variants import (
+    AdaptiveInstanceNorm,
+    BatchNormAct2d,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    EvoNormB0,
+    EvoNormS0,
+    GhostBatchNorm,
+    GroupNormAct,
+    SwitchableNorm2d,
+    WSConv2d,
+)
 
 __all__ = [
+    "AdaptiveInstanceNorm",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAct2d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "EvoNormB0",
+    "EvoNormS0",
     "FrozenBatchNorm2d",
+    "GhostBatchNorm",
     "GroupNorm",
+    "GroupNormAct",
     "InstanceNorm1d",
     "InstanceNorm2d",
     "InstanceNorm3d",
     "LayerNorm",
     "LayerNorm2d",
     "RMSNorm",
+    "SwitchableNorm2d",
     "SyncBatchNorm",
+    "WSConv2d",
 ]
 
 

@@ -1,0 +1,101 @@
+"""SwitchableNorm2d (Luo, Ren, Peng, Zhang & Li, "Differentiable Learning-to-Normalize via Switchable
+Normalization", ICLR 2019).
+
+Con answered: every norm is right for some layers and batch sizes and wrong for others, and
+GroupNorm asks for a group count. Switchable normalization learns, per layer, a softmax mix of the
+InstanceNorm, LayerNorm and BatchNorm statistics: ``μ = Σ_k softmax(mean_weight)_k μ_k`` and
+``σ² = Σ_k softmax(var_weight)_k σ²_k``.
+
+Statistics source only: the instance moments come from one pass of torch ops, LayerNorm's and
+BatchNorm's are pooled from them (law of total variance, no E[x²] − E[x]²), and the core applies the
+mix through ``normalize_with``. The BatchNorm branch keeps running statistics as BatchNorm2d does
+and uses them in evaluation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import Parameter
+
+from ...functional import _layout as L
+from ...functional.masked import moments, normalize_with
+from ...functional.norms import _unbiased, _update_running, _verify_batch_size
+from .._base import NormBase, check_dims
+
+
+def _pool(mean: Tensor, var: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance of the union of equally sized groups from their moments."""
+    pooled = mean.mean(dim, keepdim=True)
+    return pooled, (var + (mean - pooled).square()).mean(dim, keepdim=True)
+
+
+class SwitchableNorm2d(NormBase):
+    """Learned mix of IN/LN/BN statistics over a 4D input; arguments of ``BatchNorm2d``.
+
+    Extra parameters ``mean_weight`` and ``var_weight`` (3 logits each, order IN, LN, BN) start at
+    equal weights.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self.mean_weight = Parameter(torch.ones(3, device=device, dtype=dtype))
+        self.var_weight = Parameter(torch.ones(3, device=device, dtype=dtype))
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if hasattr(self, "mean_weight"):
+            torch.nn.init.ones_(self.mean_weight)
+            torch.nn.init.ones_(self.var_weight)
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        check_dims(input, (4,))
+
+    def _batch_stats(self, mean_in: Tensor, var_in: Tensor, count: int) -> tuple[Tensor, Tensor]:
+        if self.training or self.running_mean is None:
+            mean_bn, var_bn = _pool(mean_in, var_in, 0)
+            if self.training and self.track_running_stats:
+                self.num_batches_tracked.add_(1)
+                factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                _update_running(self.running_mean, mean_bn.detach().view(-1), factor)
+                _update_running(self.running_var, _unbiased(var_bn.detach().view(-1), count), factor)
+            return mean_bn, var_bn
+        return self.running_mean.to(mean_in.dtype).view(1, -1), self.running_var.to(var_in.dtype).view(1, -1)
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        if self.training:
+            _verify_batch_size(input.size())
+        n, c = input.shape[0], input.shape[1]
+        if c != self.num_features:
+            raise RuntimeError(f"running_mean should contain {c} elements not {self.num_features}")
+        xc, perm = L.dense(input)
+        shape = L.per_instance_view(input, perm is not None)
+        mean_in, var_in, _ = moments(xc.view(shape))
+        mean_in, var_in = mean_in.view(n, c), var_in.view(n, c)
+        mean_ln, var_ln = _pool(mean_in, var_in, 1)
+        mean_bn, var_bn = self._batch_stats(mean_in, var_in, n * L.spatial(input))
+        wm = torch.softmax(self.mean_weight, 0).to(mean_in.dtype)
+        wv = torch.softmax(self.var_weight, 0).to(var_in.dtype)
+        mean = wm[0] * mean_in + wm[1] * mean_ln + wm[2] * mean_bn
+        var = wv[0] * var_in + wv[1] * var_ln + wv[2] * var_bn
+        stat = (n, c, 1) if perm is None else (n, 1, c)
+        y = normalize_with(
+            xc, shape, mean.reshape(stat), torch.rsqrt(var + self.eps).reshape(stat),
+            L.param_view(self.weight, shape, False, False), L.param_view(self.bias, shape, False, False),
+        )
+        return L.restore(y, perm)
+
+
+__all__ = ["SwitchableNorm2d"]
