@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -13,8 +14,9 @@ from normkit.lab.studies import ORDER, STUDIES
 
 
 def test_results_follow_the_schema(tiny_lab):
-    results, _ = tiny_lab
+    results, out = tiny_lab
     assert validate(results) == []
+    json.loads((out / "results.json").read_text(), parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
     assert [s["id"] for s in results["studies"]] == [m.CLAIM.id for m in ORDER]
     assert len(ORDER) == 12
 

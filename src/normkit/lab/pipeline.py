@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import platform
 import time
@@ -40,6 +41,19 @@ def machine(device: str) -> dict[str, str | int]:
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def strict_json(value):
+    """The same document with NaN/inf as null and numpy scalars as Python numbers, so any JSON parser reads it."""
+    if isinstance(value, dict):
+        return {str(k): strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _progress(console: Console) -> Progress:
@@ -128,8 +142,9 @@ def run_lab(
     }
     results["figures"] = {"cube": report.cube_figure(out_dir)}
     results["meta"]["wall_time_s"] = time.perf_counter() - started
+    results = strict_json(results)
     tmp = out_dir / ".results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1, default=float))
+    tmp.write_text(json.dumps(results, indent=1, allow_nan=False))
     os.replace(tmp, out_dir / "results.json")
     report.write(results, out_dir)
     return results

@@ -58,11 +58,15 @@ def _table_html(table: dict) -> str:
     return f"<h4>{html.escape(table['title'])}</h4><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _num(value, spec: str) -> str:
+    return format(value, spec) if isinstance(value, (int, float)) and np.isfinite(value) else "n/a"
+
+
 def effect_text(effect: dict) -> str:
-    """``estimate unit [low, high]`` with Hedges' g when present."""
+    """``estimate unit [low, high]`` with Hedges' g when present; missing numbers read ``n/a``."""
     g = effect.get("g")
-    g_text = f", Hedges' g {g:.2f}" if isinstance(g, (int, float)) and np.isfinite(g) else ""
-    return f"{effect['estimate']:.3g} {effect['unit']} [95% CI {effect['low']:.3g}, {effect['high']:.3g}]{g_text}"
+    g_text = f", Hedges' g {_num(g, '.2f')}" if _num(g, ".2f") != "n/a" else ""
+    return f"{_num(effect['estimate'], '.3g')} {effect['unit']} [95% CI {_num(effect['low'], '.3g')}, {_num(effect['high'], '.3g')}]{g_text}"
 
 
 def _badge(verdict: str) -> str:

@@ -94,6 +94,13 @@ def analyze(runs: list[Run], profile: Profile, out_dir: Path) -> Finding:
         stats=stats,
         tables=[Table("Test accuracy % [95% CI]", ["task"] + [norm_label(n) for n in NORMS] + ["best other - IN [95% CI]"], rows)],
         figures=figures,
+        notes=[
+            "IN solves the within-channel control, so its failures on the relation tasks are specific to them."
+            if deficits["shape"].estimate < PRACTICAL
+            else "IN also fails the within-channel control here: with global average pooling after per-channel normalization, "
+            "a network keeps only the shape of each channel's value distribution, so IN's weakness in this setting is broader "
+            "than relations between features."
+        ],
     )
 
 
