@@ -37,7 +37,7 @@ def settings(profile: Profile) -> dict:
         "data": profile.pick("digits", "digits", "mnist1d"),
         "lrs": profile.pick([0.05, 0.5], [0.01, 0.04, 0.16, 0.64], [0.01, 0.03, 0.1, 0.3, 1.0]),
         "epochs": profile.pick(1, 4, 8),
-        "n_train": profile.pick(256, None, 4000),
+        "n_train": profile.pick(128, None, 4000),
         "widths": profile.pick([8, 8], [8, 16], [16, 32]),
         "batch_size": 64,
     }

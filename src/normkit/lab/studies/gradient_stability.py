@@ -35,10 +35,10 @@ ARCHS = {"mlp": ("none", "bn", "ln"), "cnn": ("none", "bn", "gn4")}
 
 def settings(profile: Profile) -> dict:
     return {
-        "depth": profile.pick(20, 20, 30),
+        "depth": profile.pick(6, 20, 30),
         "width": {"mlp": profile.pick(16, 32, 64), "cnn": profile.pick(8, 8, 16)},
         "epochs": profile.pick(1, 1, 2),
-        "n_train": profile.pick(256, 1024, 2000),
+        "n_train": profile.pick(128, 1024, 2000),
         "lr": 0.02,
         "batch_size": 64,
     }

@@ -35,6 +35,7 @@ def settings(profile: Profile) -> dict:
     return {
         "scales": profile.pick([0.1, 10.0], [0.01, 0.1, 1.0, 10.0], [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0]),
         "epochs": profile.pick(1, 5, 12),
+        "n_train": profile.pick(256, None, None),
         "width": 64,
         "depth": profile.pick(2, 2, 4),
         "lr": 0.05,
@@ -46,7 +47,7 @@ def jobs(profile: Profile) -> list[dict]:
     s = settings(profile)
     base = profile.base(CLAIM.id, VERSION)
     return [
-        {**base, "norm": n, "scale": sc, "seed": seed, "epochs": s["epochs"], "width": s["width"], "depth": s["depth"], "lr": s["lr"],
+        {**base, "norm": n, "scale": sc, "seed": seed, "epochs": s["epochs"], "n_train": s["n_train"], "width": s["width"], "depth": s["depth"], "lr": s["lr"],
          "batch_size": s["batch_size"]}
         for n in NORMS for sc in s["scales"] for seed in profile.seeds
     ]  # fmt: skip
@@ -54,7 +55,7 @@ def jobs(profile: Profile) -> list[dict]:
 
 def run(config: dict) -> dict:
     generator = seed_everything(config["seed"])
-    data = digits()
+    data = digits().subset(config["n_train"])
     model = MLP(64, config["width"], config["depth"], 10, config["norm"], config["backend"])
     scale_init(model, config["scale"] * 2**0.5, generator)
     history = train_classifier(

@@ -38,7 +38,7 @@ NOISE = 0.6
 
 def settings(profile: Profile) -> dict:
     return {"epochs": profile.pick(1, 5, 15), "den_epochs": profile.pick(1, 6, 20), "batch_size": 64, "lr": 0.1, "data": profile.data,
-            "data_dir": profile.data_dir, "width": profile.pick(8, 8, 16)}  # fmt: skip
+            "data_dir": profile.data_dir, "width": profile.pick(8, 8, 16), "n_train": profile.pick(256, None, None)}  # fmt: skip
 
 
 def jobs(profile: Profile) -> list[dict]:
@@ -64,7 +64,7 @@ def psnr(pred: torch.Tensor, target: torch.Tensor, peak: float) -> float:
 
 def run(config: dict) -> dict:
     generator = seed_everything(config["seed"])
-    data = image_dataset(config["data"], config["data_dir"]) if config["part"] == "classify" else digits()
+    data = (image_dataset(config["data"], config["data_dir"]) if config["part"] == "classify" else digits()).subset(config["n_train"])
     device = config["device"]
     channels, *size = data.x_train.shape[1:]
     if config["part"] == "classify":

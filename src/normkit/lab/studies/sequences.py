@@ -35,7 +35,7 @@ MAX_LEN, VOCAB = 32, 12
 
 def settings(profile: Profile) -> dict:
     return {"n_train": profile.pick(256, 1500, 4000), "epochs": profile.pick(1, 3, 6), "batch_size": 32, "lr": 3e-3,
-            "dim": profile.pick(16, 32, 64), "depth": 2}  # fmt: skip
+            "dim": profile.pick(16, 32, 64), "depth": profile.pick(1, 2, 2)}  # fmt: skip
 
 
 def jobs(profile: Profile) -> list[dict]:
