@@ -7,8 +7,9 @@ core's ``normalize_fixed`` through ``normalize_with``, which routes the gradient
 statistics as well. The variants whose statistics are not a plain batch statistic (SwitchableNorm,
 EvoNorm, AdaIN) use the same two functions.
 
-A group without any valid position gets mean 0 and variance 0. Masked positions are normalized with
-their group's statistics like the others; what they hold (even NaN) does not reach the statistics.
+Masked-out positions come out as the bias (normalized value 0) and receive zero gradient: what
+they hold, even NaN, reaches neither the statistics, nor the other outputs, nor any gradient. A group
+without valid positions therefore outputs the bias everywhere.
 """
 
 from __future__ import annotations
@@ -70,21 +71,28 @@ def _moments(xa: Tensor, mask5: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def normalize_with(
-    xc: Tensor, shape: list[int], mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None
+    xc: Tensor, shape: list[int], mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None,
+    mask5: Tensor | None = None,
 ) -> Tensor:
     """``normalize_fixed`` with statistics (Q, P, B) that may depend on ``xc``: gradients reach them too.
 
     The core treats given statistics as constants. When they carry a graph, the core normalizes
-    ``x' = mean + (x − mean) · rstd / rstd₀`` (equal to ``x``; ``mean``/``rstd`` detached as ``mean₀``,
-    ``rstd₀``) with ``mean₀`` and ``rstd₀``, which is the same function of ``x``, ``mean`` and ``rstd``
-    to every order, so autograd gives the exact backward.
+    ``x' = mean₀ + (x − mean) · rstd / rstd₀`` (equal to ``x``; ``mean₀``, ``rstd₀`` the detached
+    statistics) with ``mean₀`` and ``rstd₀``: the same function of ``x``, ``mean`` and ``rstd`` to every
+    order, so autograd gives the exact backward. Positions where ``mask5`` is False are replaced by
+    the mean first, so they normalize to 0 and pass no gradient.
     """
-    if torch.is_grad_enabled() and (mean.requires_grad or rstd.requires_grad):
+    graph = torch.is_grad_enabled() and (mean.requires_grad or rstd.requires_grad)
+    if graph or mask5 is not None:
         q, p, _, b, _ = shape
         m0, r0 = mean.detach(), rstd.detach()
+        m5 = mean.view(q, p, 1, b, 1)
         x5 = xc.view(shape).to(mean.dtype)
-        scale = (rstd / r0).view(q, p, 1, b, 1)
-        xc = (torch.addcmul(m0.view(q, p, 1, b, 1), x5 - mean.view(q, p, 1, b, 1), scale)).to(xc.dtype).view(xc.shape)
+        if mask5 is not None:
+            x5 = torch.where(mask5, x5, m5)
+        if graph:
+            x5 = torch.addcmul(m0.view(q, p, 1, b, 1), x5 - m5, (rstd / r0).view(q, p, 1, b, 1))
+        xc = x5.to(xc.dtype).view(xc.shape)
         mean, rstd = m0, r0
     return normalize_fixed(xc, shape, mean, rstd, weight, bias)
 
@@ -97,10 +105,12 @@ def _normalize(
     xc, perm = L.dense(input)
     cl = perm is not None
     shape = view(input, cl)
-    mean, var, count = moments(xc.view(shape), view_mask(mask, input, perm, shape, channel_dim))
+    mask5 = view_mask(mask, input, perm, shape, channel_dim)
+    mean, var, count = moments(xc.view(shape), mask5)
     r1, r2 = affine_r if affine_r is not None else (False, False)
     y = normalize_with(
-        xc, shape, mean, torch.rsqrt(var + eps), L.param_view(weight, shape, r1, r2), L.param_view(bias, shape, r1, r2)
+        xc, shape, mean, torch.rsqrt(var + eps), L.param_view(weight, shape, r1, r2), L.param_view(bias, shape, r1, r2),
+        mask5,
     )
     return L.restore(y, perm), mean, var, count
 
@@ -160,4 +170,4 @@ def layer_norm(input: Tensor, mask: Tensor, d: int, weight: Tensor | None, bias:
     mask5 = expand_mask(mask, input, False).reshape(shape)
     mean, var, _ = moments(xc.view(shape), mask5)
     w, b = L.param_view(weight, shape, True, False), L.param_view(bias, shape, True, False)
-    return normalize_with(xc, shape, mean, torch.rsqrt(var + eps), w, b)
+    return normalize_with(xc, shape, mean, torch.rsqrt(var + eps), w, b, mask5)

@@ -1,9 +1,9 @@
 """BatchNormAct2d and GroupNormAct: a norm and its activation as one layer (timm's norm_act pattern).
 
 Con answered: BatchNorm and LayerNorm cost compute, and a separate activation layer is one more
-pass over the activations and one more module to wire. Here the activation runs in place on the
-norm's fresh output (ReLU, SiLU; GELU out of place), composed rather than fused: the core has no
-epilogue hook. State_dict keys are those of BatchNorm2d / GroupNorm, so checkpoints load unchanged.
+pass over the activations and one more module to wire. Here the activation is applied to the
+norm's output, composed rather than fused: the core has no epilogue hook, and its outputs cannot be
+modified in place under autograd. State_dict keys are those of BatchNorm2d / GroupNorm, so checkpoints load unchanged.
 """
 
 from __future__ import annotations
@@ -17,19 +17,11 @@ from ..batchnorm import _BatchNorm
 from ..normalization import GroupNorm
 
 
-def _relu(y: Tensor) -> Tensor:
-    return TF.relu(y, inplace=True)
-
-
-def _silu(y: Tensor) -> Tensor:
-    return TF.silu(y, inplace=True)
-
-
 def _identity(y: Tensor) -> Tensor:
     return y
 
 
-_ACTS: dict[str, Callable[[Tensor], Tensor]] = {"relu": _relu, "silu": _silu, "gelu": TF.gelu, "identity": _identity}
+_ACTS: dict[str, Callable[[Tensor], Tensor]] = {"relu": TF.relu, "silu": TF.silu, "gelu": TF.gelu, "identity": _identity}
 ActLayer = str | type[nn.Module] | None
 
 

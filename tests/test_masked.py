@@ -1,0 +1,224 @@
+"""Masked statistics: a masked norm equals the unmasked norm on the valid positions gathered densely."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from torch import nn
+
+import normkit
+import normkit.functional as F
+import normkit.nn as nk
+
+F64 = dict(rtol=1e-9, atol=1e-10)
+EPS = 1e-5
+
+
+@pytest.fixture(params=["reference", "cpu"])
+def backend(request):
+    with normkit.backend(request.param):
+        yield request.param
+
+
+def layout(x, channels_last):
+    return x.to(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+def leaf(*shape):
+    return (torch.randn(*shape, dtype=torch.float64) * 2 + 1).requires_grad_()
+
+
+def padded(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x`` with garbage (NaN, huge values) at the masked-out positions; the masked norms must not see it."""
+    garbage = torch.where(torch.rand_like(x) < 0.5, float("nan"), 1e6)
+    return torch.where(mask, x, garbage)
+
+
+def grads(out, inputs, g):
+    return torch.autograd.grad(out, inputs, g, retain_graph=True, allow_unused=True)
+
+
+def assert_grads(a, b):
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v, **F64)
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 7), (4, 3, 5, 6)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batch_norm_equals_dense_gather(backend, shape, channels_last):
+    x = leaf(*shape)
+    w, b = leaf(3), leaf(3)
+    mask = torch.rand(shape[0], *shape[2:]) < 0.6
+    full = mask.unsqueeze(1).expand(shape)
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    out = F.batch_norm(layout(padded(x, full), channels_last), rm, rv, w, b, True, 0.1, EPS, mask=mask)
+    if channels_last and x.dim() == 4:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    dense = x.movedim(1, -1)[mask]  # (K, C): the valid positions, one row each
+    rm2, rv2 = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    ref = TF.batch_norm(dense, rm2, rv2, w, b, True, 0.1, EPS)
+    got = out.movedim(1, -1)[mask]
+    torch.testing.assert_close(got, ref, **F64)
+    torch.testing.assert_close(rm, rm2, **F64)
+    torch.testing.assert_close(rv, rv2, **F64)
+    g = torch.randn_like(ref)
+    assert_grads(grads(got, (x, w, b), g), grads(ref, (x, w, b), g))
+
+
+def test_batch_norm_channel_dependent_mask():
+    x, w = leaf(6, 3, 4), leaf(3)
+    mask = torch.rand(6, 3, 4) < 0.5
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    out = F.batch_norm(padded(x, mask), rm, rv, w, None, True, 0.1, EPS, mask=mask)
+    for c in range(3):
+        valid = x[:, c][mask[:, c]]
+        mean, var = valid.mean(), valid.var(unbiased=False)
+        ref = (valid - mean) / torch.sqrt(var + EPS) * w[c]
+        torch.testing.assert_close(out[:, c][mask[:, c]], ref, **F64)
+        torch.testing.assert_close(rm[c], 0.1 * mean.detach(), **F64)
+        torch.testing.assert_close(rv[c], 0.9 + 0.1 * valid.detach().var(), **F64)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_instance_norm_equals_dense_gather(backend, channels_last):
+    n, c, h, wd, k = 3, 4, 5, 6, 17
+    x = leaf(n, c, h, wd)
+    mask = torch.zeros(n, h * wd, dtype=torch.bool)
+    for i in range(n):
+        mask[i, torch.randperm(h * wd)[:k]] = True
+    mask = mask.view(n, h, wd)
+    rm, rv = torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
+    w, b = leaf(c), leaf(c)
+    full = mask.unsqueeze(1).expand(x.shape)
+    out = F.instance_norm(layout(padded(x, full), channels_last), rm, rv, w, b, True, 0.1, EPS, mask=mask)
+    dense = x.flatten(2)[full.flatten(2)].view(n, c, k)
+    rm2, rv2 = torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
+    ref = TF.instance_norm(dense, rm2, rv2, w, b, True, 0.1, EPS)
+    got = out.flatten(2)[full.flatten(2)].view(n, c, k)
+    torch.testing.assert_close(got, ref, **F64)
+    torch.testing.assert_close(rm, rm2, **F64)
+    torch.testing.assert_close(rv, rv2, **F64)
+    g = torch.randn_like(ref)
+    assert_grads(grads(got, (x, w, b), g), grads(ref, (x, w, b), g))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_equals_per_sample_gather(backend, channels_last):
+    n, c, groups = 3, 6, 2
+    x, w, b = leaf(n, c, 4, 5), leaf(c), leaf(c)
+    mask = torch.rand(n, 4, 5) < 0.6
+    full = mask.unsqueeze(1).expand(x.shape)
+    out = F.group_norm(layout(padded(x, full), channels_last), groups, w, b, EPS, mask=mask)
+    for i in range(n):
+        dense = x[i].flatten(1)[:, mask[i].flatten()].unsqueeze(0)  # (1, C, K)
+        ref = TF.group_norm(dense, groups, w, b, EPS)
+        got = out[i].flatten(1)[:, mask[i].flatten()].unsqueeze(0)
+        torch.testing.assert_close(got, ref, **F64)
+        g = torch.randn_like(ref)
+        assert_grads(grads(got, (x, w, b), g), grads(ref, (x, w, b), g))
+
+
+def test_layer_norm_equals_per_row_gather(backend):
+    x, w, b = leaf(2, 5, 8), leaf(8), leaf(8)
+    mask = torch.rand(2, 5, 8) < 0.7
+    mask[..., :2] = True
+    out = F.layer_norm(padded(x, mask), (8,), w, b, EPS, mask=mask)
+    for i in range(2):
+        for j in range(5):
+            m = mask[i, j]
+            ref = TF.layer_norm(x[i, j, m], (int(m.sum()),), w[m], b[m], EPS)
+            got = out[i, j, m]
+            torch.testing.assert_close(got, ref, **F64)
+            g = torch.randn_like(ref)
+            assert_grads(grads(got, (x, w, b), g), grads(ref, (x, w, b), g))
+
+
+def test_all_valid_mask_equals_unmasked():
+    x = leaf(4, 3, 5, 5)
+    ones = torch.ones(4, 5, 5, dtype=torch.bool)
+    torch.testing.assert_close(F.group_norm(x, 3, mask=ones), TF.group_norm(x, 3), **F64)
+    torch.testing.assert_close(F.instance_norm(x, mask=ones), TF.instance_norm(x), **F64)
+    torch.testing.assert_close(F.layer_norm(x, (5,), mask=torch.ones(5, dtype=torch.bool)), TF.layer_norm(x, (5,)), **F64)
+
+
+def test_empty_groups_and_running_stats_kept():
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    mask = torch.ones(4, 2, 3, dtype=torch.bool)
+    mask[:, 1] = False
+    mask[0, 1, 0] = True  # channel 1: a single valid value
+    rm, rv = torch.full((2,), 0.5, dtype=torch.float64), torch.full((2,), 2.0, dtype=torch.float64)
+    out = F.batch_norm(x, rm, rv, None, None, True, 0.1, EPS, mask=mask)
+    assert rm[1] == 0.5 and rv[1] == 2.0 and rm[0] != 0.5
+    assert out[:, 1].eq(0).all()
+    bias = torch.randn(3, dtype=torch.float64)
+    empty = F.layer_norm(x, (3,), None, bias, mask=torch.zeros(3, dtype=torch.bool))
+    assert empty.eq(bias).all()
+
+
+def test_padding_outputs_bias_and_gets_no_gradient():
+    x, w, b = leaf(4, 3, 5), leaf(3), leaf(3)
+    mask = torch.rand(4, 5) < 0.5
+    mask[0] = True
+    full = mask.unsqueeze(1).expand(x.shape)
+    xin = padded(x, full)
+    out = F.batch_norm(xin, None, None, w, b, True, eps=EPS, mask=mask)
+    assert out.movedim(1, -1)[~mask].eq(b.detach()).all()
+    gx, gw, gb = torch.autograd.grad(out, (x, w, b), torch.randn_like(out))
+    assert gx[~full].eq(0).all() and torch.isfinite(gx).all() and torch.isfinite(gw).all() and torch.isfinite(gb).all()
+
+
+def test_eval_mode_ignores_mask_and_layout_and_dtype():
+    x = torch.randn(4, 3, 6, 6, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    mask = torch.rand(4, 6, 6) < 0.5
+    rm, rv = torch.randn(3), torch.rand(3) + 0.5
+    torch.testing.assert_close(F.batch_norm(x, rm, rv, mask=mask), F.batch_norm(x, rm, rv))
+    y = F.group_norm(x, 3, mask=mask)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.isfinite(y.float()).all()
+
+
+def test_mask_errors():
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(TypeError, match="bool"):
+        F.batch_norm(x, None, None, training=True, mask=torch.ones(2, 4))
+    with pytest.raises(RuntimeError, match="does not broadcast"):
+        F.batch_norm(x, None, None, training=True, mask=torch.ones(3, 4, dtype=torch.bool))
+
+
+def test_masked_double_backward():
+    x = leaf(3, 2, 4)
+    mask = torch.rand(3, 4) < 0.7
+    mask[0] = True
+
+    def f(t):
+        return F.batch_norm(t, None, None, training=True, eps=EPS, mask=mask)
+
+    assert torch.autograd.gradcheck(f, (x,))
+    assert torch.autograd.gradgradcheck(f, (x,))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_layers_take_mask(channels_last):
+    x = leaf(4, 6, 3, 5)
+    mask = torch.rand(4, 3, 5) < 0.6
+    full = mask.unsqueeze(1).expand(x.shape)
+    xin = layout(padded(x, full), channels_last)
+    dense = x.movedim(1, -1)[mask]
+    layers = [
+        (nk.BatchNorm2d(6, dtype=torch.float64), lambda: nn.BatchNorm1d(6, dtype=torch.float64), lambda o: o.movedim(1, -1)[mask], dense),
+        (nk.BatchRenorm2d(6, rmax=1.0, dmax=0.0, dtype=torch.float64), lambda: nn.BatchNorm1d(6, dtype=torch.float64), lambda o: o.movedim(1, -1)[mask], dense),
+    ]
+    for layer, make_ref, pick, d in layers:
+        ref_layer = make_ref()
+        torch.testing.assert_close(pick(layer(xin, mask=mask)), ref_layer(d), **F64)
+        torch.testing.assert_close(layer.running_var, ref_layer.running_var, **F64)
+    gn = nk.GroupNorm(3, 6, dtype=torch.float64)
+    torch.testing.assert_close(gn(xin, mask), F.group_norm(xin, 3, gn.weight, gn.bias, mask=mask), **F64)
+    inn = nk.InstanceNorm1d(6, track_running_stats=True, dtype=torch.float64)
+    seq = leaf(6, 7)
+    seq_mask = torch.arange(7) < 5
+    torch.testing.assert_close(inn(seq, seq_mask)[:, :5], TF.instance_norm(seq[:, :5].unsqueeze(0)).squeeze(0), **F64)
+    ln = nk.LayerNorm(5, dtype=torch.float64)
+    lmask = torch.arange(5) < 3
+    torch.testing.assert_close(ln(x, lmask)[..., :3], TF.layer_norm(x[..., :3], (3,)), **F64)
