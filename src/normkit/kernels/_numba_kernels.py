@@ -31,7 +31,9 @@ import numpy as np
 from numba import njit, prange
 
 _FAST = {"reassoc", "contract"}
-_HELPER = dict(cache=True, nogil=True, fastmath=_FAST)
+_DRIVER = dict(cache=True, nogil=True, fastmath=_FAST)
+# Helpers are inlined into the drivers: a call passing arrays costs tens of nanoseconds per slab.
+_HELPER = dict(_DRIVER, inline="always")
 
 
 @njit(**_HELPER)
@@ -50,13 +52,25 @@ def _finish(s, ss, n, shift, eps, rms):
 
 
 @njit(**_HELPER)
-def _unit(u, nrc, rchunk, nbc, bchunk, r1_total, b_total):
-    g = u // (nrc * nbc)
+def _unit(u, plan, g_total, r1_total, b_total):
+    """Slabs ``g0:g1``, row chunk ``rc`` = rows ``r0:r1`` and groups ``b0:b1`` of unit ``u``."""
+    gchunk, nrc, rchunk, nbc, bchunk = plan
+    g0 = (u // (nrc * nbc)) * gchunk
     rc = (u // nbc) % nrc
-    bc = u % nbc
     r0 = rc * rchunk
-    b0 = bc * bchunk
-    return g, rc, r0, min(r1_total, r0 + rchunk), b0, min(b_total, b0 + bchunk)
+    b0 = (u % nbc) * bchunk
+    return g0, min(g_total, g0 + gchunk), rc, r0, min(r1_total, r0 + rchunk), b0, min(b_total, b0 + bchunk)
+
+
+@njit(**_HELPER)
+def _units(plan, g_total):
+    gchunk, nrc, _, nbc, _ = plan
+    return -(-g_total // gchunk) * nrc * nbc
+
+
+@njit(**_HELPER)
+def _slab_param(g, w):
+    return 0 if w.shape[0] == 1 else g % w.shape[0]
 
 
 # ---- seg: contiguous segments of R2 elements -------------------------------------------------
@@ -86,7 +100,7 @@ def _seg_sums(x, g, r0, r1, b0, b1, rms, s, ss):
 
 @njit(**_HELPER)
 def _seg_apply(x, y, g, r0, r1, b0, b1, mean, rstd, w, bias):
-    p = g % w.shape[0]
+    p = _slab_param(g, w)
     k1n = w.shape[1]
     for r in range(r0, r1):
         k1 = r if k1n > 1 else 0
@@ -110,7 +124,7 @@ def _seg_apply(x, y, g, r0, r1, b0, b1, mean, rstd, w, bias):
 @njit(**_HELPER)
 def _seg_grad_sums(dy, x, g, r0, r1, b0, b1, mean, rstd, w, sg, sgx, dwp, dbp):
     """Add sum(dy*w), sum(dy*w*xhat) per group to ``sg``, ``sgx`` and dweight/dbias partials."""
-    p = g % w.shape[0]
+    p = _slab_param(g, w)
     k1n = w.shape[1]
     for r in range(r0, r1):
         k1 = r if k1n > 1 else 0
@@ -152,7 +166,7 @@ def _seg_grad_sums(dy, x, g, r0, r1, b0, b1, mean, rstd, w, sg, sgx, dwp, dbp):
 @njit(**_HELPER)
 def _seg_dx(dy, x, dx, g, r0, r1, b0, b1, mean, rstd, w, c1, c2):
     """dx = rstd * (dy*w - c1 - xhat*c2) with c1, c2 per group (zero for fixed statistics)."""
-    p = g % w.shape[0]
+    p = _slab_param(g, w)
     k1n = w.shape[1]
     for r in range(r0, r1):
         k1 = r if k1n > 1 else 0
@@ -190,11 +204,11 @@ def _col_shift(x, g, j0, j1, r2, rms):
 def _col_sums(x, g, r0, r1, j0, j1, sh, s, ss):
     """Add shifted per-column sums of rows ``r0:r1``, columns ``j0:j1`` to ``s``, ``ss``."""
     for r in range(r0, r1):
-        row = x[g, r]
-        for j in range(j0, j1):
-            d = np.float64(row[j]) - sh[j - j0]
-            s[j - j0] += d
-            ss[j - j0] += d * d
+        xs = x[g, r, j0:j1]
+        for k in range(xs.shape[0]):
+            d = np.float64(xs[k]) - sh[k]
+            s[k] += d
+            ss[k] += d * d
 
 
 @njit(**_HELPER)
@@ -207,7 +221,7 @@ def _col_expand(v, g, j0, j1, r2):
 
 @njit(**_HELPER)
 def _col_apply(x, y, g, r0, r1, j0, j1, r2, mean, rstd, w, bias):
-    p = g % w.shape[0]
+    p = _slab_param(g, w)
     mc = _col_expand(mean, g, j0, j1, r2)
     sc = _col_expand(rstd, g, j0, j1, r2)
     for j in range(j0, j1):
@@ -236,7 +250,7 @@ def _col_grad_sums(dy, x, g, r0, r1, j0, j1, r2, mean, rstd, dws, dbs):
 
 @njit(**_HELPER)
 def _col_dx(dy, x, dx, g, r0, r1, j0, j1, r2, mean, rstd, w, c1, c2):
-    p = g % w.shape[0]
+    p = _slab_param(g, w)
     mc = _col_expand(mean, g, j0, j1, r2)
     a = _col_expand(rstd, g, j0, j1, r2)
     bc = _col_expand(c2, g, j0, j1, r2)
@@ -263,67 +277,80 @@ def _fold(v, r2):
 
 
 # ---- drivers ---------------------------------------------------------------------------------
+# ``plan`` = (gchunk, nrc, rchunk, nbc, bchunk): units of ``gchunk`` slabs x ``rchunk`` rows x
+# ``bchunk`` groups. With ``nrc == 1`` a unit owns whole groups and is fused.
 
 
-def forward_seg(x, y, w, bias, mean, rstd, var, eps, rms, nrc, rchunk, nbc, bchunk):
+def forward_seg(x, y, w, bias, mean, rstd, var, eps, rms, plan):
     """Statistics of ``x`` (G, R1, B, R2) into mean/rstd/var (G, B) and the output into ``y``."""
     G, R1, B, R2 = x.shape
     n = R1 * R2
-    units = G * nrc * nbc
+    nrc = plan[1]
+    units = _units(plan, G)
     if nrc == 1:
         for u in prange(units):
-            g, _, _, _, b0, b1 = _unit(u, 1, R1, nbc, bchunk, R1, B)
-            s = np.zeros(b1 - b0)
-            ss = np.zeros(b1 - b0)
-            _seg_sums(x, g, 0, R1, b0, b1, rms, s, ss)
-            for b in range(b0, b1):
-                mean[g, b], var[g, b], rstd[g, b] = _finish(s[b - b0], ss[b - b0], n, _seg_shift(x, g, b, rms), eps, rms)
-            _seg_apply(x, y, g, 0, R1, b0, b1, mean, rstd, w, bias)
+            g0, g1, _, _, _, b0, b1 = _unit(u, plan, G, R1, B)
+            s = np.empty(b1 - b0)
+            ss = np.empty(b1 - b0)
+            for g in range(g0, g1):
+                s[:] = 0.0
+                ss[:] = 0.0
+                _seg_sums(x, g, 0, R1, b0, b1, rms, s, ss)
+                for b in range(b0, b1):
+                    mean[g, b], var[g, b], rstd[g, b] = _finish(s[b - b0], ss[b - b0], n, _seg_shift(x, g, b, rms), eps, rms)
+                _seg_apply(x, y, g, 0, R1, b0, b1, mean, rstd, w, bias)
         return
     ps = np.zeros((G, nrc, B))
     pss = np.zeros((G, nrc, B))
     for u in prange(units):
-        g, rc, r0, r1, b0, b1 = _unit(u, nrc, rchunk, nbc, bchunk, R1, B)
-        _seg_sums(x, g, r0, r1, b0, b1, rms, ps[g, rc, b0:b1], pss[g, rc, b0:b1])
-    for gb in prange(G * B):
+        g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
+        for g in range(g0, g1):
+            _seg_sums(x, g, r0, r1, b0, b1, rms, ps[g, rc, b0:b1], pss[g, rc, b0:b1])
+    for gb in range(G * B):
         g = gb // B
         b = gb % B
         mean[g, b], var[g, b], rstd[g, b] = _finish(
             ps[g, :, b].sum(), pss[g, :, b].sum(), n, _seg_shift(x, g, b, rms), eps, rms
         )
     for u in prange(units):
-        g, rc, r0, r1, b0, b1 = _unit(u, nrc, rchunk, nbc, bchunk, R1, B)
-        _seg_apply(x, y, g, r0, r1, b0, b1, mean, rstd, w, bias)
+        g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
+        for g in range(g0, g1):
+            _seg_apply(x, y, g, r0, r1, b0, b1, mean, rstd, w, bias)
 
 
-def forward_col(x, y, w, bias, mean, rstd, var, r2, eps, rms, nrc, rchunk, nbc, bchunk):
+def forward_col(x, y, w, bias, mean, rstd, var, r2, eps, rms, plan):
     """``forward_seg`` for ``x`` (G, R1, W) with groups of ``r2`` adjacent columns."""
     G, R1, W = x.shape
     B = W // r2
     n = R1 * r2
-    units = G * nrc * nbc
+    nrc = plan[1]
+    units = _units(plan, G)
     if nrc == 1:
         for u in prange(units):
-            g, _, _, _, b0, b1 = _unit(u, 1, R1, nbc, bchunk, R1, B)
+            g0, g1, _, _, _, b0, b1 = _unit(u, plan, G, R1, B)
             j0 = b0 * r2
             j1 = b1 * r2
-            sh = _col_shift(x, g, j0, j1, r2, rms)
-            s = np.zeros(j1 - j0)
-            ss = np.zeros(j1 - j0)
-            _col_sums(x, g, 0, R1, j0, j1, sh, s, ss)
-            fs = _fold(s, r2)
-            fss = _fold(ss, r2)
-            for b in range(b0, b1):
-                mean[g, b], var[g, b], rstd[g, b] = _finish(fs[b - b0], fss[b - b0], n, sh[(b - b0) * r2], eps, rms)
-            _col_apply(x, y, g, 0, R1, j0, j1, r2, mean, rstd, w, bias)
+            for g in range(g0, g1):
+                sh = _col_shift(x, g, j0, j1, r2, rms)
+                s = np.zeros(j1 - j0)
+                ss = np.zeros(j1 - j0)
+                _col_sums(x, g, 0, R1, j0, j1, sh, s, ss)
+                fs = _fold(s, r2)
+                fss = _fold(ss, r2)
+                for b in range(b0, b1):
+                    mean[g, b], var[g, b], rstd[g, b] = _finish(fs[b - b0], fss[b - b0], n, sh[(b - b0) * r2], eps, rms)
+                _col_apply(x, y, g, 0, R1, j0, j1, r2, mean, rstd, w, bias)
         return
     ps = np.zeros((G, nrc, W))
     pss = np.zeros((G, nrc, W))
     for u in prange(units):
-        g, rc, r0, r1, b0, b1 = _unit(u, nrc, rchunk, nbc, bchunk, R1, B)
-        sh = _col_shift(x, g, b0 * r2, b1 * r2, r2, rms)
-        _col_sums(x, g, r0, r1, b0 * r2, b1 * r2, sh, ps[g, rc, b0 * r2 : b1 * r2], pss[g, rc, b0 * r2 : b1 * r2])
-    for gb in prange(G * B):
+        g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
+        j0 = b0 * r2
+        j1 = b1 * r2
+        for g in range(g0, g1):
+            sh = _col_shift(x, g, j0, j1, r2, rms)
+            _col_sums(x, g, r0, r1, j0, j1, sh, ps[g, rc, j0:j1], pss[g, rc, j0:j1])
+    for gb in range(G * B):
         g = gb // B
         b = gb % B
         s = 0.0
@@ -335,27 +362,30 @@ def forward_col(x, y, w, bias, mean, rstd, var, r2, eps, rms, nrc, rchunk, nbc, 
         sh = 0.0 if rms else np.float64(x[g, 0, b * r2])
         mean[g, b], var[g, b], rstd[g, b] = _finish(s, ss, n, sh, eps, rms)
     for u in prange(units):
-        g, rc, r0, r1, b0, b1 = _unit(u, nrc, rchunk, nbc, bchunk, R1, B)
-        _col_apply(x, y, g, r0, r1, b0 * r2, b1 * r2, r2, mean, rstd, w, bias)
+        g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
+        for g in range(g0, g1):
+            _col_apply(x, y, g, r0, r1, b0 * r2, b1 * r2, r2, mean, rstd, w, bias)
 
 
-def apply_seg(x, y, w, bias, mean, rstd, nrc, rchunk, nbc, bchunk):
+def apply_seg(x, y, w, bias, mean, rstd, plan):
     """Normalize with given statistics (no reductions): one pass."""
     G, R1, B, R2 = x.shape
-    for u in prange(G * nrc * nbc):
-        g, rc, r0, r1, b0, b1 = _unit(u, nrc, rchunk, nbc, bchunk, R1, B)
-        _seg_apply(x, y, g, r0, r1, b0, b1, mean, rstd, w, bias)
+    for u in prange(_units(plan, G)):
+        g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
+        for g in range(g0, g1):
+            _seg_apply(x, y, g, r0, r1, b0, b1, mean, rstd, w, bias)
 
 
-def apply_col(x, y, w, bias, mean, rstd, r2, nrc, rchunk, nbc, bchunk):
+def apply_col(x, y, w, bias, mean, rstd, r2, plan):
     G, R1, W = x.shape
     B = W // r2
-    for u in prange(G * nrc * nbc):
-        g, rc, r0, r1, b0, b1 = _unit(u, nrc, rchunk, nbc, bchunk, R1, B)
-        _col_apply(x, y, g, r0, r1, b0 * r2, b1 * r2, r2, mean, rstd, w, bias)
+    for u in prange(_units(plan, G)):
+        g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
+        for g in range(g0, g1):
+            _col_apply(x, y, g, r0, r1, b0 * r2, b1 * r2, r2, mean, rstd, w, bias)
 
 
-def backward_seg(dy, x, dx, mean, rstd, w, dwl, dbl, rms, batch_stats, want_dx, nlanes, nrc, rchunk, nbc, bchunk):
+def backward_seg(dy, x, dx, mean, rstd, w, dwl, dbl, rms, batch_stats, want_dx, nlanes, plan):
     """Gradients on the seg view. ``dwl``/``dbl`` (lanes, P, K1, B, K2) receive per-lane partial sums.
 
     Pass 1 computes both group reductions and the parameter partials; pass 2 computes dx, from cache
@@ -363,7 +393,8 @@ def backward_seg(dy, x, dx, mean, rstd, w, dwl, dbl, rms, batch_stats, want_dx, 
     """
     G, R1, B, R2 = x.shape
     n = R1 * R2
-    units = G * nrc * nbc
+    nrc = plan[1]
+    units = _units(plan, G)
     c1 = np.zeros(mean.shape, dtype=mean.dtype)
     c2 = np.zeros(mean.shape, dtype=mean.dtype)
     fused = nrc == 1 and batch_stats and want_dx
@@ -371,32 +402,35 @@ def backward_seg(dy, x, dx, mean, rstd, w, dwl, dbl, rms, batch_stats, want_dx, 
     pss = np.zeros((G, nrc, B))
     for lane in prange(nlanes):
         for u in range(lane * units // nlanes, (lane + 1) * units // nlanes):
-            g, rc, r0, r1, b0, b1 = _unit(u, nrc, rchunk, nbc, bchunk, R1, B)
-            _seg_grad_sums(dy, x, g, r0, r1, b0, b1, mean, rstd, w, ps[g, rc, b0:b1], pss[g, rc, b0:b1], dwl[lane], dbl[lane])
-            if fused:
-                for b in range(b0, b1):
-                    c1[g, b] = 0.0 if rms else ps[g, 0, b] / n
-                    c2[g, b] = pss[g, 0, b] / n
-                _seg_dx(dy, x, dx, g, 0, R1, b0, b1, mean, rstd, w, c1, c2)
+            g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
+            for g in range(g0, g1):
+                _seg_grad_sums(dy, x, g, r0, r1, b0, b1, mean, rstd, w, ps[g, rc, b0:b1], pss[g, rc, b0:b1], dwl[lane], dbl[lane])
+                if fused:
+                    for b in range(b0, b1):
+                        c1[g, b] = 0.0 if rms else ps[g, 0, b] / n
+                        c2[g, b] = pss[g, 0, b] / n
+                    _seg_dx(dy, x, dx, g, 0, R1, b0, b1, mean, rstd, w, c1, c2)
     if fused or not want_dx:
         return
     if batch_stats:
-        for gb in prange(G * B):
+        for gb in range(G * B):
             g = gb // B
             b = gb % B
             c1[g, b] = 0.0 if rms else ps[g, :, b].sum() / n
             c2[g, b] = pss[g, :, b].sum() / n
     for u in prange(units):
-        g, rc, r0, r1, b0, b1 = _unit(u, nrc, rchunk, nbc, bchunk, R1, B)
-        _seg_dx(dy, x, dx, g, r0, r1, b0, b1, mean, rstd, w, c1, c2)
+        g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
+        for g in range(g0, g1):
+            _seg_dx(dy, x, dx, g, r0, r1, b0, b1, mean, rstd, w, c1, c2)
 
 
-def backward_col(dy, x, dx, mean, rstd, w, dwl, dbl, r2, rms, batch_stats, want_dx, nlanes, nrc, rchunk, nbc, bchunk):
+def backward_col(dy, x, dx, mean, rstd, w, dwl, dbl, r2, rms, batch_stats, want_dx, nlanes, plan):
     """``backward_seg`` for the col view; ``dwl``/``dbl`` are (lanes, P, W)."""
     G, R1, W = x.shape
     B = W // r2
     n = R1 * r2
-    units = G * nrc * nbc
+    nrc = plan[1]
+    units = _units(plan, G)
     c1 = np.zeros(mean.shape, dtype=mean.dtype)
     c2 = np.zeros(mean.shape, dtype=mean.dtype)
     fused = nrc == 1 and batch_stats and want_dx
@@ -404,35 +438,37 @@ def backward_col(dy, x, dx, mean, rstd, w, dwl, dbl, r2, rms, batch_stats, want_
     pss = np.zeros((G, nrc, B))
     for lane in prange(nlanes):
         for u in range(lane * units // nlanes, (lane + 1) * units // nlanes):
-            g, rc, r0, r1, b0, b1 = _unit(u, nrc, rchunk, nbc, bchunk, R1, B)
+            g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
             j0 = b0 * r2
             j1 = b1 * r2
-            p = g % w.shape[0]
-            dws = np.zeros(j1 - j0)
-            dbs = np.zeros(j1 - j0)
-            _col_grad_sums(dy, x, g, r0, r1, j0, j1, r2, mean, rstd, dws, dbs)
-            for j in range(j0, j1):
-                wv = np.float64(w[p, j])
-                ps[g, rc, j // r2] += wv * dbs[j - j0]
-                pss[g, rc, j // r2] += wv * dws[j - j0]
-                dwl[lane, p, j] += dws[j - j0]
-                dbl[lane, p, j] += dbs[j - j0]
-            if fused:
-                for b in range(b0, b1):
-                    c1[g, b] = 0.0 if rms else ps[g, 0, b] / n
-                    c2[g, b] = pss[g, 0, b] / n
-                _col_dx(dy, x, dx, g, 0, R1, j0, j1, r2, mean, rstd, w, c1, c2)
+            for g in range(g0, g1):
+                p = _slab_param(g, w)
+                dws = np.zeros(j1 - j0)
+                dbs = np.zeros(j1 - j0)
+                _col_grad_sums(dy, x, g, r0, r1, j0, j1, r2, mean, rstd, dws, dbs)
+                for j in range(j0, j1):
+                    wv = np.float64(w[p, j])
+                    ps[g, rc, j // r2] += wv * dbs[j - j0]
+                    pss[g, rc, j // r2] += wv * dws[j - j0]
+                    dwl[lane, p, j] += dws[j - j0]
+                    dbl[lane, p, j] += dbs[j - j0]
+                if fused:
+                    for b in range(b0, b1):
+                        c1[g, b] = 0.0 if rms else ps[g, 0, b] / n
+                        c2[g, b] = pss[g, 0, b] / n
+                    _col_dx(dy, x, dx, g, 0, R1, j0, j1, r2, mean, rstd, w, c1, c2)
     if fused or not want_dx:
         return
     if batch_stats:
-        for gb in prange(G * B):
+        for gb in range(G * B):
             g = gb // B
             b = gb % B
             c1[g, b] = 0.0 if rms else ps[g, :, b].sum() / n
             c2[g, b] = pss[g, :, b].sum() / n
     for u in prange(units):
-        g, rc, r0, r1, b0, b1 = _unit(u, nrc, rchunk, nbc, bchunk, R1, B)
-        _col_dx(dy, x, dx, g, r0, r1, b0 * r2, b1 * r2, r2, mean, rstd, w, c1, c2)
+        g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
+        for g in range(g0, g1):
+            _col_dx(dy, x, dx, g, r0, r1, b0 * r2, b1 * r2, r2, mean, rstd, w, c1, c2)
 
 
 def _renamed(fn, suffix: str):
@@ -445,8 +481,8 @@ def _renamed(fn, suffix: str):
 
 def _compile(fn):
     """(parallel, serial) dispatchers of one driver; compiled lazily on first call, cached on disk."""
-    par = njit(parallel=True, **_HELPER)(fn)
-    ser = njit(parallel=False, **_HELPER)(_renamed(fn, "_serial"))
+    par = njit(parallel=True, **_DRIVER)(fn)
+    ser = njit(parallel=False, **_DRIVER)(_renamed(fn, "_serial"))
     return par, ser
 
 

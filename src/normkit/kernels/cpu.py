@@ -28,20 +28,22 @@ from .contract import Grads, Stats
 NATIVE = (torch.float32, torch.float64)
 WIDENED = (torch.bfloat16, torch.float16)
 # A unit of work whose data fits in one core's L2 is read from memory once (statistics + output).
-CACHE_BYTES = 1 << 19
+CACHE_BYTES = 7 << 17
+# Small slabs are batched into units of about this size: per-unit overhead is tens of nanoseconds.
+UNIT_BYTES = 1 << 16
 # Below this many elements a parallel launch costs more than it saves.
 SERIAL_BELOW = 1 << 15
 # Column loops serve groups of fewer adjacent elements than this; longer runs use segment loops.
 COL_MAX_RUN = 32
-# A unit of the column loops reads at least this many contiguous bytes per row (whole cache lines).
-COL_MIN_BYTES = 256
 
 _parallel_pid: int | None = None
 
 
 class Plan(NamedTuple):
-    """How the work is cut: ``nrc`` row chunks of ``rchunk`` rows and ``nbc`` group chunks of ``bchunk``."""
+    """How the work is cut: units of ``gchunk`` slabs, ``rchunk`` rows (``nrc`` chunks) and ``bchunk``
+    groups (``nbc`` chunks)."""
 
+    gchunk: int
     nrc: int
     rchunk: int
     nbc: int
@@ -88,17 +90,21 @@ def plan(v: View, itemsize: int, threads: int, fuse: bool = True) -> Plan:
     (``fuse``: statistics and output in one read), otherwise row chunks as well."""
     group_bytes = max(1, v.r1 * v.r2 * itemsize)
     want = 4 * threads if threads > 1 else 1
-    min_b = min(v.b, math.ceil(COL_MIN_BYTES / (v.r2 * itemsize))) if v.col else 1
-    bchunk = min(v.b, max(min_b, CACHE_BYTES // group_bytes))
-    bchunk = min(bchunk, max(min_b, math.ceil(v.b / math.ceil(want / v.g))))
+    if v.col:  # units of partial rows run several times slower than whole rows: split rows only
+        bchunk = v.b
+    else:
+        bchunk = min(v.b, max(1, CACHE_BYTES // group_bytes))
+        bchunk = min(bchunk, max(1, math.ceil(v.b / math.ceil(want / v.g))))
     nbc = math.ceil(v.b / bchunk)
+    bchunk = math.ceil(v.b / nbc)
     units = v.g * nbc
     enough = units >= (min(want, 2 * threads) if fuse else want)
     if v.r1 == 1 or (enough and (not fuse or group_bytes * bchunk <= CACHE_BYTES)):
-        return Plan(1, v.r1, nbc, bchunk)
+        gchunk = max(1, min(units // want, UNIT_BYTES // (group_bytes * bchunk)))
+        return Plan(gchunk, 1, v.r1, nbc, bchunk)
     nrc = min(v.r1, max(math.ceil(want / units), math.ceil(group_bytes * bchunk / CACHE_BYTES)))
     rchunk = math.ceil(v.r1 / nrc)
-    return Plan(math.ceil(v.r1 / rchunk), rchunk, nbc, bchunk)
+    return Plan(1, math.ceil(v.r1 / rchunk), rchunk, nbc, bchunk)
 
 
 def canonical(shape5: tuple[int, ...], pshape: tuple[int, ...], itemsize: int, threads: int) -> View:
@@ -210,9 +216,9 @@ class CpuBackend:
         w, b = _param(weight, v, pshape, acc, 1.0), _param(bias, v, pshape, acc, 0.0)
         data = (xs.numpy().reshape(v.data_shape), y.numpy().reshape(v.data_shape), w, b, mean, rstd, var)
         if v.col:
-            _driver("forward_col", threads)(*data, v.r2, float(eps), rms, *pl)
+            _driver("forward_col", threads)(*data, v.r2, float(eps), rms, tuple(pl))
         else:
-            _driver("forward_seg", threads)(*data, float(eps), rms, *pl)
+            _driver("forward_seg", threads)(*data, float(eps), rms, tuple(pl))
         return y.to(x5.dtype), Stats(*stats)
 
     def normalize(
@@ -231,9 +237,9 @@ class CpuBackend:
             _np(mean, acc).reshape(v.g, v.b), _np(rstd, acc).reshape(v.g, v.b),
         )
         if v.col:
-            _driver("apply_col", threads)(*data, v.r2, *pl)
+            _driver("apply_col", threads)(*data, v.r2, tuple(pl))
         else:
-            _driver("apply_seg", threads)(*data, *pl)
+            _driver("apply_seg", threads)(*data, tuple(pl))
         return y.to(x5.dtype)
 
     def backward(
@@ -253,7 +259,7 @@ class CpuBackend:
         threads = threads_for(xs.numel())
         v = canonical(tuple(x5.shape), tuple(param_shape), xs.element_size(), threads)
         pl = plan(v, xs.element_size(), threads)
-        nlanes = min(threads, v.g * pl.nrc * pl.nbc)
+        nlanes = min(threads, math.ceil(v.g / pl.gchunk) * pl.nrc * pl.nbc)
         want_dx = output_mask[0]
         dx = torch.empty_like(xs) if want_dx else None
         pcols = (v.p, v.b * v.r2) if v.col else v.param_shape
@@ -264,7 +270,7 @@ class CpuBackend:
             _np(mean, acc).reshape(v.g, v.b), _np(rstd, acc).reshape(v.g, v.b), _param(weight, v, tuple(param_shape), acc, 1.0),
             lanes[0], lanes[1],
         )
-        flags = (rms, batch_stats, want_dx, nlanes, *pl)
+        flags = (rms, batch_stats, want_dx, nlanes, tuple(pl))
         if v.col:
             _driver("backward_col", threads)(*args, v.r2, *flags)
         else:
