@@ -105,6 +105,6 @@ def test_sequences():
 
 
 def test_summary():
-    assert verdict(summary, {"winners": ["bn", "ln", "gn"], "fraction_mattering": 0.8}) == HOLDS
-    assert verdict(summary, {"winners": ["bn", "bn", "bn"], "fraction_mattering": 0.8}) == PARTLY
-    assert verdict(summary, {"winners": ["bn", "bn"], "fraction_mattering": 0.0}) == NOT
+    assert verdict(summary, {"tied_best": [["bn"], ["ln", "gn"], ["gn"]], "fraction_mattering": 0.8}) == HOLDS
+    assert verdict(summary, {"tied_best": [["bn", "ln"], ["ln", "bn"], ["bn"]], "fraction_mattering": 0.8}) == PARTLY
+    assert verdict(summary, {"tied_best": [["bn"], ["bn", "gn"]], "fraction_mattering": 0.0}) == NOT
