@@ -1,4 +1,4 @@
-"""One lab session: collect the studies' jobs, run what the cache lacks, analyze, write results and report."""
+"""One lab invocation: collect the studies' jobs, run what the cache lacks, analyze, write results and report."""
 
 from __future__ import annotations
 
