@@ -1,0 +1,272 @@
+"""``normkit bench``: normkit against torch.nn in one process, on the same tensors.
+
+Every norm x layout x mode (forward train, forward eval, forward+backward) x dtype over realistic
+activation shapes. Speed is reported as time, effective bandwidth (forward moves 2 bytes of tensor
+per byte of input: read x, write y; forward+backward 5: plus read x, dy and write dx), the speed-up
+over torch.nn, and the share of the bandwidth of a large in-place copy measured in the same run.
+A copy into a new tensor is measured too: outputs above the allocator's mmap threshold (32 MB with
+glibc) are fresh pages every call, and the page faults can cost more than the copy itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.utils import benchmark
+
+from . import __version__
+from .selection import backend
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64, "fp16": torch.float16}
+MODES = ("fwd-train", "fwd-eval", "fwd+bwd")
+TRAFFIC = {"fwd-train": 2, "fwd-eval": 2, "fwd+bwd": 5}
+LARGE_BYTES = 64 << 20
+
+# norm -> (input shapes, layouts). ResNet/UNet activations, a 3-D volume, transformer tokens.
+CONV_SHAPES = [(32, 64, 112, 112), (32, 64, 56, 56), (8, 256, 32, 32), (16, 128, 64, 64), (2, 32, 16, 64, 64)]
+TOKEN_SHAPES = [(8, 512, 768), (4, 2048, 1024)]
+FULL = {
+    "batch": (CONV_SHAPES, ("nchw", "channels_last")),
+    "instance": (CONV_SHAPES, ("nchw", "channels_last")),
+    "group": (CONV_SHAPES, ("nchw", "channels_last")),
+    "layer": (TOKEN_SHAPES, ("contiguous",)),
+    "rms": (TOKEN_SHAPES, ("contiguous",)),
+}
+QUICK = {
+    "batch": ([(8, 256, 32, 32)], ("nchw", "channels_last")),
+    "instance": ([(8, 256, 32, 32)], ("nchw", "channels_last")),
+    "group": ([(8, 256, 32, 32)], ("nchw", "channels_last")),
+    "layer": ([(8, 512, 768)], ("contiguous",)),
+    "rms": ([(8, 512, 768)], ("contiguous",)),
+}
+
+
+@dataclass
+class Result:
+    norm: str
+    shape: list[int]
+    layout: str
+    mode: str
+    dtype: str
+    torch_ms: float
+    normkit_ms: float
+    speedup: float
+    torch_gbps: float
+    normkit_gbps: float
+    pct_copy: float
+    megabytes: float
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="one shape per norm, short timings (under a minute)")
+    parser.add_argument("--json", metavar="PATH", help="also write the results and summary as JSON")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--backend", default="auto", help="normkit backend to time (default: auto)")
+    parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16, fp64")
+    parser.add_argument("--norms", default=",".join(FULL), help="comma-separated subset of " + ",".join(FULL))
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
+    parser.add_argument("--shape", action="append", default=[], metavar="N,C,...",
+                        help="replace the default shapes (repeatable); the last dim is the feature size for layer/rms")
+    parser.add_argument("--min-time", type=float, default=None, help="seconds of timing per measurement")
+    parser.add_argument("--rounds", type=int, default=None, help="alternating repeats; the best median counts")
+
+
+def _sync(device: torch.device) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def measure(fn: Callable[[], object], device: torch.device, min_time: float) -> float:
+    """Median seconds per call after a warm-up (blocked_autorange; synchronizes on CUDA)."""
+    sync = _sync(device)
+
+    def call() -> None:
+        fn()
+        sync()
+
+    call()
+    call()
+    return benchmark.Timer(stmt="call()", globals={"call": call}).blocked_autorange(min_run_time=min_time).median
+
+
+def copy_bandwidth(device: torch.device, min_time: float, nbytes: int = 256 << 20) -> tuple[float, float]:
+    """GB/s (read + write) of copying a large tensor into a new one, and into an existing one."""
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    y = torch.empty_like(x)
+    fresh = measure(lambda: x.clone(), device, min_time)
+    inplace = measure(lambda: y.copy_(x), device, min_time)
+    return 2 * nbytes / fresh / 1e9, 2 * nbytes / inplace / 1e9
+
+
+def _modules(norm: str, shape: tuple[int, ...]) -> tuple[torch.nn.Module, torch.nn.Module]:
+    import normkit.nn as nk
+
+    if norm in ("layer", "rms"):
+        cls = "LayerNorm" if norm == "layer" else "RMSNorm"
+        return getattr(torch.nn, cls)(shape[-1]), getattr(nk, cls)(shape[-1])
+    c, dims = shape[1], len(shape) - 2
+    if norm == "group":
+        return torch.nn.GroupNorm(min(32, c), c), nk.GroupNorm(min(32, c), c)
+    cls = f"{'BatchNorm' if norm == 'batch' else 'InstanceNorm'}{dims}d"
+    kwargs = {} if norm == "batch" else {"affine": True, "track_running_stats": True}
+    return getattr(torch.nn, cls)(c, **kwargs), getattr(nk, cls)(c, **kwargs)
+
+
+def _input(shape: tuple[int, ...], layout: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    x = torch.randn(shape, device=device).to(dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    return x
+
+
+def _step(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, mode: str) -> Callable[[], object]:
+    params = [p for p in module.parameters() if p.requires_grad]
+    module.train(mode != "fwd-eval")
+    if mode == "fwd+bwd":
+        xg = x.detach().requires_grad_()
+        return lambda: torch.autograd.grad(module(xg), [xg, *params], dy)
+
+    def forward() -> object:
+        with torch.no_grad():
+            return module(x)
+
+    return forward
+
+
+def run_case(
+    norm: str, shape: tuple[int, ...], layout: str, mode: str, dtype: str, device: torch.device,
+    copy_gbps: float, min_time: float, rounds: int,
+) -> Result:
+    """Time torch.nn and normkit alternately on the same tensors; each keeps its best median."""
+    theirs, ours = (m.to(device=device, dtype=DTYPES[dtype]) for m in _modules(norm, shape))
+    ours.load_state_dict(theirs.state_dict())
+    x = _input(shape, layout, DTYPES[dtype], device)
+    dy = torch.randn_like(x)
+    fns = (_step(theirs, x, dy, mode), _step(ours, x, dy, mode))
+    best = [math.inf, math.inf]
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            best[i] = min(best[i], measure(fn, device, min_time))
+    nbytes = x.numel() * x.element_size()
+    moved = TRAFFIC[mode] * nbytes / 1e9
+    return Result(
+        norm, list(shape), layout, mode, dtype, best[0] * 1e3, best[1] * 1e3, best[0] / best[1],
+        moved / best[0], moved / best[1], 100 * moved / best[1] / copy_gbps, nbytes / 2**20,
+    )
+
+
+def _geomean(values: list[float]) -> float:
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else math.nan
+
+
+def summarize(results: list[Result], copy_inplace: float, copy_new: float) -> dict[str, object]:
+    """The numbers the targets are stated in (bandwidth shares against both copies)."""
+    out: dict[str, object] = {}
+    for dtype in sorted({r.dtype for r in results}):
+        rows = [r for r in results if r.dtype == dtype]
+        out[dtype] = {
+            "geomean_speedup_fwd": _geomean([r.speedup for r in rows if r.mode != "fwd+bwd"]),
+            "geomean_speedup_fwd_bwd": _geomean([r.speedup for r in rows if r.mode == "fwd+bwd"]),
+            "min_speedup": min(r.speedup for r in rows),
+            "slower_than_torch": [f"{r.norm} {r.shape} {r.layout} {r.mode}" for r in rows if r.speedup < 1.0],
+            "large_fwd_pct_copy": {
+                f"{r.norm} {r.shape} {r.layout} {r.mode}": r.pct_copy
+                for r in rows if r.mode != "fwd+bwd" and r.megabytes >= LARGE_BYTES / 2**20
+            },
+            "large_fwd_pct_copy_into_new": {
+                f"{r.norm} {r.shape} {r.layout} {r.mode}": r.pct_copy * copy_inplace / copy_new
+                for r in rows if r.mode != "fwd+bwd" and r.megabytes >= LARGE_BYTES / 2**20
+            },
+            "channels_last_over_nchw_time": {
+                f"{r.norm} {r.shape} {r.mode}": r.normkit_ms / nchw.normkit_ms
+                for r in rows if r.layout == "channels_last" and r.norm in ("group", "instance")
+                for nchw in rows
+                if nchw.layout == "nchw" and (nchw.norm, nchw.shape, nchw.mode) == (r.norm, r.shape, r.mode)
+            },
+        }
+    return out
+
+
+def _table(results: list[Result], meta: dict[str, object]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"normkit ({meta['backend']}) vs torch.nn on {meta['device']}, {meta['threads']} threads: "
+                  f"large copy {meta['copy_gbps']:.1f} GB/s in place (= 100% copy), "
+                  f"{meta['copy_into_new_gbps']:.1f} GB/s into a new tensor")
+    for col in ("norm", "shape", "layout", "mode", "dtype", "torch ms", "normkit ms", "speedup",
+                "torch GB/s", "normkit GB/s", "% copy"):
+        table.add_column(col, justify="right" if col[0].isdigit() or "ms" in col or "GB" in col or col in ("speedup", "% copy") else "left")
+    for r in results:
+        style = "red" if r.speedup < 1.0 else None
+        table.add_row(r.norm, "x".join(map(str, r.shape)), r.layout, r.mode, r.dtype, f"{r.torch_ms:.3f}",
+                      f"{r.normkit_ms:.3f}", f"{r.speedup:.2f}x", f"{r.torch_gbps:.1f}", f"{r.normkit_gbps:.1f}",
+                      f"{r.pct_copy:.0f}", style=style)
+    console = Console(width=160)
+    console.print(table)
+    for dtype, s in meta["summary"].items():
+        console.print(f"[bold]{dtype}[/]: geomean speed-up forward {s['geomean_speedup_fwd']:.2f}x, "
+                      f"forward+backward {s['geomean_speedup_fwd_bwd']:.2f}x, min {s['min_speedup']:.2f}x")
+
+
+def _parse_shapes(specs: list[str]) -> list[tuple[int, ...]]:
+    return [tuple(int(v) for v in spec.split(",")) for spec in specs]
+
+
+def cases(args: argparse.Namespace) -> list[tuple[str, tuple[int, ...], str, str, str]]:
+    """(norm, shape, layout, mode, dtype) to run. Eval differs from train only for BatchNorm (running
+    statistics), so ``--quick`` times eval for BatchNorm alone."""
+    grid = QUICK if args.quick else FULL
+    custom = _parse_shapes(args.shape)
+    out = []
+    for norm in args.norms.split(","):
+        shapes, layouts = grid[norm]
+        if custom:
+            shapes = custom if norm in ("layer", "rms") else [s for s in custom if len(s) >= 3]
+        for shape in shapes:
+            for layout in layouts:
+                if layout == "channels_last" and len(shape) not in (4, 5):
+                    continue
+                for mode in args.modes.split(","):
+                    if args.quick and mode == "fwd-eval" and norm != "batch":
+                        continue
+                    for dtype in args.dtypes.split(","):
+                        out.append((norm, shape, layout, mode, dtype))
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    min_time = args.min_time if args.min_time is not None else (0.05 if args.quick else 0.2)
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
+    started = time.perf_counter()
+    copy_new_gbps, copy_gbps = copy_bandwidth(device, min_time)
+    results = []
+    with backend(args.backend):
+        for norm, shape, layout, mode, dtype in cases(args):
+            results.append(run_case(norm, shape, layout, mode, dtype, device, copy_gbps, min_time, rounds))
+    meta: dict[str, object] = {
+        "device": device.type if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "backend": args.backend,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "normkit": __version__,
+        "machine": platform.machine(),
+        "copy_gbps": copy_gbps,
+        "copy_into_new_gbps": copy_new_gbps,
+        "quick": args.quick,
+        "seconds": 0.0,
+    }
+    meta["summary"] = summarize(results, copy_gbps, copy_new_gbps)
+    meta["seconds"] = time.perf_counter() - started
+    _table(results, meta)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"meta": meta, "results": [asdict(r) for r in results]}, fh, indent=1)
+    return 0

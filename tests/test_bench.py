@@ -1,0 +1,51 @@
+"""``normkit bench`` runs end to end on a tiny configuration and writes the documented JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from normkit.cli import main
+
+RESULT_KEYS = {
+    "norm", "shape", "layout", "mode", "dtype", "torch_ms", "normkit_ms", "speedup",
+    "torch_gbps", "normkit_gbps", "pct_copy", "megabytes",
+}
+
+
+def _tiny(path: Path) -> list[str]:
+    return [
+        "bench", "--quick", "--dtypes", "fp32,bf16", "--shape", "2,8,6,6", "--shape", "4,16",
+        "--min-time", "0.001", "--rounds", "1", "--json", str(path),
+    ]
+
+
+def test_bench_writes_results_and_summary(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(_tiny(out)) == 0
+    data = json.loads(out.read_text())
+    meta, results = data["meta"], data["results"]
+    assert meta["copy_gbps"] > 0 and meta["copy_into_new_gbps"] > 0 and meta["quick"] is True
+    norms = {r["norm"] for r in results}
+    assert norms == {"batch", "instance", "group", "layer", "rms"}
+    assert {r["layout"] for r in results if r["norm"] == "group"} == {"nchw", "channels_last"}
+    assert {r["mode"] for r in results} == {"fwd-train", "fwd-eval", "fwd+bwd"}
+    assert {r["dtype"] for r in results} == {"fp32", "bf16"}
+    for r in results:
+        assert set(r) == RESULT_KEYS
+        assert r["torch_ms"] > 0 and r["normkit_ms"] > 0
+    for dtype in ("fp32", "bf16"):
+        summary = meta["summary"][dtype]
+        assert {"geomean_speedup_fwd", "geomean_speedup_fwd_bwd", "min_speedup", "slower_than_torch",
+                "large_fwd_pct_copy", "large_fwd_pct_copy_into_new", "channels_last_over_nchw_time"} <= set(summary)
+    assert "geomean speed-up" in capsys.readouterr().out
+
+
+def test_benchmarks_entry_point(tmp_path):
+    out = tmp_path / "bench.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run_bench.py"
+    args = [a for a in _tiny(out)[1:]] + ["--norms", "layer", "--modes", "fwd-train", "--dtypes", "fp32"]
+    subprocess.run([sys.executable, str(script), *args], check=True, capture_output=True)
+    assert json.loads(out.read_text())["results"][0]["norm"] == "layer"
