@@ -1,9 +1,9 @@
 """The Triton kernels, run by Triton's interpreter on CPU tensors, against the reference backend.
 
 Triton picks the interpreter when it is imported, so this process (where TRITON_INTERPRET is unset)
-only checks that the backend declines CPU tensors, and runs this same file in a child process with
-TRITON_INTERPRET=1, where the kernel checks are defined. Shapes are small: the interpreter runs every
-program in Python.
+checks that the backend declines CPU tensors, runs the CUDA checks when a GPU is present, and runs
+this same file in a child process with TRITON_INTERPRET=1, where the interpreter checks are defined.
+Shapes there are small: the interpreter runs every program in Python.
 """
 
 from __future__ import annotations
