@@ -18,7 +18,7 @@ def test_results_follow_the_schema(tiny_lab):
     assert validate(results) == []
     json.loads((out / "results.json").read_text(), parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
     assert [s["id"] for s in results["studies"]] == [m.CLAIM.id for m in ORDER]
-    assert len(ORDER) == 12
+    assert len(ORDER) == 15
 
 
 @pytest.mark.parametrize("study_id", list(STUDIES))

@@ -1,14 +1,16 @@
-"""The studies, one module per claim of the article, in the article's order."""
+"""The studies, one module per claim of the article, in the article's order, then the variant studies."""
 
 from __future__ import annotations
 
 from types import ModuleType
 
 from . import (
+    adain_style,
     batch_noise,
     compute_overhead,
     faster_training,
     gradient_stability,
+    group_choice,
     group_count,
     init_dependence,
     instance_relations,
@@ -16,6 +18,7 @@ from . import (
     loss_surface,
     sequences,
     small_batch,
+    small_batch_fixes,
     summary,
 )
 
@@ -32,5 +35,8 @@ ORDER: tuple[ModuleType, ...] = (
     group_count,
     sequences,
     summary,
+    small_batch_fixes,
+    group_choice,
+    adain_style,
 )
 STUDIES: dict[str, ModuleType] = {m.CLAIM.id: m for m in ORDER}

@@ -24,6 +24,7 @@ from ...functional import _layout as L
 from ...functional._core import normalize_fixed
 from ...functional.masked import moments, normalize_with
 from ...functional.norms import _unbiased, _update_running, _verify_batch_size
+from ...kernels.contract import stats_dtype
 from .._base import check_dims
 from .groups import auto_groups
 
@@ -54,8 +55,7 @@ class _EvoNorm(Module):
         """``ratio · γ + β`` on the core (mean 0, rstd 1), keeping the memory format."""
         xc, perm = L.dense(ratio)
         shape = L.per_channel_view(ratio, perm is not None)
-        acc = torch.float64 if ratio.dtype == torch.float64 else torch.float32
-        zero = torch.zeros(1, 1, self.num_features, dtype=acc, device=ratio.device)
+        zero = torch.zeros(1, 1, self.num_features, dtype=stats_dtype(ratio.dtype), device=ratio.device)
         y = normalize_fixed(
             xc, shape, zero, torch.ones_like(zero),
             L.param_view(self.weight, shape, False, False), L.param_view(self.bias, shape, False, False),
