@@ -10,14 +10,19 @@ cover every view (see ``cpu.py`` for the choice):
   the columns of a row and accumulates per column, folded into groups afterwards (channels_last
   BatchNorm, InstanceNorm and GroupNorm). Parameters are ``(P, W)``.
 
-Work is split into units ``(g, row chunk, group chunk)``. With one row chunk a unit owns whole
+Work is split into units ``(slab chunk, row chunk, group chunk)``. With one row chunk a unit owns whole
 groups and is *fused*: statistics and output are computed while the unit is still in cache, so the
 input is read from memory once. Otherwise partial sums per row chunk are combined first and the
 input is read a second time.
 
-Sums are shifted by the first element of each group and accumulated in float64, which makes
-constant groups exact, keeps squares of 1e30 finite and long reductions accurate. ``fastmath`` only
+Statistics are sums shifted by the first element of each group, accumulated in float64, which
+makes constant groups exact, keeps squares of 1e30 finite and long reductions accurate. Backward
+group reductions are float64 as well; dweight/dbias partials per unit are summed in the statistics
+dtype (as the reference sums them) and combined in float64. ``fastmath`` only
 allows reassociation and contraction (vectorized reductions, FMA); NaN and Inf keep propagating.
+
+bfloat16 arrays arrive as their uint16 bits: ``_load`` widens an element to float32 exactly and
+``_store`` rounds to nearest even (NaN to 0x7FC0), as torch's own conversion does.
 
 Every driver is compiled twice from the same source: with ``prange`` run in parallel, and serial
 for small work, single-threaded callers and forked children (the OpenMP layer is not fork-safe).
@@ -28,12 +33,63 @@ from __future__ import annotations
 import types as pytypes
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
 
 _FAST = {"reassoc", "contract"}
 _DRIVER = dict(cache=True, nogil=True, fastmath=_FAST)
 # Helpers are inlined into the drivers: a call passing arrays costs tens of nanoseconds per slab.
 _HELPER = dict(_DRIVER, inline="always")
+
+
+@intrinsic
+def _bits_to_f32(typingctx, bits):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def _f32_to_bits(typingctx, value):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+def _load(v):
+    """An element as a float: bfloat16 bits (uint16) widen to float32, floats pass through."""
+
+
+@overload(_load, inline="always")
+def _load_impl(v):
+    if isinstance(v, types.Integer):
+        return lambda v: _bits_to_f32(np.uint32(v) << np.uint32(16))
+    return lambda v: v
+
+
+def _store(a, i, v):
+    """``a[i] = v``, rounding to bfloat16 bits when ``a`` holds them."""
+
+
+@overload(_store)
+def _store_impl(a, i, v):
+    if isinstance(a.dtype, types.Integer):
+
+        def impl(a, i, v):
+            f = np.float32(v)
+            bits = _f32_to_bits(f)
+            rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+            a[i] = np.uint16(0x7FC0) if f != f else np.uint16(rounded)
+
+        return impl
+
+    def impl(a, i, v):
+        a[i] = v
+
+    return impl
 
 
 @njit(**_HELPER)
@@ -78,7 +134,7 @@ def _slab_param(g, w):
 
 @njit(**_HELPER)
 def _seg_shift(x, g, b, rms):
-    return 0.0 if rms else np.float64(x[g, 0, b, 0])
+    return 0.0 if rms else np.float64(_load(x[g, 0, b, 0]))
 
 
 @njit(**_HELPER)
@@ -91,7 +147,7 @@ def _seg_sums(x, g, r0, r1, b0, b1, rms, s, ss):
         for r in range(r0, r1):
             seg = x[g, r, b]
             for k in range(seg.shape[0]):
-                d = np.float64(seg[k]) - sh
+                d = np.float64(_load(seg[k])) - sh
                 a += d
                 aa += d * d
         s[b - b0] += a
@@ -113,17 +169,18 @@ def _seg_apply(x, y, g, r0, r1, b0, b1, mean, rstd, w, bias):
                 sc = rs * w[p, k1, b, 0]
                 t = bias[p, k1, b, 0]
                 for k in range(xs.shape[0]):
-                    ys[k] = (xs[k] - m) * sc + t
+                    _store(ys, k, (_load(xs[k]) - m) * sc + t)
             else:
                 ws = w[p, k1, b]
                 bs = bias[p, k1, b]
                 for k in range(xs.shape[0]):
-                    ys[k] = (xs[k] - m) * rs * ws[k] + bs[k]
+                    _store(ys, k, (_load(xs[k]) - m) * rs * ws[k] + bs[k])
 
 
 @njit(**_HELPER)
-def _seg_grad_sums(dy, x, g, r0, r1, b0, b1, mean, rstd, w, sg, sgx, dwp, dbp):
-    """Add sum(dy*w), sum(dy*w*xhat) per group to ``sg``, ``sgx`` and dweight/dbias partials."""
+def _seg_grad_sums(dy, x, g, r0, r1, b0, b1, mean, rstd, w, sg, sgx, dwt, dbt):
+    """Add sum(dy*w), sum(dy*w*xhat) per group to ``sg``, ``sgx`` (float64) and the dweight/dbias
+    sums to the unit's ``dwt``, ``dbt`` (statistics dtype, as the reference sums them)."""
     p = _slab_param(g, w)
     k1n = w.shape[1]
     for r in range(r0, r1):
@@ -137,28 +194,28 @@ def _seg_grad_sums(dy, x, g, r0, r1, b0, b1, mean, rstd, w, sg, sgx, dwp, dbp):
                 a_dw = 0.0
                 a_db = 0.0
                 for k in range(xs.shape[0]):
-                    d = ds[k]
-                    a_dw += np.float64(d * ((xs[k] - m) * rs))
+                    d = _load(ds[k])
+                    a_dw += np.float64(d * ((_load(xs[k]) - m) * rs))
                     a_db += np.float64(d)
                 wv = np.float64(w[p, k1, b, 0])
                 sg[b - b0] += wv * a_db
                 sgx[b - b0] += wv * a_dw
-                dwp[p, k1, b, 0] += a_dw
-                dbp[p, k1, b, 0] += a_db
+                dwt[p, k1, b, 0] += a_dw
+                dbt[p, k1, b, 0] += a_db
             else:
                 ws = w[p, k1, b]
-                dws = dwp[p, k1, b]
-                dbs = dbp[p, k1, b]
-                a_g = 0.0
-                a_gx = 0.0
+                dws = dwt[p, k1, b]
+                dbs = dbt[p, k1, b]
+                a_g = dws[0] - dws[0]
+                a_gx = a_g
                 for k in range(xs.shape[0]):
-                    d = ds[k]
-                    xh = (xs[k] - m) * rs
+                    d = _load(ds[k])
+                    xh = (_load(xs[k]) - m) * rs
                     gg = d * ws[k]
-                    a_g += np.float64(gg)
-                    a_gx += np.float64(gg * xh)
-                    dws[k] += np.float64(d * xh)
-                    dbs[k] += np.float64(d)
+                    a_g += gg
+                    a_gx += gg * xh
+                    dws[k] += d * xh
+                    dbs[k] += d
                 sg[b - b0] += a_g
                 sgx[b - b0] += a_gx
 
@@ -181,11 +238,11 @@ def _seg_dx(dy, x, dx, g, r0, r1, b0, b1, mean, rstd, w, c1, c2):
             if w.shape[3] == 1:
                 a = rs * w[p, k1, b, 0]
                 for k in range(xs.shape[0]):
-                    out[k] = a * ds[k] - bc * (xs[k] - m) - cc
+                    _store(out, k, a * _load(ds[k]) - bc * (_load(xs[k]) - m) - cc)
             else:
                 ws = w[p, k1, b]
                 for k in range(xs.shape[0]):
-                    out[k] = rs * ws[k] * ds[k] - bc * (xs[k] - m) - cc
+                    _store(out, k, rs * ws[k] * _load(ds[k]) - bc * (_load(xs[k]) - m) - cc)
 
 
 # ---- col: rows of W = B*R2 columns, accumulated per column -----------------------------------
@@ -196,7 +253,7 @@ def _col_shift(x, g, j0, j1, r2, rms):
     sh = np.zeros(j1 - j0)
     if not rms:
         for j in range(j0, j1):
-            sh[j - j0] = x[g, 0, (j // r2) * r2]
+            sh[j - j0] = _load(x[g, 0, (j // r2) * r2])
     return sh
 
 
@@ -206,7 +263,7 @@ def _col_sums(x, g, r0, r1, j0, j1, sh, s, ss):
     for r in range(r0, r1):
         xs = x[g, r, j0:j1]
         for k in range(xs.shape[0]):
-            d = np.float64(xs[k]) - sh[k]
+            d = np.float64(_load(xs[k])) - sh[k]
             s[k] += d
             ss[k] += d * d
 
@@ -231,7 +288,7 @@ def _col_apply(x, y, g, r0, r1, j0, j1, r2, mean, rstd, w, bias):
         xs = x[g, r, j0:j1]
         ys = y[g, r, j0:j1]
         for k in range(xs.shape[0]):
-            ys[k] = (xs[k] - mc[k]) * sc[k] + t[k]
+            _store(ys, k, (_load(xs[k]) - mc[k]) * sc[k] + t[k])
 
 
 @njit(**_HELPER)
@@ -243,8 +300,8 @@ def _col_grad_sums(dy, x, g, r0, r1, j0, j1, r2, mean, rstd, dws, dbs):
         xs = x[g, r, j0:j1]
         ds = dy[g, r, j0:j1]
         for k in range(xs.shape[0]):
-            d = ds[k]
-            dws[k] += np.float64(d * ((xs[k] - mc[k]) * rc[k]))
+            d = _load(ds[k])
+            dws[k] += np.float64(d * ((_load(xs[k]) - mc[k]) * rc[k]))
             dbs[k] += np.float64(d)
 
 
@@ -264,7 +321,7 @@ def _col_dx(dy, x, dx, g, r0, r1, j0, j1, r2, mean, rstd, w, c1, c2):
         ds = dy[g, r, j0:j1]
         out = dx[g, r, j0:j1]
         for k in range(xs.shape[0]):
-            out[k] = a[k] * ds[k] - bc[k] * (xs[k] - mc[k]) - cc[k]
+            _store(out, k, a[k] * _load(ds[k]) - bc[k] * (_load(xs[k]) - mc[k]) - cc[k])
 
 
 @njit(**_HELPER)
@@ -359,7 +416,7 @@ def forward_col(x, y, w, bias, mean, rstd, var, r2, eps, rms, plan):
             for j in range(b * r2, (b + 1) * r2):
                 s += ps[g, rc, j]
                 ss += pss[g, rc, j]
-        sh = 0.0 if rms else np.float64(x[g, 0, b * r2])
+        sh = 0.0 if rms else np.float64(_load(x[g, 0, b * r2]))
         mean[g, b], var[g, b], rstd[g, b] = _finish(s, ss, n, sh, eps, rms)
     for u in prange(units):
         g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
@@ -403,13 +460,17 @@ def backward_seg(dy, x, dx, mean, rstd, w, dwl, dbl, rms, batch_stats, want_dx, 
     for lane in prange(nlanes):
         for u in range(lane * units // nlanes, (lane + 1) * units // nlanes):
             g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
+            dwt = np.zeros(dwl.shape[1:], mean.dtype)
+            dbt = np.zeros(dwl.shape[1:], mean.dtype)
             for g in range(g0, g1):
-                _seg_grad_sums(dy, x, g, r0, r1, b0, b1, mean, rstd, w, ps[g, rc, b0:b1], pss[g, rc, b0:b1], dwl[lane], dbl[lane])
+                _seg_grad_sums(dy, x, g, r0, r1, b0, b1, mean, rstd, w, ps[g, rc, b0:b1], pss[g, rc, b0:b1], dwt, dbt)
                 if fused:
                     for b in range(b0, b1):
                         c1[g, b] = 0.0 if rms else ps[g, 0, b] / n
                         c2[g, b] = pss[g, 0, b] / n
                     _seg_dx(dy, x, dx, g, 0, R1, b0, b1, mean, rstd, w, c1, c2)
+            dwl[lane] += dwt
+            dbl[lane] += dbt
     if fused or not want_dx:
         return
     if batch_stats:

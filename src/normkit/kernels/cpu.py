@@ -1,8 +1,8 @@
 """The ``cpu`` backend: numba kernels on the 5-D view, parallel over groups, channels or row chunks.
 
-* float32 and float64 run natively. bfloat16 and float16 are widened to float32 with torch before the
-  kernels and the output is rounded back once, which is exactly what the reference computes (it
-  works in float32 too); this costs two extra passes over the data.
+* float32, float64 and bfloat16 run natively (bfloat16 as its bits, widened and rounded inside the
+  kernels, statistics in float32 as everywhere). float16 is widened to float32 with torch before
+  the kernels and rounded back once, as the reference does; this costs two extra passes.
 * Threads follow ``torch.get_num_threads()``. With one thread (DataLoader workers), for small
   tensors, and in a process forked after kernels ran in parallel, the serial compilation runs, so the
   OpenMP layer is never entered where it would oversubscribe or is not fork-safe.
@@ -25,8 +25,8 @@ from torch import Tensor
 from ._numba_kernels import DRIVERS
 from .contract import Grads, Stats
 
-NATIVE = (torch.float32, torch.float64)
-WIDENED = (torch.bfloat16, torch.float16)
+NATIVE = (torch.float32, torch.float64, torch.bfloat16)
+WIDENED = (torch.float16,)
 # A unit of work whose data fits in one core's L2 is read from memory once (statistics + output).
 CACHE_BYTES = 7 << 17
 # Small slabs are batched into units of about this size: per-unit overhead is tens of nanoseconds.
@@ -178,8 +178,13 @@ def _driver(name: str, threads: int):
     return par
 
 
+def _arr(t: Tensor) -> np.ndarray:
+    """The kernels' view of a tensor's data (bfloat16 as uint16 bits)."""
+    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
+
+
 def _widen(t: Tensor) -> Tensor:
-    """A detached tensor the kernels can read: float32 for the half types."""
+    """A detached tensor the kernels can read: float32 for float16."""
     t = t.detach()
     return t.float() if t.dtype in WIDENED else t
 
@@ -214,7 +219,7 @@ class CpuBackend:
         mean, rstd, var = (t.numpy().reshape(v.g, v.b) for t in stats)
         pl = plan(v, xs.element_size(), threads)
         w, b = _param(weight, v, pshape, acc, 1.0), _param(bias, v, pshape, acc, 0.0)
-        data = (xs.numpy().reshape(v.data_shape), y.numpy().reshape(v.data_shape), w, b, mean, rstd, var)
+        data = (_arr(xs).reshape(v.data_shape), _arr(y).reshape(v.data_shape), w, b, mean, rstd, var)
         if v.col:
             _driver("forward_col", threads)(*data, v.r2, float(eps), rms, tuple(pl))
         else:
@@ -232,7 +237,7 @@ class CpuBackend:
         y = torch.empty_like(xs)
         pl = plan(v, xs.element_size(), threads, fuse=False)
         data = (
-            xs.numpy().reshape(v.data_shape), y.numpy().reshape(v.data_shape),
+            _arr(xs).reshape(v.data_shape), _arr(y).reshape(v.data_shape),
             _param(weight, v, pshape, acc, 1.0), _param(bias, v, pshape, acc, 0.0),
             _np(mean, acc).reshape(v.g, v.b), _np(rstd, acc).reshape(v.g, v.b),
         )
@@ -265,8 +270,8 @@ class CpuBackend:
         pcols = (v.p, v.b * v.r2) if v.col else v.param_shape
         lanes = np.zeros((2, nlanes, *pcols))
         args = (
-            dys.numpy().reshape(v.data_shape), xs.numpy().reshape(v.data_shape),
-            (dx if want_dx else xs[:0]).numpy().reshape(v.data_shape if want_dx else (0,) * len(v.data_shape)),
+            _arr(dys).reshape(v.data_shape), _arr(xs).reshape(v.data_shape),
+            _arr(dx if want_dx else xs[:0]).reshape(v.data_shape if want_dx else (0,) * len(v.data_shape)),
             _np(mean, acc).reshape(v.g, v.b), _np(rstd, acc).reshape(v.g, v.b), _param(weight, v, tuple(param_shape), acc, 1.0),
             lanes[0], lanes[1],
         )
