@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from ..normalization import GroupNorm
 from .adain import AdaptiveInstanceNorm
 from .evonorm import EvoNormB0, EvoNormS0
 from .ghost import GhostBatchNorm
@@ -47,8 +48,6 @@ def _partial(cls: type[nn.Module], name: str, **fixed: Any) -> Callable[..., nn.
 
 
 def _auto_group_norm(num_channels: int, **kwargs: Any) -> nn.Module:
-    from ..normalization import GroupNorm
-
     return GroupNorm(auto_groups(num_channels), num_channels, **kwargs)
 
 
