@@ -74,8 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
     parser.add_argument("--shape", action="append", default=[], metavar="N,C,...",
                         help="replace the default shapes (repeatable); the last dim is the feature size for layer/rms")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for both sides (default: as is)")
     parser.add_argument("--min-time", type=float, default=None, help="seconds of timing per measurement")
-    parser.add_argument("--rounds", type=int, default=None, help="alternating repeats; the best median counts")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="alternating repeats of both sides; each keeps its best median (robust to load spikes)")
 
 
 def _sync(device: torch.device) -> Callable[[], None]:
@@ -243,8 +245,10 @@ def cases(args: argparse.Namespace) -> list[tuple[str, tuple[int, ...], str, str
 
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
-    min_time = args.min_time if args.min_time is not None else (0.05 if args.quick else 0.2)
-    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    min_time = args.min_time if args.min_time is not None else (0.02 if args.quick else 0.1)
+    rounds = args.rounds if args.rounds is not None else (3 if args.quick else 5)
     started = time.perf_counter()
     copy_new_gbps, copy_gbps = copy_bandwidth(device, min_time)
     results = []
