@@ -26,11 +26,12 @@ def figure(ncols: int = 1, nrows: int = 1, width: float = 5.0, height: float = 3
     return fig, list(axes.flat)
 
 
-def save(fig, out_dir: Path, name: str) -> str:
+def save(fig, out_dir: Path, name: str, tight_layout: bool = True) -> str:
     """Write ``name`` as PNG under ``out_dir`` and return the file name the report links to."""
-    fig.tight_layout()
+    if tight_layout:
+        fig.tight_layout()
     path = Path(out_dir) / name
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight", pad_inches=0.15)
     plt.close(fig)
     return path.name
 

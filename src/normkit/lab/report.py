@@ -25,7 +25,7 @@ def cube_figure(out_dir: Path) -> str:
         "InstanceNorm": lambda i, j, k: i == 0 and j == 0,
         "GroupNorm (2 groups)": lambda i, j, k: i == 0 and j < c // 2,
     }
-    fig = plots.plt.figure(figsize=(13, 3.6))
+    fig = plots.plt.figure(figsize=(14, 4.2))
     for index, (name, member) in enumerate(sets.items()):
         ax = fig.add_subplot(1, 4, index + 1, projection="3d")
         filled = np.ones((n, c, s), dtype=bool)
@@ -37,14 +37,16 @@ def cube_figure(out_dir: Path) -> str:
         ax.voxels(filled, facecolors=colors, edgecolor="#555555", linewidth=0.3)
         ax.set_xlabel("N (batch)")
         ax.set_ylabel("C (channels)")
-        ax.set_zlabel("H, W (spatial)")
+        ax.set_zlabel("H, W (spatial)", labelpad=-8)
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_zticks([])
-        ax.set_title(name)
+        ax.set_title(name, pad=0)
         ax.view_init(elev=22, azim=-58)
-    fig.suptitle("Shaded: the elements that share one mean and variance")
-    return plots.save(fig, out_dir, "norms_cube.png")
+        ax.set_box_aspect(None, zoom=0.85)
+    fig.suptitle("Shaded: the elements that share one mean and variance", y=0.98)
+    fig.subplots_adjust(left=0.0, right=0.97, bottom=0.02, top=0.86, wspace=0.05)
+    return plots.save(fig, out_dir, "norms_cube.png", tight_layout=False)
 
 
 def _img(out_dir: Path, name: str, alt: str) -> str:
