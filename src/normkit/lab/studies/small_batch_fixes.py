@@ -34,6 +34,7 @@ CLAIM = Claim(
 VERSION = 1
 LABELS = {"bn": "BatchNorm", "brn": "BatchRenorm", "ghost16": "ghost BN (16)", "gn": "GroupNorm", "gnws": "GroupNorm + WS",
           "ln": "LayerNorm"}  # fmt: skip
+COLOR_SLOTS = {"bn": "bn", "brn": "rms", "ghost16": "none", "gn": "gn", "gnws": "in", "ln": "ln"}  # a distinct palette colour each
 SMALL, REFERENCE = (2, 4), 32
 PRACTICAL = 0.03
 WARMUP, RAMP = 0.05, 0.4
@@ -128,7 +129,7 @@ def analyze(runs: list[Run], profile: Profile, out_dir: Path) -> Finding:
 
     fig, (ax,) = plots.figure(1, width=6)
     for n in s["norms"]:
-        plots.line_ci(ax, s["batches"], [acc[(n, b)] for b in s["batches"]], LABELS[n], n, 100)
+        plots.line_ci(ax, s["batches"], [acc[(n, b)] for b in s["batches"]], LABELS[n], COLOR_SLOTS[n], 100)
     ax.set(xscale="log", xlabel="batch size (lr scaled linearly)", ylabel="test accuracy (%)", title="CNN on digits")
     ax.set_xticks(s["batches"], [str(b) for b in s["batches"]])
     ax.legend(fontsize=7)
