@@ -213,8 +213,9 @@ def _table(results: list[Result], meta: dict[str, object]) -> None:
     console = Console(width=160)
     console.print(table)
     for dtype, s in meta["summary"].items():
-        console.print(f"[bold]{dtype}[/]: geomean speed-up forward {s['geomean_speedup_fwd']:.2f}x, "
-                      f"forward+backward {s['geomean_speedup_fwd_bwd']:.2f}x, min {s['min_speedup']:.2f}x")
+        fwd, bwd = (f"{v:.2f}x" if v == v else "n/a" for v in (s["geomean_speedup_fwd"], s["geomean_speedup_fwd_bwd"]))
+        console.print(f"[bold]{dtype}[/]: geomean speed-up forward {fwd}, forward+backward {bwd}, "
+                      f"min {s['min_speedup']:.2f}x")
 
 
 def _parse_shapes(specs: list[str]) -> list[tuple[int, ...]]:
