@@ -24,7 +24,7 @@ bench: $(STAMP)
 
 # headless Chromium (and CJK fonts for the article's quotes) for the slow test that opens report.html in a real browser
 browser:
-	apt-get install -y chromium fonts-noto-cjk
+	apt-get update && apt-get install -y chromium fonts-noto-cjk
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
