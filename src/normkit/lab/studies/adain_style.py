@@ -38,7 +38,7 @@ VERSION = 1
 
 
 def settings(profile: Profile) -> dict:
-    return {"ae_epochs": profile.pick(1, 4, 20), "cls_epochs": profile.pick(1, 3, 10), "n_train": profile.pick(128, 640, None),
+    return {"ae_epochs": profile.pick(1, 10, 20), "cls_epochs": profile.pick(1, 4, 10), "n_train": profile.pick(128, None, None),
             "n_test": profile.pick(64, 200, None), "width": profile.pick(8, 16, 16), "batch_size": 64, "lr": 0.1}  # fmt: skip
 
 

@@ -44,8 +44,8 @@ def settings(profile: Profile) -> dict:
     return {
         "norms": profile.pick(["bn", "brn", "gnws"], ["bn", "brn", "gn", "gnws", "ln"], ["bn", "brn", "ghost16", "gn", "gnws", "ln"]),
         "batches": profile.pick([2, 4, 32], [2, 4, 32], [2, 4, 8, 16, 32, 64, 128]),
-        "n_train": profile.pick(64, 128, 512),
-        "epochs": profile.pick(1, 3, 4),
+        "n_train": profile.pick(64, 512, 512),
+        "epochs": profile.pick(1, 4, 4),
         "widths": profile.pick([8, 16], [16, 32], [16, 32]),
         "base_lr": 0.1,
         "data": "digits",
