@@ -18,9 +18,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "cpu": ("normkit.kernels.cpu", "CpuBackend"),
 }
 # device type -> backends ``auto`` tries before the reference.
-AUTO_ORDER: dict[str, tuple[str, ...]] = {}
-AUTO_ORDER["cpu"] = ("cpu",)
-AUTO_ORDER["cuda"] = ("triton",)
+AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("cpu",), "cuda": ("triton",)}
 
 
 def names() -> tuple[str, ...]:

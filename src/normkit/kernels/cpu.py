@@ -195,6 +195,8 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 class CpuBackend:
     name = "cpu"
+    # No fused activation epilogue: the core composes the activation around these kernels.
+    activations: tuple[str, ...] = ()
 
     def supports(self, x5: Tensor, weight: Tensor | None) -> bool:
         return (
