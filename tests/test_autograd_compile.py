@@ -22,6 +22,9 @@ FUNCS = {
     "group_norm-channels_last": (lambda x, w, b: F.group_norm(x, 2, w, b), (2, 4, 3, 2)),
     "layer_norm": (lambda x, w, b: F.layer_norm(x, [4], w, b), (3, 4)),
     "rms_norm": (lambda x, w, b: F.rms_norm(x, [4], w * b), (3, 4)),
+    "group_norm-silu": (lambda x, w, b: F.group_norm(x, 2, w, b, activation="silu"), (2, 4, 3)),
+    "batch_norm-eval-gelu": (lambda x, w, b: F.batch_norm(x, RM, RV, w, b, False, activation="gelu"), (3, 4, 5)),
+    "layer_norm-gelu": (lambda x, w, b: F.layer_norm(x, [4], w, b, activation="gelu"), (3, 4)),
 }
 
 
@@ -41,13 +44,14 @@ def test_gradcheck_and_gradgradcheck(name):
     assert gradgradcheck(fn, inputs)
 
 
-def test_custom_ops_pass_opcheck():
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_custom_ops_pass_opcheck(activation):
     x = torch.randn(2, 6, 5)
     w, b = torch.rand(2, 3, 1, 1, requires_grad=True), torch.randn(2, 3, 1, 1, requires_grad=True)
     shape = [2, 2, 3, 1, 5]
-    torch.library.opcheck(_core._norm_batch, (x.requires_grad_(), shape, w, b, 1e-5, False))
+    torch.library.opcheck(_core._norm_batch, (x.requires_grad_(), shape, w, b, 1e-5, False, activation))
     mean, rstd = torch.randn(2, 2, 1), torch.rand(2, 2, 1) + 0.5
-    torch.library.opcheck(_core._norm_fixed, (x, shape, mean, rstd, w, b))
+    torch.library.opcheck(_core._norm_fixed, (x, shape, mean, rstd, w, b, activation))
 
 
 class SmallCNN(nk.Module):
@@ -61,9 +65,12 @@ class SmallCNN(nk.Module):
         self.inorm = nk.InstanceNorm2d(8, affine=True)
         self.ln = nk.LayerNorm([8, 6, 6])
         self.rms = nk.RMSNorm(6)
+        self.bnact = nk.BatchNormAct2d(8, act_layer="silu")
+        self.gnact = nk.GroupNormAct(4, 8, act_layer="gelu")
 
     def forward(self, x):
-        return self.rms(self.ln(self.inorm(self.gn(self.bn(self.conv(x)).relu())))).sum()
+        x = self.gn(self.bn(self.conv(x)).relu())
+        return self.rms(self.ln(self.gnact(self.bnact(self.inorm(x))))).sum()
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])

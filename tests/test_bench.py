@@ -29,7 +29,7 @@ def test_bench_writes_results_and_summary(tmp_path, capsys):
     meta, results = data["meta"], data["results"]
     assert meta["copy_gbps"] > 0 and meta["copy_into_new_gbps"] > 0 and meta["quick"] is True
     norms = {r["norm"] for r in results}
-    assert norms == {"batch", "instance", "group", "layer", "rms"}
+    assert norms == {"batch", "instance", "group", "group+silu", "layer", "rms"}
     assert {r["layout"] for r in results if r["norm"] == "group"} == {"nchw", "channels_last"}
     assert {r["mode"] for r in results} == {"fwd-train", "fwd-eval", "fwd+bwd"}
     assert {r["dtype"] for r in results} == {"fp32", "bf16"}

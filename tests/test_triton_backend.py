@@ -238,17 +238,20 @@ else:
         x = torch.randn(2, 6, 5, 3)
         if cl:
             x = x.contiguous(memory_format=torch.channels_last)
-        for ours, theirs in [
-            (normkit.nn.GroupNorm(3, 6), torch.nn.GroupNorm(3, 6)),
-            (normkit.nn.BatchNorm2d(6), torch.nn.BatchNorm2d(6)),
-            (normkit.nn.InstanceNorm2d(6, affine=True), torch.nn.InstanceNorm2d(6, affine=True)),
+        silu, gelu = torch.nn.functional.silu, torch.nn.functional.gelu
+        for ours, theirs, act in [
+            (normkit.nn.GroupNorm(3, 6), torch.nn.GroupNorm(3, 6), None),
+            (normkit.nn.BatchNorm2d(6), torch.nn.BatchNorm2d(6), None),
+            (normkit.nn.InstanceNorm2d(6, affine=True), torch.nn.InstanceNorm2d(6, affine=True), None),
+            (normkit.nn.GroupNormAct(3, 6, act_layer="silu"), torch.nn.GroupNorm(3, 6), silu),
+            (normkit.nn.BatchNormAct2d(6, act_layer="gelu"), torch.nn.BatchNorm2d(6), gelu),
         ]:
             ours.load_state_dict(theirs.state_dict())
             xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
             with normkit.backend("triton"):
                 y = ours(xa)
                 y.square().sum().backward()
-            y_t = theirs(xb)
+            y_t = theirs(xb) if act is None else act(theirs(xb))
             y_t.square().sum().backward()
             _close(y, y_t.detach(), 1e-4)
             _close(xa.grad, xb.grad, 1e-4)

@@ -1,7 +1,8 @@
 """``normkit bench``: normkit against torch.nn in one process, on the same tensors.
 
 Every norm x layout x mode (forward train, forward eval, forward+backward) x dtype over realistic
-activation shapes. Speed is reported as time, effective bandwidth (forward moves 2 bytes of tensor
+activation shapes, and GroupNorm followed by SiLU (``group+silu``: torch's two modules against
+normkit's ``GroupNormAct``, whose activation runs in the norm's epilogue). Speed is reported as time, effective bandwidth (forward moves 2 bytes of tensor
 per byte of input: read x, write y; forward+backward 5: plus read x, dy and write dx), the speed-up
 over torch.nn, and the share of the bandwidth of a large in-place copy measured in the same run.
 A copy into a new tensor is measured too: outputs above the allocator's mmap threshold (32 MB with
@@ -36,6 +37,7 @@ FULL = {
     "batch": (CONV_SHAPES, ("nchw", "channels_last")),
     "instance": (CONV_SHAPES, ("nchw", "channels_last")),
     "group": (CONV_SHAPES, ("nchw", "channels_last")),
+    "group+silu": (CONV_SHAPES, ("nchw", "channels_last")),
     "layer": (TOKEN_SHAPES, ("contiguous",)),
     "rms": (TOKEN_SHAPES, ("contiguous",)),
 }
@@ -43,6 +45,7 @@ QUICK = {
     "batch": ([(8, 256, 32, 32)], ("nchw", "channels_last")),
     "instance": ([(8, 256, 32, 32)], ("nchw", "channels_last")),
     "group": ([(8, 256, 32, 32)], ("nchw", "channels_last")),
+    "group+silu": ([(8, 256, 32, 32)], ("nchw", "channels_last")),
     "layer": ([(8, 512, 768)], ("contiguous",)),
     "rms": ([(8, 512, 768)], ("contiguous",)),
 }
@@ -106,6 +109,13 @@ def copy_bandwidth(device: torch.device, min_time: float, nbytes: int = 256 << 2
     return 2 * nbytes / fresh / 1e9, 2 * nbytes / inplace / 1e9
 
 
+class _GroupNormSiLU(torch.nn.GroupNorm):
+    """torch's GroupNorm then SiLU, with GroupNorm's state_dict keys."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.silu(super().forward(input))
+
+
 def _modules(norm: str, shape: tuple[int, ...]) -> tuple[torch.nn.Module, torch.nn.Module]:
     import normkit.nn as nk
 
@@ -115,6 +125,8 @@ def _modules(norm: str, shape: tuple[int, ...]) -> tuple[torch.nn.Module, torch.
     c, dims = shape[1], len(shape) - 2
     if norm == "group":
         return torch.nn.GroupNorm(min(32, c), c), nk.GroupNorm(min(32, c), c)
+    if norm == "group+silu":
+        return _GroupNormSiLU(min(32, c), c), nk.GroupNormAct(min(32, c), c, act_layer="silu")
     cls = f"{'BatchNorm' if norm == 'batch' else 'InstanceNorm'}{dims}d"
     kwargs = {} if norm == "batch" else {"affine": True, "track_running_stats": True}
     return getattr(torch.nn, cls)(c, **kwargs), getattr(nk, cls)(c, **kwargs)
@@ -168,14 +180,17 @@ def _geomean(values: list[float]) -> float:
 
 
 def summarize(results: list[Result], copy_inplace: float, copy_new: float) -> dict[str, object]:
-    """The numbers the targets are stated in (bandwidth shares against both copies)."""
+    """The numbers the targets are stated in (bandwidth shares against both copies). Speed-up summaries
+    are over the plain norms; norm+activation rows are summarized on their own."""
     out: dict[str, object] = {}
     for dtype in sorted({r.dtype for r in results}):
-        rows = [r for r in results if r.dtype == dtype]
+        fused = {f"{r.norm} {r.shape} {r.layout} {r.mode}": r.speedup for r in results if r.dtype == dtype and "+" in r.norm}
+        rows = [r for r in results if r.dtype == dtype and "+" not in r.norm]
         out[dtype] = {
+            "norm_act_speedup": fused,
             "geomean_speedup_fwd": _geomean([r.speedup for r in rows if r.mode != "fwd+bwd"]),
             "geomean_speedup_fwd_bwd": _geomean([r.speedup for r in rows if r.mode == "fwd+bwd"]),
-            "min_speedup": min(r.speedup for r in rows),
+            "min_speedup": min((r.speedup for r in rows), default=math.nan),
             "slower_than_torch": [f"{r.norm} {r.shape} {r.layout} {r.mode}" for r in rows if r.speedup < 1.0],
             "large_fwd_pct_copy": {
                 f"{r.norm} {r.shape} {r.layout} {r.mode}": r.pct_copy
@@ -213,9 +228,14 @@ def _table(results: list[Result], meta: dict[str, object]) -> None:
     console = Console(width=160)
     console.print(table)
     for dtype, s in meta["summary"].items():
-        fwd, bwd = (f"{v:.2f}x" if v == v else "n/a" for v in (s["geomean_speedup_fwd"], s["geomean_speedup_fwd_bwd"]))
-        console.print(f"[bold]{dtype}[/]: geomean speed-up forward {fwd}, forward+backward {bwd}, "
-                      f"min {s['min_speedup']:.2f}x")
+        fwd, bwd, low = (
+            f"{v:.2f}x" if v == v else "n/a"
+            for v in (s["geomean_speedup_fwd"], s["geomean_speedup_fwd_bwd"], s["min_speedup"])
+        )
+        console.print(f"[bold]{dtype}[/]: geomean speed-up forward {fwd}, forward+backward {bwd}, min {low}")
+        if s["norm_act_speedup"]:
+            fused = ", ".join(f"{k} {v:.2f}x" for k, v in s["norm_act_speedup"].items())
+            console.print(f"[bold]{dtype}[/] norm+activation vs torch's two modules: {fused}")
 
 
 def _parse_shapes(specs: list[str]) -> list[tuple[int, ...]]:

@@ -2,8 +2,10 @@
 
 Every functional entry point reduces its norm to a 5-D view (see ``normkit.kernels.contract``) and
 calls ``normalize_batch`` (statistics from the input) or ``normalize_fixed`` (given statistics,
-BatchNorm in eval mode). Backward saves only the input, mean and rstd. When a graph of the backward
-is requested (double backward), it is differentiated through the reference backend's torch ops.
+BatchNorm in eval mode). Either may end in an activation epilogue: fused by backends that list it
+in ``activations``, composed around the kernels (``activation.py``) for the others. Backward saves
+only the input, mean and rstd (and the parameters). When a graph of the backward is requested
+(double backward), it is differentiated through the reference backend's torch ops.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from torch import Tensor
 
 from ..selection import resolve
 from ..kernels import load
-from ..kernels.contract import stat_shape, stats_dtype
+from ..kernels.contract import Backend, stat_shape, stats_dtype
+from . import activation as act
 
 Shape5 = list[int]
 
@@ -32,30 +35,45 @@ def _stats_like(x: Tensor, shape: Shape5) -> Tensor:
     return x.new_empty((q, p, b), dtype=stats_dtype(x.dtype))
 
 
+def _fuses(backend: Backend, activation: Optional[str]) -> bool:
+    return activation is not None and activation in backend.activations
+
+
 @torch.library.custom_op("normkit::norm_batch", mutates_args=())
 def _norm_batch(
-    x: Tensor, shape: Shape5, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, rms: bool
+    x: Tensor, shape: Shape5, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, rms: bool,
+    activation: Optional[str],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     x5 = x.view(shape)
-    y, st = resolve(x5, weight).forward(x5, weight, bias, eps, rms)
+    backend = resolve(x5, weight)
+    if _fuses(backend, activation):
+        y, st = backend.forward(x5, weight, bias, eps, rms, activation=activation)
+    else:
+        y, st = backend.forward(x5, weight, bias, eps, rms)
+        y = act.apply(activation, y, inplace=True)
     return y.view(x.shape), st.mean, st.rstd, st.var
 
 
 @_norm_batch.register_fake
-def _(x, shape, weight, bias, eps, rms):
+def _(x, shape, weight, bias, eps, rms, activation):
     return torch.empty_like(x), _stats_like(x, shape), _stats_like(x, shape), _stats_like(x, shape)
 
 
 @torch.library.custom_op("normkit::norm_fixed", mutates_args=())
 def _norm_fixed(
-    x: Tensor, shape: Shape5, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
+    x: Tensor, shape: Shape5, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+    activation: Optional[str],
 ) -> Tensor:
     x5 = x.view(shape)
-    return resolve(x5, weight).normalize(x5, mean, rstd, weight, bias).view(x.shape)
+    backend = resolve(x5, weight)
+    if _fuses(backend, activation):
+        return backend.normalize(x5, mean, rstd, weight, bias, activation=activation).view(x.shape)
+    y = backend.normalize(x5, mean, rstd, weight, bias)
+    return act.apply(activation, y, inplace=True).view(x.shape)
 
 
 @_norm_fixed.register_fake
-def _(x, shape, mean, rstd, weight, bias):
+def _(x, shape, mean, rstd, weight, bias, activation):
     return torch.empty_like(x)
 
 
@@ -67,16 +85,23 @@ def _norm_backward(
     mean: Tensor,
     rstd: Tensor,
     weight: Optional[Tensor],
+    bias: Optional[Tensor],
     param_shape: list[int],
     rms: bool,
     batch_stats: bool,
     output_mask: list[bool],
+    activation: Optional[str],
 ) -> tuple[Tensor, Tensor, Tensor]:
     x5 = x.view(shape)
-    grads = resolve(x5, weight).backward(
-        dy.contiguous().view(shape), x5, mean, rstd, weight, tuple(param_shape), rms, batch_stats,
-        tuple(output_mask),
-    )
+    backend = resolve(x5, weight)
+    dy5 = dy.contiguous().view(shape)
+    args = (x5, mean, rstd, weight, tuple(param_shape), rms, batch_stats, tuple(output_mask))
+    if _fuses(backend, activation):
+        grads = backend.backward(dy5, *args, bias=bias, activation=activation)
+    else:
+        if activation is not None:
+            dy5 = act.backward(activation, backend.normalize(x5, mean, rstd, weight, bias), dy5)
+        grads = backend.backward(dy5, *args)
     dx = x.new_empty(0) if grads.dx is None else grads.dx.view(x.shape)
     return dx, _or_empty(grads.dweight, x), _or_empty(grads.dbias, x)
 
@@ -87,7 +112,7 @@ def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
 
 
 @_norm_backward.register_fake
-def _(dy, x, shape, mean, rstd, weight, param_shape, rms, batch_stats, output_mask):
+def _(dy, x, shape, mean, rstd, weight, bias, param_shape, rms, batch_stats, output_mask, activation):
     acc = stats_dtype(x.dtype)
     return (
         torch.empty_like(x) if output_mask[0] else x.new_empty(0),
@@ -104,8 +129,8 @@ def _grads_via_op(ctx, dy: Tensor, batch_stats: bool) -> tuple[Optional[Tensor],
     x, mean, rstd, weight, bias = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[ctx.param_index], ctx.needs_input_grad[ctx.param_index + 1]
     dx, dw, db = _norm_backward(
-        dy, x, ctx.shape, mean, rstd, weight, list(_param_shape(ctx.shape, weight, bias)), ctx.rms,
-        batch_stats, [need_x, need_w and weight is not None, need_b and bias is not None],
+        dy, x, ctx.shape, mean, rstd, weight, bias, list(_param_shape(ctx.shape, weight, bias)), ctx.rms,
+        batch_stats, [need_x, need_w and weight is not None, need_b and bias is not None], ctx.activation,
     )
     return (dx if need_x else None), _param_grad(dw, weight, need_w), _param_grad(db, bias, need_b)
 
@@ -121,7 +146,7 @@ def _grads_via_reference(ctx, dy: Tensor, forward) -> tuple[Optional[Tensor], ..
     live = [t for t, w in zip(inputs, wanted) if w]
     if not live:
         return None, None, None
-    y = forward(x, mean, rstd, weight, bias)
+    y = act.apply(ctx.activation, forward(x, mean, rstd, weight, bias))
     grads = iter(torch.autograd.grad(y, live, dy, create_graph=True, allow_unused=True))
     return tuple(next(grads) if w else None for w in wanted)
 
@@ -137,10 +162,10 @@ def _reference_batch(ctx):
 
 
 def _setup_batch(ctx, inputs, output):
-    x, shape, weight, bias, eps, rms = inputs
+    x, shape, weight, bias, eps, rms, activation = inputs
     _, mean, rstd, _ = output
     ctx.save_for_backward(x, mean, rstd, weight, bias)
-    ctx.shape, ctx.eps, ctx.rms, ctx.param_index = shape, eps, rms, 2
+    ctx.shape, ctx.eps, ctx.rms, ctx.param_index, ctx.activation = shape, eps, rms, 2, activation
 
 
 def _backward_batch(ctx, dy, _dmean, _drstd, _dvar):
@@ -148,13 +173,13 @@ def _backward_batch(ctx, dy, _dmean, _drstd, _dvar):
         dx, dw, db = _grads_via_reference(ctx, dy, _reference_batch(ctx))
     else:
         dx, dw, db = _grads_via_op(ctx, dy, batch_stats=True)
-    return dx, None, dw, db, None, None
+    return dx, None, dw, db, None, None, None
 
 
 def _setup_fixed(ctx, inputs, output):
-    x, shape, mean, rstd, weight, bias = inputs
+    x, shape, mean, rstd, weight, bias, activation = inputs
     ctx.save_for_backward(x, mean, rstd, weight, bias)
-    ctx.shape, ctx.rms, ctx.param_index = shape, False, 4
+    ctx.shape, ctx.rms, ctx.param_index, ctx.activation = shape, False, 4, activation
 
 
 def _backward_fixed(ctx, dy):
@@ -167,7 +192,7 @@ def _backward_fixed(ctx, dy):
         dx, dw, db = _grads_via_reference(ctx, dy, forward)
     else:
         dx, dw, db = _grads_via_op(ctx, dy, batch_stats=False)
-    return dx, None, None, None, dw, db
+    return dx, None, None, None, dw, db, None
 
 
 _norm_batch.register_autograd(_backward_batch, setup_context=_setup_batch)
@@ -175,17 +200,31 @@ _norm_fixed.register_autograd(_backward_fixed, setup_context=_setup_fixed)
 
 
 def normalize_batch(
-    x: Tensor, shape: Shape5, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, rms: bool = False
+    x: Tensor,
+    shape: Shape5,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    rms: bool = False,
+    activation: Optional[str] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Normalize ``x`` (contiguous) with statistics of its 5-D view; returns (y, mean, rstd, var)."""
-    return _norm_batch(x, list(shape), weight, bias, float(eps), rms)
+    act.check(activation)
+    return _norm_batch(x, list(shape), weight, bias, float(eps), rms, activation)
 
 
 def normalize_fixed(
-    x: Tensor, shape: Shape5, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
+    x: Tensor,
+    shape: Shape5,
+    mean: Tensor,
+    rstd: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    activation: Optional[str] = None,
 ) -> Tensor:
     """Normalize ``x`` (contiguous) with given statistics of shape (Q, P, B)."""
-    return _norm_fixed(x, list(shape), mean, rstd, weight, bias)
+    act.check(activation)
+    return _norm_fixed(x, list(shape), mean, rstd, weight, bias, activation)
 
 
 __all__ = ["normalize_batch", "normalize_fixed", "stat_shape"]

@@ -1,4 +1,8 @@
-"""``torch.nn.functional``-compatible entry points. Each validates like torch, picks a view, calls the core."""
+"""``torch.nn.functional``-compatible entry points. Each validates like torch, picks a view, calls the core.
+
+Beyond torch's signatures: ``mask`` (statistics from valid positions only) and ``activation``
+("relu", "silu", "gelu": applied to the output, fused into the kernels where the backend can).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from torch import Tensor
 
 from ..kernels.contract import stats_dtype
 from . import _layout as L
+from . import activation as A
 from . import masked as M
 from ._core import normalize_batch, normalize_fixed
 
@@ -54,12 +59,19 @@ def _fixed_stats(running_mean: Tensor, running_var: Tensor, eps: float, acc: tor
     return mean, rstd
 
 
-def _per_channel_eval(x: Tensor, running_mean: Tensor, running_var: Tensor, weight, bias, eps: float) -> Tensor:
+def _per_channel_eval(
+    x: Tensor, running_mean: Tensor, running_var: Tensor, weight, bias, eps: float, activation: str | None
+) -> Tensor:
     xc, perm = L.dense(x)
     shape = L.per_channel_view(x, perm is not None)
     mean, rstd = _fixed_stats(running_mean, running_var, eps, stats_dtype(x.dtype))
-    y = normalize_fixed(xc, shape, mean, rstd, L.param_view(weight, shape, False, False), L.param_view(bias, shape, False, False))
-    return L.restore(y, perm)
+    pw, pb = L.param_view(weight, shape, False, False), L.param_view(bias, shape, False, False)
+    return L.restore(normalize_fixed(xc, shape, mean, rstd, pw, pb, activation), perm)
+
+
+def _empty(input: Tensor, activation: str | None) -> Tensor:
+    A.check(activation)
+    return input.clone()
 
 
 def batch_norm(
@@ -72,11 +84,13 @@ def batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
     mask: Tensor | None = None,
+    activation: str | None = None,
 ) -> Tensor:
     """Batch normalization with ``torch.nn.functional.batch_norm``'s signature and semantics.
 
     ``mask`` (bool, True = valid; shape broadcastable to the input, or the input's without the channel
     dim) restricts the training statistics and running-statistics updates to the valid positions.
+    ``activation`` is applied to the output.
     """
     if training:
         _verify_batch_size(input.size())
@@ -87,15 +101,17 @@ def batch_norm(
     if not training:
         if running_mean is None or running_var is None:
             raise RuntimeError("running_mean must be defined in evaluation mode")
-        return _per_channel_eval(input, running_mean, running_var, weight, bias, eps)
+        return _per_channel_eval(input, running_mean, running_var, weight, bias, eps, activation)
     if input.numel() == 0:
-        return input.clone()
+        return _empty(input, activation)
     if mask is not None:
-        return M.batch_norm(input, mask, running_mean, running_var, weight, bias, momentum, eps)
+        y = M.batch_norm(input, mask, running_mean, running_var, weight, bias, momentum, eps)
+        return A.apply(activation, y)
     xc, perm = L.dense(input)
     shape = L.per_channel_view(input, perm is not None)
     y, mean, _, var = normalize_batch(
-        xc, shape, L.param_view(weight, shape, False, False), L.param_view(bias, shape, False, False), eps
+        xc, shape, L.param_view(weight, shape, False, False), L.param_view(bias, shape, False, False), eps,
+        activation=activation,
     )
     if running_mean is not None:
         _update_running(running_mean, mean.view(c), momentum)
@@ -114,10 +130,11 @@ def instance_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
     mask: Tensor | None = None,
+    activation: str | None = None,
 ) -> Tensor:
     """Instance normalization with ``torch.nn.functional.instance_norm``'s signature; keeps channels-last.
 
-    ``mask`` (bool, True = valid) restricts the statistics to the valid positions, as in ``batch_norm``.
+    ``mask`` and ``activation`` as in ``batch_norm``.
     """
     if use_input_stats:
         _verify_spatial_size(input.size())
@@ -131,15 +148,17 @@ def instance_norm(
     if not use_input_stats:
         if running_mean is None or running_var is None:
             raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false")
-        return _per_channel_eval(input, running_mean, running_var, weight, bias, eps)
+        return _per_channel_eval(input, running_mean, running_var, weight, bias, eps, activation)
     if input.numel() == 0:
-        return input.clone()
+        return _empty(input, activation)
     if mask is not None:
-        return M.instance_norm(input, mask, running_mean, running_var, weight, bias, momentum, eps)
+        y = M.instance_norm(input, mask, running_mean, running_var, weight, bias, momentum, eps)
+        return A.apply(activation, y)
     xc, perm = L.dense(input)
     shape = L.per_instance_view(input, perm is not None)
     y, mean, _, var = normalize_batch(
-        xc, shape, L.param_view(weight, shape, False, False), L.param_view(bias, shape, False, False), eps
+        xc, shape, L.param_view(weight, shape, False, False), L.param_view(bias, shape, False, False), eps,
+        activation=activation,
     )
     if running_mean is not None:
         _update_running(running_mean, mean.view(n, c).mean(0), momentum)
@@ -155,10 +174,11 @@ def group_norm(
     bias: Tensor | None = None,
     eps: float = 1e-5,
     mask: Tensor | None = None,
+    activation: str | None = None,
 ) -> Tensor:
     """Group normalization with ``torch.nn.functional.group_norm``'s signature; fast in both layouts.
 
-    ``mask`` (bool, True = valid) restricts the statistics to the valid positions, as in ``batch_norm``.
+    ``mask`` and ``activation`` as in ``batch_norm``.
     """
     if input.dim() < 2:
         raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
@@ -177,14 +197,15 @@ def group_norm(
                 f"{name} of shape {list(t.shape)} and input of shape {list(input.shape)}"
             )
     if input.numel() == 0:
-        return input.clone()
+        return _empty(input, activation)
     if mask is not None:
-        return M.group_norm(input, mask, num_groups, weight, bias, eps)
+        return A.apply(activation, M.group_norm(input, mask, num_groups, weight, bias, eps))
     xc, perm = L.dense(input)
     cl = perm is not None
     shape = L.per_group_view(input, num_groups, cl)
     y, *_ = normalize_batch(
-        xc, shape, L.param_view(weight, shape, not cl, cl), L.param_view(bias, shape, not cl, cl), eps
+        xc, shape, L.param_view(weight, shape, not cl, cl), L.param_view(bias, shape, not cl, cl), eps,
+        activation=activation,
     )
     return L.restore(y, perm)
 
@@ -210,12 +231,13 @@ def _check_normalized_shape(input: Tensor, normalized_shape: Sequence[int], weig
     return math.prod(shape)
 
 
-def _trailing_norm(input: Tensor, d: int, weight, bias, eps: float, rms: bool) -> Tensor:
+def _trailing_norm(input: Tensor, d: int, weight, bias, eps: float, rms: bool, activation: str | None) -> Tensor:
     if input.numel() == 0:
-        return input.clone()
+        return _empty(input, activation)
     xc = input.contiguous()
     shape = L.trailing_view(xc, d)
-    y, *_ = normalize_batch(xc, shape, L.param_view(weight, shape, True, False), L.param_view(bias, shape, True, False), eps, rms)
+    pw, pb = L.param_view(weight, shape, True, False), L.param_view(bias, shape, True, False)
+    y, *_ = normalize_batch(xc, shape, pw, pb, eps, rms, activation)
     return y
 
 
@@ -226,17 +248,18 @@ def layer_norm(
     bias: Tensor | None = None,
     eps: float = 1e-5,
     mask: Tensor | None = None,
+    activation: str | None = None,
 ) -> Tensor:
     """Layer normalization with ``torch.nn.functional.layer_norm``'s signature.
 
     ``mask`` (bool, True = valid, broadcastable to the input) restricts each row's statistics to its
-    valid positions.
+    valid positions; ``activation`` as in ``batch_norm``.
     """
     d = _check_normalized_shape(input, normalized_shape, weight, bias, ", ")
     _check_float(input, "LayerNormKernelImpl")
     if mask is not None and input.numel():
-        return M.layer_norm(input, mask, d, weight, bias, eps)
-    return _trailing_norm(input, d, weight, bias, eps, rms=False)
+        return A.apply(activation, M.layer_norm(input, mask, d, weight, bias, eps))
+    return _trailing_norm(input, d, weight, bias, eps, False, activation)
 
 
 def rms_norm(
@@ -244,10 +267,14 @@ def rms_norm(
     normalized_shape: Sequence[int],
     weight: Tensor | None = None,
     eps: float | None = None,
+    activation: str | None = None,
 ) -> Tensor:
-    """RMS normalization with ``torch.nn.functional.rms_norm``'s signature (``eps=None``: the eps of the compute dtype)."""
+    """RMS normalization with ``torch.nn.functional.rms_norm``'s signature (``eps=None``: the eps of the compute dtype).
+
+    ``activation`` as in ``batch_norm``.
+    """
     d = _check_normalized_shape(input, normalized_shape, weight, None, "")
     _check_float(input, "rms_norm")
     if eps is None:
         eps = torch.finfo(stats_dtype(input.dtype)).eps
-    return _trailing_norm(input, d, weight, None, eps, rms=True)
+    return _trailing_norm(input, d, weight, None, eps, True, activation)

@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 
 REDUCED_DIMS = (2, 4)
+# Activation epilogues the core offers after the affine transform (``activation=`` in the functional API).
+ACTIVATIONS = ("relu", "silu", "gelu")
 
 
 class Stats(NamedTuple):
@@ -58,6 +60,10 @@ class Backend(Protocol):
     """What the core calls. Tensors are 5-D views of contiguous tensors (see module doc)."""
 
     name: str
+    # Activations the kernels fuse. Only these are passed as ``activation=`` to forward, normalize
+    # and backward (with ``bias=`` in backward, to recompute the activation input); the core
+    # composes any other around the kernels.
+    activations: tuple[str, ...]
 
     def supports(self, x5: Tensor, weight: Tensor | None) -> bool:
         """False makes the core use the reference backend for this call."""

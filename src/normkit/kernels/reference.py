@@ -84,6 +84,7 @@ def _affine(centred: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor |
 
 class ReferenceBackend:
     name = "reference"
+    activations: tuple[str, ...] = ()
 
     def supports(self, x5: Tensor, weight: Tensor | None) -> bool:
         return True

@@ -16,6 +16,10 @@ class _BatchNorm(NormBase):
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         """``mask`` (bool, True = valid) keeps padding out of the batch and running statistics."""
+        return self._normalize(input, mask, None)
+
+    def _normalize(self, input: Tensor, mask: Tensor | None, activation: str | None) -> Tensor:
+        """torch's BatchNorm forward (running-stat bookkeeping included), ending in ``activation``."""
         self._check_input_dim(input)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
@@ -33,6 +37,7 @@ class _BatchNorm(NormBase):
             factor,
             self.eps,
             mask,
+            activation,
         )
 
 
