@@ -3,7 +3,9 @@
 Shifted two-pass statistics: each group is shifted by its first element (constant groups become
 exactly zero and normalize to exactly ``b``), the variance is the norm of ``x - mean``; a group whose
 variance overflows float32 is recomputed in float64. ``x - mean`` is computed once and reused for the output,
-and per-group factors fold into few passes: ``y = (x - mean) * (rstd * w) + b``.
+and per-group factors fold into few passes: ``y = (x - mean) * (rstd * w) + b``. Temporaries that
+autograd does not track are updated in place: besides saving passes, a second full-size buffer makes
+glibc return the heap top to the system on every free, and the page faults then cost more than the math.
 """
 
 from __future__ import annotations
@@ -40,10 +42,23 @@ def _centred_moments(xa: Tensor, rms: bool) -> tuple[Tensor, Tensor, Tensor]:
             shift = shift.narrow(d, 0, 1)
         shifted = view - shift
         mean_shifted = shifted.mean(dims, keepdim=True)
-        mean, centred = shift + mean_shifted, shifted - mean_shifted
-    var = torch.linalg.vector_norm(centred, 2, dim=dims, keepdim=True).square() / n
+        mean, centred = shift + mean_shifted, _owned_sub(shifted, mean_shifted)
+    var = _sum_squares(centred, dims) / n
     q, p, _, b, _ = xa.shape
     return mean.view(q, p, 1, b, 1), var.view(q, p, 1, b, 1), centred.view(xa.shape)
+
+
+def _sum_squares(t: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """Per-group sum of squares. torch's vector_norm is fastest over contiguous rows but several
+    times slower than squaring and summing over strided axes."""
+    if dims == (2,):
+        return torch.linalg.vector_norm(t, 2, dim=dims, keepdim=True).square()
+    return t.square().sum(dims, keepdim=True)
+
+
+def _owned_sub(t: Tensor, other: Tensor) -> Tensor:
+    """``t - other``, in place when autograd does not track ``t`` (a temporary of ours)."""
+    return t - other if t.requires_grad else t.sub_(other)
 
 
 def centred_moments(x5: Tensor, eps: float, rms: bool) -> tuple[Stats, Tensor]:
@@ -70,16 +85,25 @@ def _per_group(w: Tensor | None) -> bool:
     return w is None or (w.shape[1] == 1 and w.shape[3] == 1)
 
 
-def _affine(centred: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """``centred * rstd * w + b`` in few passes; ``rstd * w`` folds when w is constant per group."""
+def _affine(
+    centred: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None, dtype: torch.dtype, owned: bool
+) -> Tensor:
+    """``centred * rstd * w + b`` in few passes; ``rstd * w`` folds when w is constant per group.
+
+    ``owned``: ``centred`` is our temporary and may receive the result when autograd does not track it.
+    """
     w, b = _param(weight, centred.dtype), _param(bias, centred.dtype)
+    tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (centred, rstd, w, b))
+    out = centred if owned and not tracked else None
     if _per_group(weight):
         scale = rstd if w is None else rstd * w
-        y = centred * scale if b is None else torch.addcmul(b, centred, scale)
+        y = torch.mul(centred, scale, out=out) if b is None else torch.addcmul(b, centred, scale, out=out)
     else:
-        y = centred * rstd
-        y = y * w if b is None else torch.addcmul(b, y, w)
+        y = torch.mul(centred, rstd, out=out)
+        out = None if tracked else y
+        y = torch.mul(y, w, out=out) if b is None else torch.addcmul(b, y, w, out=out)
     return y.to(dtype)
+
 
 
 class ReferenceBackend:
@@ -93,7 +117,7 @@ class ReferenceBackend:
         self, x5: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool
     ) -> tuple[Tensor, Stats]:
         st, centred = centred_moments(x5, eps, rms)
-        y = _affine(centred, st.rstd, weight, bias, x5.dtype)
+        y = _affine(centred, st.rstd, weight, bias, x5.dtype, owned=not rms)
         q, p, _, b, _ = x5.shape
         return y, Stats(*(t.reshape(q, p, b) for t in st))
 
@@ -101,8 +125,9 @@ class ReferenceBackend:
         self, x5: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None
     ) -> Tensor:
         centred = x5.to(stats_dtype(x5.dtype)) - _bcast(mean)
-        return _affine(centred, _bcast(rstd), weight, bias, x5.dtype)
+        return _affine(centred, _bcast(rstd), weight, bias, x5.dtype, owned=True)
 
+    @torch.no_grad()
     def backward(
         self,
         dy5: Tensor,
@@ -118,21 +143,25 @@ class ReferenceBackend:
         acc = stats_dtype(x5.dtype)
         mean, rstd = _bcast(mean), _bcast(rstd)
         dy = dy5.to(acc)
-        xhat = (x5.to(acc) - mean) * rstd
+        xhat = (x5.to(acc) - mean).mul_(rstd)
         w = _param(weight, acc)
+        per_group = _per_group(weight)
+        # g = dy * w; per-group weights fold into ``scale`` instead, so g is dy and g * xhat is dy * xhat.
+        g_is_dy = per_group or w is None
+        dyx = dy * xhat if output_mask[1] or (output_mask[0] and batch_stats and g_is_dy) else None
         dims = param_reduce_dims(param_shape)
-        dw = (dy * xhat).sum(dims).reshape(param_shape) if output_mask[1] else None
+        dw = dyx.sum(dims).reshape(param_shape) if output_mask[1] else None
         db = dy.sum(dims).reshape(param_shape) if output_mask[2] else None
         if not output_mask[0]:
             return Grads(None, dw, db)
-        # dx = rstd * (g - mean_R(g) - xhat * mean_R(g * xhat)), g = dy * w, as dy * A + xhat * B + C.
-        per_group = _per_group(weight)
-        g = dy if per_group or w is None else dy * w
-        scale = rstd * w if per_group and w is not None else rstd
+        # dx = rstd * (g - mean_R(g) - xhat * mean_R(g * xhat)), as g * scale + xhat * B + C.
+        g = dy if g_is_dy else dy * w
+        scale = rstd if g_is_dy and w is None else (rstd * w if g_is_dy else rstd)
         if not batch_stats:
-            return Grads((g * scale).to(x5.dtype), dw, db)
+            return Grads(torch.mul(g, scale, out=xhat).to(x5.dtype), dw, db)
         n = math.prod(x5.shape[d] for d in REDUCED_DIMS)
-        proj = (g * xhat).sum(REDUCED_DIMS, keepdim=True) * (-1.0 / n)
+        gx = dyx if g_is_dy else g * xhat
+        proj = gx.sum(REDUCED_DIMS, keepdim=True) * (-1.0 / n)
         shift = torch.zeros_like(proj) if rms else g.sum(REDUCED_DIMS, keepdim=True) * (-1.0 / n)
-        dx = torch.addcmul(torch.addcmul(shift * scale, g, scale), xhat, proj * scale)
+        dx = torch.addcmul(shift * scale, g, scale, out=gx).addcmul_(xhat, proj * scale)
         return Grads(dx.to(x5.dtype), dw, db)
