@@ -1,7 +1,8 @@
 """Small models for the lab, every normalization built from ``normkit.nn`` (or ``torch.nn`` for comparison).
 
 A norm is named by a short string: ``none``, ``bn``, ``ln``, ``in``, ``gn`` (``gn4`` = 4 groups), ``rms``,
-``ghost8`` (batch norm whose statistics come from chunks of 8 examples).
+``ghost8`` (batch norm whose statistics come from chunks of 8 examples: normkit's ``GhostBatchNorm``
+under either backend, torch.nn has none), ``bnmask`` (normkit's BatchNorm1d given the padding mask).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import Tensor
 
 import normkit.nn
 
-NORM_LABELS = {"none": "no norm", "bn": "BatchNorm", "ln": "LayerNorm", "in": "InstanceNorm", "gn": "GroupNorm", "rms": "RMSNorm"}
+NORM_LABELS = {"none": "no norm", "bn": "BatchNorm", "bnmask": "BatchNorm, masked", "ln": "LayerNorm", "in": "InstanceNorm", "gn": "GroupNorm", "rms": "RMSNorm"}
 
 
 def norm_label(kind: str) -> str:
@@ -37,34 +38,6 @@ def default_groups(channels: int) -> int:
     return math.gcd(channels, 8)
 
 
-class GhostBatchNorm(tnn.Module):
-    """Batch norm with statistics from chunks of ``ghost`` examples (Hoffer et al. 2017): more noise, same model.
-
-    Each chunk is folded into the feature axis so one batch-norm call covers all chunks.
-    """
-
-    def __init__(self, channels: int, ghost: int, backend: str):
-        super().__init__()
-        self.ghost = ghost
-        self.inner = layers(backend).BatchNorm1d(channels)
-        self._functional = F.batch_norm if backend == "torch" else normkit.functional.batch_norm
-
-    def forward(self, x: Tensor) -> Tensor:
-        n, c = x.shape
-        if not self.training or n % self.ghost or n == self.ghost:
-            return self.inner(x)
-        k = n // self.ghost
-        folded = x.view(k, self.ghost, c).transpose(0, 1).reshape(self.ghost, k * c)
-        y = self._functional(folded, None, None, training=True, eps=self.inner.eps)
-        with torch.no_grad():  # running statistics as if from the whole batch, for eval
-            m = self.inner.momentum
-            self.inner.running_mean.mul_(1 - m).add_(x.mean(0), alpha=m)
-            self.inner.running_var.mul_(1 - m).add_(x.var(0), alpha=m)
-            self.inner.num_batches_tracked += 1
-        y = y.view(self.ghost, k, c).transpose(0, 1).reshape(n, c)
-        return y * self.inner.weight + self.inner.bias
-
-
 def make_norm(kind: str, channels: int, backend: str, size: tuple[int, ...] = ()) -> tnn.Module:
     """A norm layer for ``channels`` features with spatial ``size`` (``()`` for plain vectors)."""
     L = layers(backend)
@@ -73,10 +46,10 @@ def make_norm(kind: str, channels: int, backend: str, size: tuple[int, ...] = ()
         return tnn.Identity()
     if kind == "bn":
         return (L.BatchNorm1d, L.BatchNorm1d, L.BatchNorm2d)[dims](channels)
+    if kind == "bnmask":
+        return normkit.nn.BatchNorm1d(channels)
     if kind.startswith("ghost"):
-        if dims:
-            raise ValueError("ghost batch norm is only built for feature vectors here")
-        return GhostBatchNorm(channels, int(kind[5:]), backend)
+        return normkit.nn.GhostBatchNorm(channels, ghost_batch_size=int(kind[5:]))
     if kind == "ln":
         return L.LayerNorm([channels, *size])
     if kind == "in":
@@ -166,16 +139,19 @@ class DenoisingAutoencoder(tnn.Module):
 
 
 class SequenceNorm(tnn.Module):
-    """A norm over the feature axis of (N, L, D) token features; batch norm sees padding like a naive port would."""
+    """A norm over the feature axis of (N, L, D) token features. ``bn`` sees padding like a naive port
+    would; ``bnmask`` takes its statistics from the valid positions only."""
 
     def __init__(self, kind: str, dim: int, backend: str):
         super().__init__()
         self.kind = kind
         self.norm = make_norm(kind, dim, backend)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, valid: Tensor) -> Tensor:
         if self.kind == "bn":
-            return self.norm(x.transpose(1, 2)).transpose(1, 2) if x.dim() == 3 else self.norm(x)
+            return self.norm(x.transpose(1, 2)).transpose(1, 2)
+        if self.kind == "bnmask":
+            return self.norm(x.transpose(1, 2), mask=valid).transpose(1, 2)
         return self.norm(x)
 
 
@@ -209,11 +185,11 @@ class TinyTransformer(tnn.Module):
         x = self.embed(tokens) + self.pos[:length]
         attn_mask = valid.view(n, 1, 1, length)
         for block in self.blocks:
-            h = block["norm1"](x)
+            h = block["norm1"](x, valid)
             q, k, v = block["qkv"](h).view(n, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
             x = x + block["proj"](a.transpose(1, 2).reshape(n, length, -1))
-            x = x + block["mlp"](block["norm2"](x))
-        x = self.final(x)
+            x = x + block["mlp"](block["norm2"](x, valid))
+        x = self.final(x, valid)
         pooled = (x * valid.unsqueeze(-1)).sum(1) / lengths.view(-1, 1).to(x.dtype)
         return self.head(pooled)

@@ -29,7 +29,7 @@ CLAIM = Claim(
     en="Normalization has a regularizing effect and reduces overfitting: the noise it introduces during training "
     "improves generalization.",
 )
-VERSION = 1
+VERSION = 2
 NORMS = ("none", "bn", "ghost16", "ghost4")
 
 
