@@ -166,6 +166,29 @@ def _ddp_case(rank: int, world: int, batches) -> list[str]:
     return failures
 
 
+def _compile_case(rank: int, world: int, batches) -> list[str]:
+    """torch.compile of a model holding SyncBatchNorm (graph breaks allowed at the collectives, as
+    torch's own SyncBatchNorm has them) gives the eager results."""
+    failures: list[str] = []
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), SyncBatchNorm(4), nn.ReLU())
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model)
+    gen = torch.Generator().manual_seed(2)
+    start, n = sum(batches[:rank]), batches[rank]
+    x = torch.randn(sum(batches), 2, 4, 4, generator=gen)[start : start + n]
+    dy = torch.randn(n, 4, 4, 4, generator=gen)
+    for step in range(2):
+        y_c, y_e = compiled(x * (step + 1)), eager(x * (step + 1))
+        (y_c * dy).sum().backward()
+        (y_e * dy).sum().backward()
+        _close(failures, f"compiled batches={batches} step={step} output", y_c, y_e, torch.float32)
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        _close(failures, f"compiled batches={batches} {name} grad", p.grad, q.grad, torch.float32)
+    _close(failures, f"compiled batches={batches} running_var", model[1].running_var, eager[1].running_var, torch.float32)
+    return failures
+
+
 def _job(rank: int, world: int) -> list[str]:
     failures: list[str] = []
     layouts = itertools.cycle(LAYOUTS)
@@ -175,6 +198,8 @@ def _job(rank: int, world: int) -> list[str]:
     failures += _check_case(rank, BATCHES[world][0], torch.bfloat16, True, 0.1, "4d_cl", 99)
     failures += _ddp_case(rank, world, BATCHES[world][0])
     failures += _ddp_case(rank, world, BATCHES[world][1])
+    if world == 2:
+        failures += _compile_case(rank, world, BATCHES[world][0])
     return failures
 
 
