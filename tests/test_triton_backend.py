@@ -94,7 +94,9 @@ if not INTERPRETING:
 
     def test_kernels_under_the_interpreter():
         env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning", __file__]
+        contract = os.path.join(os.path.dirname(__file__), "test_contract.py")
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning",
+               __file__, contract, "-k", "triton"]
         run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-4000:]
 
