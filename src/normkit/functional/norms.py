@@ -69,6 +69,18 @@ def _per_channel_eval(
     return L.restore(normalize_fixed(xc, shape, mean, rstd, pw, pb, activation), perm)
 
 
+def _batch_view(
+    input: Tensor, view, weight: Tensor | None, bias: Tensor | None, eps: float, activation: str | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(output, mean, var) of statistics taken on ``view(input, channels_last)`` -> (shape5, span_r1,
+    span_r2); the output keeps the input's memory format."""
+    xc, perm = L.dense(input)
+    shape, span_r1, span_r2 = view(input, perm is not None)
+    pw, pb = L.param_view(weight, shape, span_r1, span_r2), L.param_view(bias, shape, span_r1, span_r2)
+    y, mean, _, var = normalize_batch(xc, shape, pw, pb, eps, activation=activation)
+    return L.restore(y, perm), mean, var
+
+
 def _empty(input: Tensor, activation: str | None) -> Tensor:
     A.check(activation)
     return input.clone()
@@ -107,17 +119,12 @@ def batch_norm(
     if mask is not None:
         y = M.batch_norm(input, mask, running_mean, running_var, weight, bias, momentum, eps)
         return A.apply(activation, y)
-    xc, perm = L.dense(input)
-    shape = L.per_channel_view(input, perm is not None)
-    y, mean, _, var = normalize_batch(
-        xc, shape, L.param_view(weight, shape, False, False), L.param_view(bias, shape, False, False), eps,
-        activation=activation,
-    )
+    y, mean, var = _batch_view(input, lambda x, cl: (L.per_channel_view(x, cl), False, False), weight, bias, eps, activation)
     if running_mean is not None:
         _update_running(running_mean, mean.view(c), momentum)
     if running_var is not None:
         _update_running(running_var, _unbiased(var.view(c), input.numel() // c), momentum)
-    return L.restore(y, perm)
+    return y
 
 
 def instance_norm(
@@ -154,17 +161,12 @@ def instance_norm(
     if mask is not None:
         y = M.instance_norm(input, mask, running_mean, running_var, weight, bias, momentum, eps)
         return A.apply(activation, y)
-    xc, perm = L.dense(input)
-    shape = L.per_instance_view(input, perm is not None)
-    y, mean, _, var = normalize_batch(
-        xc, shape, L.param_view(weight, shape, False, False), L.param_view(bias, shape, False, False), eps,
-        activation=activation,
-    )
+    y, mean, var = _batch_view(input, lambda x, cl: (L.per_instance_view(x, cl), False, False), weight, bias, eps, activation)
     if running_mean is not None:
         _update_running(running_mean, mean.view(n, c).mean(0), momentum)
     if running_var is not None:
         _update_running(running_var, _unbiased(var.view(n, c), L.spatial(input)).mean(0), momentum)
-    return L.restore(y, perm)
+    return y
 
 
 def group_norm(
@@ -200,14 +202,8 @@ def group_norm(
         return _empty(input, activation)
     if mask is not None:
         return A.apply(activation, M.group_norm(input, mask, num_groups, weight, bias, eps))
-    xc, perm = L.dense(input)
-    cl = perm is not None
-    shape = L.per_group_view(input, num_groups, cl)
-    y, *_ = normalize_batch(
-        xc, shape, L.param_view(weight, shape, not cl, cl), L.param_view(bias, shape, not cl, cl), eps,
-        activation=activation,
-    )
-    return L.restore(y, perm)
+    y, _, _ = _batch_view(input, lambda x, cl: (L.per_group_view(x, num_groups, cl), not cl, cl), weight, bias, eps, activation)
+    return y
 
 
 def _check_normalized_shape(input: Tensor, normalized_shape: Sequence[int], weight, bias, star: str) -> int:
