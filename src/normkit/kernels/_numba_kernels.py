@@ -41,6 +41,9 @@ _FAST = {"reassoc", "contract"}
 _DRIVER = dict(cache=True, nogil=True, fastmath=_FAST)
 # Helpers are inlined into the drivers: a call passing arrays costs tens of nanoseconds per slab.
 _HELPER = dict(_DRIVER, inline="always")
+# Elements per float32 partial sum: short enough that the partial keeps float64-level accuracy.
+_BLOCK = 256
+_COL_BLOCK = 64
 
 
 @intrinsic
@@ -92,6 +95,28 @@ def _store_impl(a, i, v):
     return impl
 
 
+def _zero(v):
+    """0 in the type short reductions of ``v``'s elements run in: float64 for float64, else float32."""
+
+
+@overload(_zero, inline="always")
+def _zero_impl(v):
+    if v == types.float64:
+        return lambda v: np.float64(0.0)
+    return lambda v: np.float32(0.0)
+
+
+def _acc_zeros(v, n):
+    """``n`` zeros in the type of ``_zero(v)``."""
+
+
+@overload(_acc_zeros, inline="always")
+def _acc_zeros_impl(v, n):
+    if v == types.float64:
+        return lambda v, n: np.zeros(n, np.float64)
+    return lambda v, n: np.zeros(n, np.float32)
+
+
 @njit(**_HELPER)
 def _finish(s, ss, n, shift, eps, rms):
     """(mean, var, rstd) in float64 from shifted sums of ``n`` elements."""
@@ -139,19 +164,46 @@ def _seg_shift(x, g, b, rms):
 
 @njit(**_HELPER)
 def _seg_sums(x, g, r0, r1, b0, b1, rms, s, ss):
-    """Add shifted sums of rows ``r0:r1`` and groups ``b0:b1`` of slab ``g`` to ``s``, ``ss``."""
+    """Add shifted sums of rows ``r0:r1`` and groups ``b0:b1`` of slab ``g`` to ``s``, ``ss``.
+
+    Blocks of ``_BLOCK`` elements are summed in float32 (float64 input: float64) and added in
+    float64; a group whose float32 squares overflow is summed again in float64."""
     for b in range(b0, b1):
-        sh = _seg_shift(x, g, b, rms)
+        z = _zero(x[g, 0, b, 0])
+        sh = z if rms else _load(x[g, 0, b, 0]) + z
         a = 0.0
         aa = 0.0
         for r in range(r0, r1):
             seg = x[g, r, b]
-            for k in range(seg.shape[0]):
-                d = np.float64(_load(seg[k])) - sh
-                a += d
-                aa += d * d
+            for k0 in range(0, seg.shape[0], _BLOCK):
+                blk = seg[k0:k0 + _BLOCK]
+                ba = z
+                baa = z
+                for k in range(blk.shape[0]):
+                    d = _load(blk[k]) - sh
+                    ba += d
+                    baa += d * d
+                a += np.float64(ba)
+                aa += np.float64(baa)
+        if not np.isfinite(aa):
+            a, aa = _seg_sums_wide(x, g, r0, r1, b, rms)
         s[b - b0] += a
         ss[b - b0] += aa
+
+
+@njit(**_HELPER)
+def _seg_sums_wide(x, g, r0, r1, b, rms):
+    """Shifted sums of one group with every term in float64."""
+    sh = _seg_shift(x, g, b, rms)
+    a = 0.0
+    aa = 0.0
+    for r in range(r0, r1):
+        seg = x[g, r, b]
+        for k in range(seg.shape[0]):
+            d = np.float64(_load(seg[k])) - sh
+            a += d
+            aa += d * d
+    return a, aa
 
 
 @njit(**_HELPER)
@@ -259,31 +311,61 @@ def _col_shift(x, g, j0, j1, r2, rms):
 
 @njit(**_HELPER)
 def _col_sums(x, g, r0, r1, j0, j1, sh, s, ss):
-    """Add shifted per-column sums of rows ``r0:r1``, columns ``j0:j1`` to ``s``, ``ss``.
+    """Shifted per-column sums of rows ``r0:r1``, columns ``j0:j1`` into ``s``, ``ss``.
 
-    Four rows per sweep, so the accumulators are loaded and stored once per four rows."""
+    Four rows per sweep into per-column partials in float32 (float64 input: float64), added into
+    the float64 sums every ``_COL_BLOCK`` rows; if the float32 squares overflow, the sums are taken
+    again in float64."""
+    shn = _acc_zeros(x[g, 0, 0], j1 - j0)
+    bs = _acc_zeros(x[g, 0, 0], j1 - j0)
+    bss = _acc_zeros(x[g, 0, 0], j1 - j0)
+    for k in range(j1 - j0):
+        shn[k] = sh[k]
+    s[:] = 0.0
+    ss[:] = 0.0
     r = r0
     while r + 4 <= r1:
-        _col_sums4(x[g, r, j0:j1], x[g, r + 1, j0:j1], x[g, r + 2, j0:j1], x[g, r + 3, j0:j1], sh, s, ss)
+        _col_sums4(x[g, r, j0:j1], x[g, r + 1, j0:j1], x[g, r + 2, j0:j1], x[g, r + 3, j0:j1], shn, bs, bss)
         r += 4
-    for rr in range(r, r1):
-        xs = x[g, rr, j0:j1]
-        for k in range(xs.shape[0]):
-            d = np.float64(_load(xs[k])) - sh[k]
-            s[k] += d
-            ss[k] += d * d
+        if (r - r0) % _COL_BLOCK == 0 or r + 4 > r1:
+            _flush(bs, s)
+            _flush(bss, ss)
+    _col_sums_wide(x, g, r, r1, j0, j1, sh, s, ss)
+    if not np.isfinite(ss.sum()):
+        s[:] = 0.0
+        ss[:] = 0.0
+        _col_sums_wide(x, g, r0, r1, j0, j1, sh, s, ss)
 
 
 @njit(**_HELPER)
 def _col_sums4(a0, a1, a2, a3, sh, s, ss):
     for k in range(a0.shape[0]):
         c = sh[k]
-        d0 = np.float64(_load(a0[k])) - c
-        d1 = np.float64(_load(a1[k])) - c
-        d2 = np.float64(_load(a2[k])) - c
-        d3 = np.float64(_load(a3[k])) - c
+        d0 = _load(a0[k]) - c
+        d1 = _load(a1[k]) - c
+        d2 = _load(a2[k]) - c
+        d3 = _load(a3[k]) - c
         s[k] += (d0 + d1) + (d2 + d3)
         ss[k] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+
+
+@njit(**_HELPER)
+def _flush(part, total):
+    """Add the short partial sums ``part`` to ``total`` and clear them."""
+    for k in range(part.shape[0]):
+        total[k] += part[k]
+        part[k] = 0.0
+
+
+@njit(**_HELPER)
+def _col_sums_wide(x, g, r0, r1, j0, j1, sh, s, ss):
+    """Add per-column sums of rows ``r0:r1`` with every term in float64."""
+    for r in range(r0, r1):
+        xs = x[g, r, j0:j1]
+        for k in range(xs.shape[0]):
+            d = np.float64(_load(xs[k])) - sh[k]
+            s[k] += d
+            ss[k] += d * d
 
 
 @njit(**_HELPER)
