@@ -6,6 +6,10 @@ BatchNorm in eval mode). Either may end in an activation epilogue: fused by back
 in ``activations``, composed around the kernels (``activation.py``) for the others. Backward saves
 only the input, mean and rstd (and the parameters). When a graph of the backward is requested
 (double backward), it is differentiated through the reference backend's torch ops.
+
+torch.compile sees the custom ops. Eager calls skip the custom-op dispatch, which costs more than
+the kernels on small tensors: the same implementation runs bare when no gradient is wanted and under
+an autograd.Function with the same context and backward when one is.
 """
 
 from __future__ import annotations
@@ -39,8 +43,7 @@ def _fuses(backend: Backend, activation: Optional[str]) -> bool:
     return activation is not None and activation in backend.activations
 
 
-@torch.library.custom_op("normkit::norm_batch", mutates_args=())
-def _norm_batch(
+def _batch(
     x: Tensor, shape: Shape5, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, rms: bool,
     activation: Optional[str],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -54,13 +57,15 @@ def _norm_batch(
     return y.view(x.shape), st.mean, st.rstd, st.var
 
 
+_norm_batch = torch.library.custom_op("normkit::norm_batch", _batch, mutates_args=())
+
+
 @_norm_batch.register_fake
 def _(x, shape, weight, bias, eps, rms, activation):
     return torch.empty_like(x), _stats_like(x, shape), _stats_like(x, shape), _stats_like(x, shape)
 
 
-@torch.library.custom_op("normkit::norm_fixed", mutates_args=())
-def _norm_fixed(
+def _fixed(
     x: Tensor, shape: Shape5, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     activation: Optional[str],
 ) -> Tensor:
@@ -72,13 +77,15 @@ def _norm_fixed(
     return act.apply(activation, y, inplace=True).view(x.shape)
 
 
+_norm_fixed = torch.library.custom_op("normkit::norm_fixed", _fixed, mutates_args=())
+
+
 @_norm_fixed.register_fake
 def _(x, shape, mean, rstd, weight, bias, activation):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("normkit::norm_backward", mutates_args=())
-def _norm_backward(
+def _backward(
     dy: Tensor,
     x: Tensor,
     shape: Shape5,
@@ -106,6 +113,9 @@ def _norm_backward(
     return dx, _or_empty(grads.dweight, x), _or_empty(grads.dbias, x)
 
 
+_norm_backward = torch.library.custom_op("normkit::norm_backward", _backward, mutates_args=())
+
+
 def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
     """Custom ops cannot return None or one tensor twice: an unrequested gradient is a fresh empty tensor."""
     return like.new_empty(0) if t is None else t
@@ -128,7 +138,7 @@ def _param_grad(g: Tensor, p: Optional[Tensor], needed: bool) -> Optional[Tensor
 def _grads_via_op(ctx, dy: Tensor, batch_stats: bool) -> tuple[Optional[Tensor], ...]:
     x, mean, rstd, weight, bias = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[ctx.param_index], ctx.needs_input_grad[ctx.param_index + 1]
-    dx, dw, db = _norm_backward(
+    dx, dw, db = (_backward if ctx.eager else _norm_backward)(
         dy, x, ctx.shape, mean, rstd, weight, bias, list(_param_shape(ctx.shape, weight, bias)), ctx.rms,
         batch_stats, [need_x, need_w and weight is not None, need_b and bias is not None], ctx.activation,
     )
@@ -161,11 +171,12 @@ def _reference_batch(ctx):
     return forward
 
 
-def _setup_batch(ctx, inputs, output):
+def _setup_batch(ctx, inputs, output, eager: bool = False):
     x, shape, weight, bias, eps, rms, activation = inputs
     _, mean, rstd, _ = output
     ctx.save_for_backward(x, mean, rstd, weight, bias)
     ctx.shape, ctx.eps, ctx.rms, ctx.param_index, ctx.activation = shape, eps, rms, 2, activation
+    ctx.eager = eager
 
 
 def _backward_batch(ctx, dy, _dmean, _drstd, _dvar):
@@ -176,10 +187,11 @@ def _backward_batch(ctx, dy, _dmean, _drstd, _dvar):
     return dx, None, dw, db, None, None, None
 
 
-def _setup_fixed(ctx, inputs, output):
+def _setup_fixed(ctx, inputs, output, eager: bool = False):
     x, shape, mean, rstd, weight, bias, activation = inputs
     ctx.save_for_backward(x, mean, rstd, weight, bias)
     ctx.shape, ctx.rms, ctx.param_index, ctx.activation = shape, False, 4, activation
+    ctx.eager = eager
 
 
 def _backward_fixed(ctx, dy):
@@ -199,6 +211,42 @@ _norm_batch.register_autograd(_backward_batch, setup_context=_setup_batch)
 _norm_fixed.register_autograd(_backward_fixed, setup_context=_setup_fixed)
 
 
+class _EagerBatch(torch.autograd.Function):
+    """``normkit::norm_batch`` without the custom-op dispatch (tens of microseconds a call) in eager
+    mode: the same implementation, context and backward. Under torch.compile the op is used. The
+    forward takes ``ctx`` itself: a separate ``setup_context`` makes every call bind its signature."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _batch(*inputs)
+        _setup_batch(ctx, inputs, output, eager=True)
+        return output
+
+    backward = staticmethod(_backward_batch)
+
+
+class _EagerFixed(torch.autograd.Function):
+    """``normkit::norm_fixed`` in eager mode, as ``_EagerBatch``."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _fixed(*inputs)
+        _setup_fixed(ctx, inputs, output, eager=True)
+        return output
+
+    backward = staticmethod(_backward_fixed)
+
+
+def _pick(op, eager, impl, *inputs: Optional[Tensor]):
+    """The custom op under torch.compile; in eager mode the autograd.Function when a gradient is
+    wanted and the bare implementation when none is (each layer of dispatch costs microseconds)."""
+    if torch.compiler.is_compiling():
+        return op
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        return eager
+    return impl
+
+
 def normalize_batch(
     x: Tensor,
     shape: Shape5,
@@ -210,7 +258,8 @@ def normalize_batch(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Normalize ``x`` (contiguous) with statistics of its 5-D view; returns (y, mean, rstd, var)."""
     act.check(activation)
-    return _norm_batch(x, list(shape), weight, bias, float(eps), rms, activation)
+    op = _pick(_norm_batch, _EagerBatch.apply, _batch, x, weight, bias)
+    return op(x, list(shape), weight, bias, float(eps), rms, activation)
 
 
 def normalize_fixed(
@@ -224,7 +273,8 @@ def normalize_fixed(
 ) -> Tensor:
     """Normalize ``x`` (contiguous) with given statistics of shape (Q, P, B)."""
     act.check(activation)
-    return _norm_fixed(x, list(shape), mean, rstd, weight, bias, activation)
+    op = _pick(_norm_fixed, _EagerFixed.apply, _fixed, x, weight, bias)
+    return op(x, list(shape), mean, rstd, weight, bias, activation)
 
 
 __all__ = ["normalize_batch", "normalize_fixed", "stat_shape"]
