@@ -15,8 +15,10 @@ groups and is *fused*: statistics and output are computed while the unit is stil
 input is read from memory once. Otherwise partial sums per row chunk are combined first and the
 input is read a second time.
 
-Statistics are sums shifted by the first element of each group, accumulated in float64, which
-makes constant groups exact, keeps squares of 1e30 finite and long reductions accurate. Backward
+Statistics are sums shifted by the first element of each group, which makes constant groups exact.
+Short blocks are summed in float32 (vector-wide) and the blocks added in float64, which keeps long
+reductions accurate; a group whose float32 squares overflow (inputs of scale 1e20) is summed again
+with every term in float64. float64 input sums in float64 throughout. Backward
 group reductions are float64 as well; dweight/dbias partials per unit are summed in the statistics
 dtype (as the reference sums them) and combined in float64. ``fastmath`` only
 allows reassociation and contraction (vectorized reductions, FMA); NaN and Inf keep propagating.
@@ -230,9 +232,29 @@ def _seg_apply(x, y, g, r0, r1, b0, b1, mean, rstd, w, bias):
 
 
 @njit(**_HELPER)
+def _dot_sums(ds, xs, m, rs):
+    """sum(dy * xhat), sum(dy) of one segment: float32 within blocks of ``_BLOCK``, float64 across."""
+    a_dw = 0.0
+    a_db = 0.0
+    for k0 in range(0, xs.shape[0], _BLOCK):
+        bx = xs[k0:k0 + _BLOCK]
+        bd = ds[k0:k0 + _BLOCK]
+        p_dw = _zero(m)
+        p_db = p_dw
+        for k in range(bx.shape[0]):
+            d = _load(bd[k])
+            p_dw += d * ((_load(bx[k]) - m) * rs)
+            p_db += d
+        a_dw += np.float64(p_dw)
+        a_db += np.float64(p_db)
+    return a_dw, a_db
+
+
+@njit(**_HELPER)
 def _seg_grad_sums(dy, x, g, r0, r1, b0, b1, mean, rstd, w, sg, sgx, dwt, dbt):
     """Add sum(dy*w), sum(dy*w*xhat) per group to ``sg``, ``sgx`` (float64) and the dweight/dbias
-    sums to the unit's ``dwt``, ``dbt`` (statistics dtype, as the reference sums them)."""
+    sums to the lane's ``dwt``, ``dbt`` (statistics dtype, as the reference sums them; added to the
+    float64 lanes after each unit)."""
     p = _slab_param(g, w)
     k1n = w.shape[1]
     for r in range(r0, r1):
@@ -243,12 +265,7 @@ def _seg_grad_sums(dy, x, g, r0, r1, b0, b1, mean, rstd, w, sg, sgx, dwt, dbt):
             xs = x[g, r, b]
             ds = dy[g, r, b]
             if w.shape[3] == 1:
-                a_dw = 0.0
-                a_db = 0.0
-                for k in range(xs.shape[0]):
-                    d = _load(ds[k])
-                    a_dw += np.float64(d * ((_load(xs[k]) - m) * rs))
-                    a_db += np.float64(d)
+                a_dw, a_db = _dot_sums(ds, xs, m, rs)
                 wv = np.float64(w[p, k1, b, 0])
                 sg[b - b0] += wv * a_db
                 sgx[b - b0] += wv * a_dw
@@ -270,6 +287,21 @@ def _seg_grad_sums(dy, x, g, r0, r1, b0, b1, mean, rstd, w, sg, sgx, dwt, dbt):
                     dbs[k] += d
                 sg[b - b0] += a_g
                 sgx[b - b0] += a_gx
+
+
+@njit(**_HELPER)
+def _flush_params(part, total, g0, g1, b0, b1):
+    """Add the parameter partials of slabs ``g0:g1``, groups ``b0:b1`` to ``total`` (float64) and
+    clear them: only what a unit touched, so small units stay cheap."""
+    for g in range(g0, min(g1, g0 + part.shape[0])):
+        p = g % part.shape[0]
+        for k1 in range(part.shape[1]):
+            for b in range(b0, b1):
+                src = part[p, k1, b]
+                dst = total[p, k1, b]
+                for k in range(src.shape[0]):
+                    dst[k] += src[k]
+                    src[k] = 0.0
 
 
 @njit(**_HELPER)
@@ -562,10 +594,10 @@ def backward_seg(dy, x, dx, mean, rstd, w, dwl, dbl, rms, batch_stats, want_dx, 
     ps = np.zeros((G, nrc, B))
     pss = np.zeros((G, nrc, B))
     for lane in prange(nlanes):
+        dwt = np.zeros(dwl.shape[1:], mean.dtype)
+        dbt = np.zeros(dwl.shape[1:], mean.dtype)
         for u in range(lane * units // nlanes, (lane + 1) * units // nlanes):
             g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
-            dwt = np.zeros(dwl.shape[1:], mean.dtype)
-            dbt = np.zeros(dwl.shape[1:], mean.dtype)
             for g in range(g0, g1):
                 _seg_grad_sums(dy, x, g, r0, r1, b0, b1, mean, rstd, w, ps[g, rc, b0:b1], pss[g, rc, b0:b1], dwt, dbt)
                 if fused:
@@ -573,8 +605,8 @@ def backward_seg(dy, x, dx, mean, rstd, w, dwl, dbl, rms, batch_stats, want_dx, 
                         c1[g, b] = 0.0 if rms else ps[g, 0, b] / n
                         c2[g, b] = pss[g, 0, b] / n
                     _seg_dx(dy, x, dx, g, 0, R1, b0, b1, mean, rstd, w, c1, c2)
-            dwl[lane] += dwt
-            dbl[lane] += dbt
+            _flush_params(dwt, dwl[lane], g0, g1, b0, b1)
+            _flush_params(dbt, dbl[lane], g0, g1, b0, b1)
     if fused or not want_dx:
         return
     if batch_stats:
