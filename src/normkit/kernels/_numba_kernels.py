@@ -425,16 +425,42 @@ def _col_apply(x, y, g, r0, r1, j0, j1, r2, mean, rstd, w, bias):
 
 @njit(**_HELPER)
 def _col_grad_sums(dy, x, g, r0, r1, j0, j1, r2, mean, rstd, dws, dbs):
-    """Add per-column sum(dy*xhat), sum(dy) of rows ``r0:r1`` to ``dws``, ``dbs``."""
+    """Add per-column sum(dy*xhat), sum(dy) of rows ``r0:r1`` to ``dws``, ``dbs``: four rows per
+    sweep into partials in the statistics dtype, added to the float64 sums every ``_COL_BLOCK`` rows."""
     mc = _col_expand(mean, g, j0, j1, r2)
     rc = _col_expand(rstd, g, j0, j1, r2)
-    for r in range(r0, r1):
-        xs = x[g, r, j0:j1]
-        ds = dy[g, r, j0:j1]
+    pw = _acc_zeros(mean[g, 0], j1 - j0)
+    pb = _acc_zeros(mean[g, 0], j1 - j0)
+    r = r0
+    while r + 4 <= r1:
+        _col_grad4(
+            dy[g, r, j0:j1], dy[g, r + 1, j0:j1], dy[g, r + 2, j0:j1], dy[g, r + 3, j0:j1],
+            x[g, r, j0:j1], x[g, r + 1, j0:j1], x[g, r + 2, j0:j1], x[g, r + 3, j0:j1], mc, rc, pw, pb,
+        )
+        r += 4
+        if (r - r0) % _COL_BLOCK == 0 or r + 4 > r1:
+            _flush(pw, dws)
+            _flush(pb, dbs)
+    for rr in range(r, r1):
+        xs = x[g, rr, j0:j1]
+        ds = dy[g, rr, j0:j1]
         for k in range(xs.shape[0]):
             d = _load(ds[k])
             dws[k] += np.float64(d * ((_load(xs[k]) - mc[k]) * rc[k]))
             dbs[k] += np.float64(d)
+
+
+@njit(**_HELPER)
+def _col_grad4(d0, d1, d2, d3, x0, x1, x2, x3, mc, rc, pw, pb):
+    for k in range(d0.shape[0]):
+        m = mc[k]
+        rs = rc[k]
+        e0 = _load(d0[k])
+        e1 = _load(d1[k])
+        e2 = _load(d2[k])
+        e3 = _load(d3[k])
+        pw[k] += (e0 * (_load(x0[k]) - m) + e1 * (_load(x1[k]) - m) + (e2 * (_load(x2[k]) - m) + e3 * (_load(x3[k]) - m))) * rs
+        pb[k] += (e0 + e1) + (e2 + e3)
 
 
 @njit(**_HELPER)
