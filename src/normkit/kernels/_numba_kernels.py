@@ -8,7 +8,8 @@ cover every view (see ``cpu.py`` for the choice):
   ``(P, K1, B, K2)`` with ``K1`` in ``{1, R1}`` and ``K2`` in ``{1, R2}``.
 * ``col`` — ``x`` as ``(G, R1, W)`` with ``W = B * R2`` and ``R2`` small; the inner loop runs over
   the columns of a row and accumulates per column, folded into groups afterwards (channels_last
-  BatchNorm, InstanceNorm and GroupNorm). Parameters are ``(P, W)``.
+  BatchNorm, InstanceNorm and GroupNorm). Parameters are ``(P, 1, B, K2)`` as well, expanded to the
+  columns of each unit; dweight/dbias partials are ``(P, W)``.
 
 Work is split into units ``(slab chunk, row chunk, group chunk)``. With one row chunk a unit owns whole
 groups and is *fused*: statistics and output are computed while the unit is still in cache, so the
@@ -409,13 +410,23 @@ def _col_expand(v, g, j0, j1, r2):
 
 
 @njit(**_HELPER)
+def _col_param(w, p, j0, j1, r2):
+    """Columns ``j0:j1`` of parameter row ``p`` (P, 1, B, K2), K2 in {1, r2}."""
+    out = np.empty(j1 - j0, dtype=w.dtype)
+    for j in range(j0, j1):
+        out[j - j0] = w[p, 0, j // r2, j % w.shape[3]]
+    return out
+
+
+@njit(**_HELPER)
 def _col_apply(x, y, g, r0, r1, j0, j1, r2, mean, rstd, w, bias):
     p = _slab_param(g, w)
     mc = _col_expand(mean, g, j0, j1, r2)
     sc = _col_expand(rstd, g, j0, j1, r2)
-    for j in range(j0, j1):
-        sc[j - j0] *= w[p, j]
-    t = bias[p, j0:j1]
+    wc = _col_param(w, p, j0, j1, r2)
+    for k in range(j1 - j0):
+        sc[k] *= wc[k]
+    t = _col_param(bias, p, j0, j1, r2)
     for r in range(r0, r1):
         xs = x[g, r, j0:j1]
         ys = y[g, r, j0:j1]
@@ -470,10 +481,11 @@ def _col_dx(dy, x, dx, g, r0, r1, j0, j1, r2, mean, rstd, w, c1, c2):
     a = _col_expand(rstd, g, j0, j1, r2)
     bc = _col_expand(c2, g, j0, j1, r2)
     cc = _col_expand(c1, g, j0, j1, r2)
+    wc = _col_param(w, p, j0, j1, r2)
     for k in range(j1 - j0):
         bc[k] *= a[k] * a[k]
         cc[k] *= a[k]
-        a[k] *= w[p, j0 + k]
+        a[k] *= wc[k]
     for r in range(r0, r1):
         xs = x[g, r, j0:j1]
         ds = dy[g, r, j0:j1]
@@ -669,8 +681,9 @@ def backward_col(dy, x, dx, mean, rstd, w, dwl, dbl, r2, rms, batch_stats, want_
                 dws = np.zeros(j1 - j0)
                 dbs = np.zeros(j1 - j0)
                 _col_grad_sums(dy, x, g, r0, r1, j0, j1, r2, mean, rstd, dws, dbs)
+                wc = _col_param(w, p, j0, j1, r2)
                 for j in range(j0, j1):
-                    wv = np.float64(w[p, j])
+                    wv = np.float64(wc[j - j0])
                     ps[g, rc, j // r2] += wv * dbs[j - j0]
                     pss[g, rc, j // r2] += wv * dws[j - j0]
                     dwl[lane, p, j] += dws[j - j0]

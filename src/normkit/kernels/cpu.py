@@ -135,29 +135,42 @@ def _divisor_near(n: int, target: int) -> int:
     return n
 
 
+@lru_cache(maxsize=256)
+def _setup(
+    shape5: tuple[int, ...], pshape: tuple[int, ...], itemsize: int, threads: int, fuse: bool, tuning: tuple[int, ...]
+) -> tuple[View, tuple[int, ...]]:
+    """The view and plan of a call, computed once per shape: ``tuning`` (the module constants) is
+    part of the key, so that changing them takes effect."""
+    v = canonical(shape5, pshape, itemsize, threads)
+    return v, tuple(plan(v, itemsize, threads, fuse))
+
+
+def _view_plan(x5: Tensor, pshape: tuple[int, ...], threads: int, fuse: bool = True) -> tuple[View, tuple[int, ...]]:
+    itemsize = 4 if x5.dtype in WIDENED else x5.element_size()
+    return _setup(tuple(x5.shape), pshape, itemsize, threads, fuse, (CACHE_BYTES, UNIT_BYTES, COL_MAX_RUN))
+
+
 @lru_cache(maxsize=64)
-def _constant(shape: tuple[int, ...], dtype: np.dtype, value: float) -> np.ndarray:
+def _constant(shape: tuple[int, ...], dtype: type, value: float) -> np.ndarray:
     """Ones / zeros standing in for an absent weight / bias (never written)."""
     return np.full(shape, value, dtype=dtype)
 
 
-def _np(t: Tensor, dtype: torch.dtype | None = None) -> np.ndarray:
-    t = t.detach()
-    return (t if dtype is None or t.dtype == dtype else t.to(dtype)).numpy()
+_NP = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _np(t: Tensor, dtype: torch.dtype) -> np.ndarray:
+    return (t if t.dtype == dtype else t.detach().to(dtype)).numpy(force=True)
 
 
 def _param(t: Tensor | None, v: View, pshape: tuple[int, ...], acc: torch.dtype, absent: float) -> np.ndarray:
-    """A parameter in the accumulation dtype, shaped for the kernels: (P, K1, B, K2) or (P, W)."""
+    """A parameter in the accumulation dtype, shaped (P, K1, B, K2) for the kernels."""
     if t is None:
-        a = _constant(v.param_shape, np.dtype(str(acc).removeprefix("torch.")), absent)
-    else:
-        a = _np(t, acc)
-        if a.shape != pshape or not a.flags.c_contiguous:
-            a = np.ascontiguousarray(np.broadcast_to(a, pshape))
-        a = a.reshape(v.param_shape)
-    if v.col:
-        a = np.ascontiguousarray(np.broadcast_to(a, (v.p, 1, v.b, v.r2))).reshape(v.p, v.b * v.r2)
-    return a
+        return _constant(v.param_shape, _NP[acc], absent)
+    a = _np(t, acc)
+    if a.shape != pshape or not a.flags.c_contiguous:
+        a = np.ascontiguousarray(np.broadcast_to(a, pshape))
+    return a.reshape(v.param_shape)
 
 
 def _pshape(x5: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[int, int, int, int]:
@@ -178,15 +191,30 @@ def _driver(name: str, threads: int):
     return par
 
 
-def _arr(t: Tensor) -> np.ndarray:
+def _arr(t: Tensor, shape: tuple[int, ...]) -> np.ndarray:
     """The kernels' view of a tensor's data (bfloat16 as uint16 bits)."""
-    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy(force=True).view(np.uint16).reshape(shape)
+    return t.numpy(force=True).reshape(shape)
+
+
+def _empty(t: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, np.ndarray]:
+    """A new tensor like ``t`` and the kernels' view of it, allocated by numpy, which backs large
+    arrays with transparent huge pages: a fresh output of tens of megabytes page-faults far less."""
+    if t.dtype == torch.bfloat16:
+        a = np.empty(t.shape, np.uint16)
+        return torch.from_numpy(a).view(torch.bfloat16), a.reshape(shape)
+    a = np.empty(t.shape, _NP[t.dtype])
+    return torch.from_numpy(a), a.reshape(shape)
 
 
 def _widen(t: Tensor) -> Tensor:
-    """A detached tensor the kernels can read: float32 for float16."""
-    t = t.detach()
-    return t.float() if t.dtype in WIDENED else t
+    """A tensor the kernels can read: float32 for float16."""
+    return t.detach().float() if t.dtype in WIDENED else t
+
+
+def _narrow(y: Tensor, dtype: torch.dtype) -> Tensor:
+    return y if y.dtype == dtype else y.to(dtype)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -214,19 +242,18 @@ class CpuBackend:
         acc = _acc(xs.dtype)
         threads = threads_for(xs.numel())
         pshape = _pshape(x5, weight, bias)
-        v = canonical(tuple(x5.shape), pshape, xs.element_size(), threads)
-        y = torch.empty_like(xs)
+        v, pl = _view_plan(x5, pshape, threads)
+        y, ya = _empty(xs, v.data_shape)
         q, p, _, nb, _ = x5.shape
-        stats = [torch.empty((q, p, nb), dtype=acc) for _ in range(3)]
-        mean, rstd, var = (t.numpy().reshape(v.g, v.b) for t in stats)
-        pl = plan(v, xs.element_size(), threads)
+        stats = [np.empty((q, p, nb), _NP[acc]) for _ in range(3)]
+        mean, rstd, var = (a.reshape(v.g, v.b) for a in stats)
         w, b = _param(weight, v, pshape, acc, 1.0), _param(bias, v, pshape, acc, 0.0)
-        data = (_arr(xs).reshape(v.data_shape), _arr(y).reshape(v.data_shape), w, b, mean, rstd, var)
+        data = (_arr(xs, v.data_shape), ya, w, b, mean, rstd, var)
         if v.col:
-            _driver("forward_col", threads)(*data, v.r2, float(eps), rms, tuple(pl))
+            _driver("forward_col", threads)(*data, v.r2, float(eps), rms, pl)
         else:
-            _driver("forward_seg", threads)(*data, float(eps), rms, tuple(pl))
-        return y.to(x5.dtype), Stats(*stats)
+            _driver("forward_seg", threads)(*data, float(eps), rms, pl)
+        return _narrow(y, x5.dtype), Stats(*(torch.from_numpy(a) for a in stats))
 
     def normalize(
         self, x5: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None
@@ -235,19 +262,18 @@ class CpuBackend:
         acc = _acc(xs.dtype)
         threads = threads_for(xs.numel())
         pshape = _pshape(x5, weight, bias)
-        v = canonical(tuple(x5.shape), pshape, xs.element_size(), threads)
-        y = torch.empty_like(xs)
-        pl = plan(v, xs.element_size(), threads, fuse=False)
+        v, pl = _view_plan(x5, pshape, threads, fuse=False)
+        y, ya = _empty(xs, v.data_shape)
         data = (
-            _arr(xs).reshape(v.data_shape), _arr(y).reshape(v.data_shape),
+            _arr(xs, v.data_shape), ya,
             _param(weight, v, pshape, acc, 1.0), _param(bias, v, pshape, acc, 0.0),
             _np(mean, acc).reshape(v.g, v.b), _np(rstd, acc).reshape(v.g, v.b),
         )
         if v.col:
-            _driver("apply_col", threads)(*data, v.r2, tuple(pl))
+            _driver("apply_col", threads)(*data, v.r2, pl)
         else:
-            _driver("apply_seg", threads)(*data, tuple(pl))
-        return y.to(x5.dtype)
+            _driver("apply_seg", threads)(*data, pl)
+        return _narrow(y, x5.dtype)
 
     def backward(
         self,
@@ -264,32 +290,37 @@ class CpuBackend:
         xs, dys = _widen(x5), _widen(dy5).contiguous()
         acc = _acc(xs.dtype)
         threads = threads_for(xs.numel())
-        v = canonical(tuple(x5.shape), tuple(param_shape), xs.element_size(), threads)
-        pl = plan(v, xs.element_size(), threads)
-        nlanes = min(threads, math.ceil(v.g / pl.gchunk) * pl.nrc * pl.nbc)
+        pshape = tuple(param_shape)
+        v, pl = _view_plan(x5, pshape, threads)
+        gchunk, nrc, _, nbc, _ = pl
+        nlanes = min(threads, math.ceil(v.g / gchunk) * nrc * nbc)
         want_dx = output_mask[0]
-        dx = torch.empty_like(xs) if want_dx else None
+        xa = _arr(xs, v.data_shape)
+        dx, dxa = _empty(xs, v.data_shape) if want_dx else (None, xa[:0])
         pcols = (v.p, v.b * v.r2) if v.col else v.param_shape
         lanes = np.zeros((2, nlanes, *pcols))
         args = (
-            _arr(dys).reshape(v.data_shape), _arr(xs).reshape(v.data_shape),
-            _arr(dx if want_dx else xs[:0]).reshape(v.data_shape if want_dx else (0,) * len(v.data_shape)),
-            _np(mean, acc).reshape(v.g, v.b), _np(rstd, acc).reshape(v.g, v.b), _param(weight, v, tuple(param_shape), acc, 1.0),
+            _arr(dys, v.data_shape), xa, dxa,
+            _np(mean, acc).reshape(v.g, v.b), _np(rstd, acc).reshape(v.g, v.b), _param(weight, v, pshape, acc, 1.0),
             lanes[0], lanes[1],
         )
-        flags = (rms, batch_stats, want_dx, nlanes, tuple(pl))
+        flags = (rms, batch_stats, want_dx, nlanes, pl)
         if v.col:
             _driver("backward_col", threads)(*args, v.r2, *flags)
         else:
             _driver("backward_seg", threads)(*args, *flags)
-        sums = lanes.sum(1)
-        if v.col:
-            sums = sums.reshape(2, v.p, 1, v.b, v.r2)
-            if v.k2 == 1:
-                sums = sums.sum(4, keepdims=True)
-        dw, db = (torch.from_numpy(np.ascontiguousarray(s)).reshape(param_shape).to(acc) for s in sums)
         return Grads(
-            dx.to(x5.dtype) if want_dx else None,
-            dw if output_mask[1] else None,
-            db if output_mask[2] else None,
+            _narrow(dx, x5.dtype) if want_dx else None,
+            _param_grad(lanes[0], v, pshape, acc) if output_mask[1] else None,
+            _param_grad(lanes[1], v, pshape, acc) if output_mask[2] else None,
         )
+
+
+def _param_grad(lanes: np.ndarray, v: View, pshape: tuple[int, ...], acc: torch.dtype) -> Tensor:
+    """One parameter's gradient from its per-lane float64 partials."""
+    s = lanes.sum(0)
+    if v.col:
+        s = s.reshape(v.p, 1, v.b, v.r2)
+        if v.k2 == 1:
+            s = s.sum(3, keepdims=True)
+    return torch.from_numpy(s.astype(_NP[acc]).reshape(pshape))
