@@ -153,6 +153,16 @@ def _units(plan, g_total):
 
 
 @njit(**_HELPER)
+def _chunk_total(part, g, b):
+    """Sum of the row-chunk partials ``part[g, :, b]``, as a loop: an array ``sum()`` outside
+    ``prange`` would be a parallel region of its own, one per group."""
+    t = 0.0
+    for rc in range(part.shape[1]):
+        t += part[g, rc, b]
+    return t
+
+
+@njit(**_HELPER)
 def _slab_param(g, w):
     return 0 if w.shape[0] == 1 else g % w.shape[0]
 
@@ -537,7 +547,7 @@ def forward_seg(x, y, w, bias, mean, rstd, var, eps, rms, plan):
         g = gb // B
         b = gb % B
         mean[g, b], var[g, b], rstd[g, b] = _finish(
-            ps[g, :, b].sum(), pss[g, :, b].sum(), n, _seg_shift(x, g, b, rms), eps, rms
+            _chunk_total(ps, g, b), _chunk_total(pss, g, b), n, _seg_shift(x, g, b, rms), eps, rms
         )
     for u in prange(units):
         g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
@@ -651,8 +661,8 @@ def backward_seg(dy, x, dx, mean, rstd, w, dwl, dbl, rms, batch_stats, want_dx, 
         for gb in range(G * B):
             g = gb // B
             b = gb % B
-            c1[g, b] = 0.0 if rms else ps[g, :, b].sum() / n
-            c2[g, b] = pss[g, :, b].sum() / n
+            c1[g, b] = 0.0 if rms else _chunk_total(ps, g, b) / n
+            c2[g, b] = _chunk_total(pss, g, b) / n
     for u in prange(units):
         g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
         for g in range(g0, g1):
@@ -699,8 +709,8 @@ def backward_col(dy, x, dx, mean, rstd, w, dwl, dbl, r2, rms, batch_stats, want_
         for gb in range(G * B):
             g = gb // B
             b = gb % B
-            c1[g, b] = 0.0 if rms else ps[g, :, b].sum() / n
-            c2[g, b] = pss[g, :, b].sum() / n
+            c1[g, b] = 0.0 if rms else _chunk_total(ps, g, b) / n
+            c2[g, b] = _chunk_total(pss, g, b) / n
     for u in prange(units):
         g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
         for g in range(g0, g1):
