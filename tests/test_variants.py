@@ -199,12 +199,13 @@ def test_ghost_batch_norm_errors():
 
 
 def sn_reference(x, mean_logits, var_logits, w, b, running=None, eps=EPS):
-    mu_in, var_in = x.mean((2, 3), keepdim=True), x.var((2, 3), unbiased=False, keepdim=True)
-    mu_ln, var_ln = x.mean((1, 2, 3), keepdim=True), x.var((1, 2, 3), unbiased=False, keepdim=True)
+    spatial = tuple(range(2, x.dim()))
+    mu_in, var_in = x.mean(spatial, keepdim=True), x.var(spatial, unbiased=False, keepdim=True)
+    mu_ln, var_ln = x.mean((1, *spatial), keepdim=True), x.var((1, *spatial), unbiased=False, keepdim=True)
     if running is None:
-        mu_bn, var_bn = x.mean((0, 2, 3), keepdim=True), x.var((0, 2, 3), unbiased=False, keepdim=True)
+        mu_bn, var_bn = x.mean((0, *spatial), keepdim=True), x.var((0, *spatial), unbiased=False, keepdim=True)
     else:
-        mu_bn, var_bn = running[0].view(1, -1, 1, 1), running[1].view(1, -1, 1, 1)
+        mu_bn, var_bn = shaped(running[0], x), shaped(running[1], x)
     wm, wv = torch.softmax(mean_logits, 0), torch.softmax(var_logits, 0)
     mu = wm[0] * mu_in + wm[1] * mu_ln + wm[2] * mu_bn
     var = wv[0] * var_in + wv[1] * var_ln + wv[2] * var_bn
@@ -212,17 +213,22 @@ def sn_reference(x, mean_logits, var_logits, w, b, running=None, eps=EPS):
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_switchable_norm_matches_paper(backend, channels_last):
-    m = nk.SwitchableNorm2d(4, dtype=torch.float64)
+@pytest.mark.parametrize(
+    "cls,shape", [(nk.SwitchableNorm1d, (3, 4, 7)), (nk.SwitchableNorm2d, (3, 4, 5, 6)), (nk.SwitchableNorm3d, (2, 4, 3, 2, 4))]
+)
+def test_switchable_norm_matches_paper(backend, channels_last, cls, shape):
+    m = cls(4, dtype=torch.float64)
     with torch.no_grad():
         m.mean_weight.copy_(torch.tensor([0.3, -0.2, 1.0]))
         m.var_weight.copy_(torch.tensor([-1.0, 0.5, 0.2]))
         m.weight.normal_()
         m.bias.normal_()
-    x = leaf(3, 4, 5, 6, scale=2.0, shift=1.0)
+    x = leaf(*shape, scale=2.0, shift=1.0)
     params = (x, m.weight, m.bias, m.mean_weight, m.var_weight)
     check_same(m(layout(x, channels_last)), sn_reference(x, m.mean_weight, m.var_weight, m.weight, m.bias), params, channels_last)
-    torch.testing.assert_close(m.running_var, 0.9 + 0.1 * x.detach().var((0, 2, 3)), **F64)
+    torch.testing.assert_close(m.running_var, 0.9 + 0.1 * x.detach().var(reduce_dims(x)), **F64)
+    with pytest.raises(ValueError, match="expected"):
+        m(x.detach().unsqueeze(-1))
     m.eval()
     ref = sn_reference(x, m.mean_weight, m.var_weight, m.weight, m.bias, (m.running_mean, m.running_var))
     check_same(m(layout(x, channels_last)), ref, params, channels_last)

@@ -16,7 +16,9 @@ from .variants import (
     EvoNormS0,
     GhostBatchNorm,
     GroupNormAct,
+    SwitchableNorm1d,
     SwitchableNorm2d,
+    SwitchableNorm3d,
     WSConv2d,
 )
 
@@ -41,7 +43,9 @@ __all__ = [
     "LayerNorm",
     "LayerNorm2d",
     "RMSNorm",
+    "SwitchableNorm1d",
     "SwitchableNorm2d",
+    "SwitchableNorm3d",
     "SyncBatchNorm",
     "WSConv2d",
 ]

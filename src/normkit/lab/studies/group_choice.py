@@ -1,7 +1,7 @@
 """Beyond the article: does SwitchableNorm or the auto-G rule remove GroupNorm's group-count choice (GN con)?
 
 Protocol: the group-count study's CNN and runs (same configs, shared cache: every fixed G is trained once),
-plus the same CNN with SwitchableNorm2d (Luo et al. 2019: a learned mix of IN/LN/BN statistics) after each
+plus the same CNN with SwitchableNorm (1d or 2d as the data; Luo et al. 2019: a learned mix of IN/LN/BN statistics) after each
 conv. auto-G is ``normkit.nn.variants.auto_groups(C)``, read off the fixed-G runs. Statistic: accuracy of
 SwitchableNorm and of auto-G minus the best and the worst fixed G, paired by seed.
 """
@@ -50,7 +50,7 @@ def run(config: dict) -> dict:
     channels, *size = data.x_train.shape[1:]
     c, layers = config["channels"], config["layers"]
     model = ConvNet(channels, tuple(size), [c] * layers, 10, "bn", config["backend"], strides=[1] + [2] * (layers - 1))
-    convert.replace_norm(model, config["norm"])
+    convert.replace_norm(model, f"sn{len(size)}d" if config["norm"] == "sn" else config["norm"])
     history = train_classifier(model, data, epochs=config["epochs"], batch_size=config["batch_size"], lr=config["lr"], seed=config["seed"],
                                device=config["device"])  # fmt: skip
     result = history.to_dict()
@@ -105,7 +105,7 @@ def analyze(runs: list[Run], profile: Profile, out_dir: Path) -> Finding:
         setting=(
             f"As the group-count study: {DATA_LABELS[s['data']]}, {s['n_train'] or 'all'} training examples, CNN with {s['layers']} conv "
             f"layers of C={s['channels']} channels, {s['epochs']} epochs, SGD lr {s['lr']} momentum 0.9, batch {s['batch_size']}; the fixed-G "
-            f"runs are that study's. SwitchableNorm2d replaces each GroupNorm; auto-G = auto_groups({s['channels']}) = {auto}. "
+            f"runs are that study's. SwitchableNorm (1d or 2d as the data) replaces each GroupNorm; auto-G = auto_groups({s['channels']}) = {auto}. "
             "Best and worst G are picked on the same seeds, so the comparison with the best G leans against the contenders."
         ),
         stats=stats,

@@ -19,11 +19,12 @@ from .ghost import GhostBatchNorm
 from .groups import auto_groups, divisors, sweep_groups
 from .norm_act import BatchNormAct2d, GroupNormAct
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
-from .switchable import SwitchableNorm2d
+from .switchable import SwitchableNorm1d, SwitchableNorm2d, SwitchableNorm3d
 from .ws import WSConv2d, weight_standardize
 
 CHANNEL_VARIANTS: tuple[type[nn.Module], ...] = (
-    BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, GhostBatchNorm, SwitchableNorm2d, EvoNormS0, EvoNormB0,
+    BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, GhostBatchNorm, SwitchableNorm1d, SwitchableNorm2d,
+    SwitchableNorm3d, EvoNormS0, EvoNormB0,
 )
 SPECS: dict[str, Callable[..., nn.Module]] = {
     "brn": BatchRenorm2d,
@@ -31,6 +32,9 @@ SPECS: dict[str, Callable[..., nn.Module]] = {
     "brn2d": BatchRenorm2d,
     "brn3d": BatchRenorm3d,
     "sn": SwitchableNorm2d,
+    "sn1d": SwitchableNorm1d,
+    "sn2d": SwitchableNorm2d,
+    "sn3d": SwitchableNorm3d,
     "evos0": EvoNormS0,
     "evob0": EvoNormB0,
 }
@@ -62,7 +66,8 @@ def _group_norm_act(groups: int | None, act: str) -> Callable[..., nn.Module]:
 def factory(key: str) -> Callable[..., nn.Module] | None:
     """The layer factory for a variant spec (lower case, stripped), or None when ``key`` names none.
 
-    ``brn`` (= ``brn2d``), ``brn1d``, ``brn3d``, ``gbn`` (ghost batches of 32), ``gbn:16``, ``sn``,
+    ``brn`` (= ``brn2d``), ``brn1d``, ``brn3d``, ``gbn`` (ghost batches of 32), ``gbn:16``, ``sn`` (=
+    ``sn2d``), ``sn1d``, ``sn3d``,
     ``evos0``, ``evob0``, ``gn:auto`` (``auto_groups``), ``bnact`` / ``bnact:silu``, ``gnact`` /
     ``gnact16:gelu`` (activation default relu, groups default ``auto_groups``).
     """
@@ -92,7 +97,9 @@ __all__ = [
     "EvoNormS0",
     "GhostBatchNorm",
     "GroupNormAct",
+    "SwitchableNorm1d",
     "SwitchableNorm2d",
+    "SwitchableNorm3d",
     "WSConv2d",
     "auto_groups",
     "divisors",

@@ -1,4 +1,4 @@
-"""SwitchableNorm2d (Luo, Ren, Peng, Zhang & Li, "Differentiable Learning-to-Normalize via Switchable
+"""SwitchableNorm1d/2d/3d (Luo, Ren, Peng, Zhang & Li, "Differentiable Learning-to-Normalize via Switchable
 Normalization", ICLR 2019).
 
 Con answered: every norm is right for some layers and batch sizes and wrong for others, and
@@ -9,7 +9,7 @@ InstanceNorm, LayerNorm and BatchNorm statistics: ``μ = Σ_k softmax(mean_weigh
 Statistics source only: the instance moments come from one pass of torch ops, LayerNorm's and
 BatchNorm's are pooled from them (law of total variance, no E[x²] − E[x]²), and the core applies the
 mix through ``normalize_with``. The BatchNorm branch keeps running statistics as BatchNorm2d does
-and uses them in evaluation.
+and uses them in evaluation. The 1d/2d/3d classes differ only in the input rank they accept.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ def _pool(mean: Tensor, var: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     return pooled, (var + (mean - pooled).square()).mean(dim, keepdim=True)
 
 
-class SwitchableNorm2d(NormBase):
-    """Learned mix of IN/LN/BN statistics over a 4D input; arguments of ``BatchNorm2d``.
+class _SwitchableNorm(NormBase):
+    """Learned mix of IN/LN/BN statistics over an (N, C, *spatial) input; arguments of ``BatchNorm2d``.
 
     Extra parameters ``mean_weight`` and ``var_weight`` (3 logits each, order IN, LN, BN) start at
     equal weights.
@@ -59,8 +59,10 @@ class SwitchableNorm2d(NormBase):
             torch.nn.init.ones_(self.mean_weight)
             torch.nn.init.ones_(self.var_weight)
 
+    _dims: tuple[int, ...] = ()
+
     def _check_input_dim(self, input: Tensor) -> None:
-        check_dims(input, (4,))
+        check_dims(input, self._dims)
 
     def _batch_stats(self, mean_in: Tensor, var_in: Tensor, count: int) -> tuple[Tensor, Tensor]:
         if self.training or self.running_mean is None:
@@ -98,4 +100,22 @@ class SwitchableNorm2d(NormBase):
         return L.restore(y, perm)
 
 
-__all__ = ["SwitchableNorm2d"]
+class SwitchableNorm1d(_SwitchableNorm):
+    """SwitchableNorm over a 3D (N, C, L) input."""
+
+    _dims = (3,)
+
+
+class SwitchableNorm2d(_SwitchableNorm):
+    """SwitchableNorm over a 4D (N, C, H, W) input."""
+
+    _dims = (4,)
+
+
+class SwitchableNorm3d(_SwitchableNorm):
+    """SwitchableNorm over a 5D (N, C, D, H, W) input."""
+
+    _dims = (5,)
+
+
+__all__ = ["SwitchableNorm1d", "SwitchableNorm2d", "SwitchableNorm3d"]
