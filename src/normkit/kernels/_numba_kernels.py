@@ -110,7 +110,7 @@ def _zero_impl(v):
 
 
 def _acc_zeros(v, n):
-    """``n`` zeros in the type of ``_zero(v)``."""
+    """Zeros of shape ``n`` in the type of ``_zero(v)``."""
 
 
 @overload(_acc_zeros, inline="always")
@@ -513,6 +513,13 @@ def _fold(v, r2):
     return out
 
 
+@njit(**_DRIVER)
+def _zeros(shape, like):
+    """Zeros of shape ``shape`` in the type of ``_zero(like)``, compiled apart: ``np.zeros`` written in a parallel driver becomes a
+    parallel region of its own."""
+    return _acc_zeros(like, shape)
+
+
 # ---- drivers ---------------------------------------------------------------------------------
 # ``plan`` = (gchunk, nrc, rchunk, nbc, bchunk): units of ``gchunk`` slabs x ``rchunk`` rows x
 # ``bchunk`` groups. With ``nrc == 1`` a unit owns whole groups and is fused.
@@ -537,8 +544,8 @@ def forward_seg(x, y, w, bias, mean, rstd, var, eps, rms, plan):
                     mean[g, b], var[g, b], rstd[g, b] = _finish(s[b - b0], ss[b - b0], n, _seg_shift(x, g, b, rms), eps, rms)
                 _seg_apply(x, y, g, 0, R1, b0, b1, mean, rstd, w, bias)
         return
-    ps = np.zeros((G, nrc, B))
-    pss = np.zeros((G, nrc, B))
+    ps = _zeros((G, nrc, B), 0.0)
+    pss = _zeros((G, nrc, B), 0.0)
     for u in prange(units):
         g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
         for g in range(g0, g1):
@@ -578,8 +585,8 @@ def forward_col(x, y, w, bias, mean, rstd, var, r2, eps, rms, plan):
                     mean[g, b], var[g, b], rstd[g, b] = _finish(fs[b - b0], fss[b - b0], n, sh[(b - b0) * r2], eps, rms)
                 _col_apply(x, y, g, 0, R1, j0, j1, r2, mean, rstd, w, bias)
         return
-    ps = np.zeros((G, nrc, W))
-    pss = np.zeros((G, nrc, W))
+    ps = _zeros((G, nrc, W), 0.0)
+    pss = _zeros((G, nrc, W), 0.0)
     for u in prange(units):
         g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
         j0 = b0 * r2
@@ -636,11 +643,11 @@ def backward_seg(dy, x, dx, mean, rstd, w, dwl, dbl, rms, batch_stats, want_dx, 
     n = R1 * R2
     nrc = plan[1]
     units = _units(plan, G)
-    c1 = np.zeros(mean.shape, dtype=mean.dtype)
-    c2 = np.zeros(mean.shape, dtype=mean.dtype)
+    c1 = _zeros(mean.shape, mean[0, 0])
+    c2 = _zeros(mean.shape, mean[0, 0])
     fused = nrc == 1 and batch_stats and want_dx
-    ps = np.zeros((G, nrc, B))
-    pss = np.zeros((G, nrc, B))
+    ps = _zeros((G, nrc, B), 0.0)
+    pss = _zeros((G, nrc, B), 0.0)
     for lane in prange(nlanes):
         dwt = np.zeros(dwl.shape[1:], mean.dtype)
         dbt = np.zeros(dwl.shape[1:], mean.dtype)
@@ -676,11 +683,11 @@ def backward_col(dy, x, dx, mean, rstd, w, dwl, dbl, r2, rms, batch_stats, want_
     n = R1 * r2
     nrc = plan[1]
     units = _units(plan, G)
-    c1 = np.zeros(mean.shape, dtype=mean.dtype)
-    c2 = np.zeros(mean.shape, dtype=mean.dtype)
+    c1 = _zeros(mean.shape, mean[0, 0])
+    c2 = _zeros(mean.shape, mean[0, 0])
     fused = nrc == 1 and batch_stats and want_dx
-    ps = np.zeros((G, nrc, B))
-    pss = np.zeros((G, nrc, B))
+    ps = _zeros((G, nrc, B), 0.0)
+    pss = _zeros((G, nrc, B), 0.0)
     for lane in prange(nlanes):
         for u in range(lane * units // nlanes, (lane + 1) * units // nlanes):
             g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
