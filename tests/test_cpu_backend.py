@@ -105,6 +105,21 @@ def test_every_split_matches_reference(split, view, cl, dtype):
     _close(CPU.normalize(x5, st_r.mean, st_r.rstd, w, b), REF.normalize(x5, st_r.mean, st_r.rstd, w, b), tol, "normalize")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("view,cl", list(_cases()))
+def test_squares_beyond_float32_fall_back_to_float64(split, view, cl, dtype):
+    """Inputs of scale 1e20: the float32 block sums of squares overflow and every split and loop
+    shape must take its float64 path."""
+    x5, w, b, _ = _make(view, cl, torch.float32)
+    x5 = (x5 * 1e20).to(dtype)
+    rms = view in RMS
+    y, st = CPU.forward(x5, w.to(dtype), b.to(dtype), 1e-5, rms)
+    y_r, st_r = REF.forward(x5, w.to(dtype), b.to(dtype), 1e-5, rms)
+    assert torch.isfinite(y).all()
+    _close(y, y_r, TOL[dtype], "y")
+    _close(st.rstd * 1e20, st_r.rstd * 1e20, 1e-5, "rstd")
+
+
 @pytest.mark.parametrize("view,cl", [("group", True), ("batch", True), ("layer", False)])
 def test_without_affine_and_partial_masks(split, view, cl):
     x5, _, _, pshape = _make(view, cl, torch.float32, affine=False)
