@@ -199,13 +199,9 @@ def _arr(t: Tensor, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _empty(t: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, np.ndarray]:
-    """A new tensor like ``t`` and the kernels' view of it, allocated by numpy, which backs large
-    arrays with transparent huge pages: a fresh output of tens of megabytes page-faults far less."""
-    if t.dtype == torch.bfloat16:
-        a = np.empty(t.shape, np.uint16)
-        return torch.from_numpy(a).view(torch.bfloat16), a.reshape(shape)
-    a = np.empty(t.shape, _NP[t.dtype])
-    return torch.from_numpy(a), a.reshape(shape)
+    """A new tensor like ``t`` and the kernels' view of it."""
+    y = torch.empty_like(t)
+    return y, _arr(y, shape)
 
 
 def _widen(t: Tensor) -> Tensor:
