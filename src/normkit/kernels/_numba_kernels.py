@@ -19,9 +19,9 @@ input is read a second time.
 Statistics are sums shifted by the first element of each group, which makes constant groups exact.
 Short blocks are summed in float32 (vector-wide) and the blocks added in float64, which keeps long
 reductions accurate; a group whose float32 squares overflow (inputs of scale 1e20) is summed again
-with every term in float64. float64 input sums in float64 throughout. Backward
-group reductions are float64 as well; dweight/dbias partials per unit are summed in the statistics
-dtype (as the reference sums them) and combined in float64. ``fastmath`` only
+with every term in float64. float64 input sums in float64 throughout. Backward group reductions
+use the same float32 blocks added in float64; dweight/dbias partials are summed in the statistics
+dtype (as the reference sums them), added into float64 lanes after each unit. ``fastmath`` only
 allows reassociation and contraction (vectorized reductions, FMA); NaN and Inf keep propagating.
 
 bfloat16 arrays arrive as their uint16 bits: ``_load`` widens an element to float32 exactly and
