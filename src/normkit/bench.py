@@ -88,7 +88,8 @@ def _sync(device: torch.device) -> Callable[[], None]:
 
 
 def measure(fn: Callable[[], object], device: torch.device, min_time: float) -> float:
-    """Median seconds per call after a warm-up (blocked_autorange; synchronizes on CUDA)."""
+    """Median seconds per call after a warm-up (blocked_autorange; synchronizes on CUDA). The timer
+    runs with the process's thread count: torch's Timer would otherwise drop to one thread."""
     sync = _sync(device)
 
     def call() -> None:
@@ -97,7 +98,8 @@ def measure(fn: Callable[[], object], device: torch.device, min_time: float) -> 
 
     call()
     call()
-    return benchmark.Timer(stmt="call()", globals={"call": call}).blocked_autorange(min_run_time=min_time).median
+    timer = benchmark.Timer(stmt="call()", globals={"call": call}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_time).median
 
 
 def copy_bandwidth(device: torch.device, min_time: float, nbytes: int = 256 << 20) -> tuple[float, float]:
