@@ -160,7 +160,7 @@ class ReferenceBackend:
         if not batch_stats:
             return Grads(torch.mul(g, scale, out=xhat).to(x5.dtype), dw, db)
         n = math.prod(x5.shape[d] for d in REDUCED_DIMS)
-        gx = dyx if g_is_dy else g * xhat
+        gx = dyx if g_is_dy else torch.mul(g, xhat, out=dyx)
         proj = gx.sum(REDUCED_DIMS, keepdim=True) * (-1.0 / n)
         shift = torch.zeros_like(proj) if rms else g.sum(REDUCED_DIMS, keepdim=True) * (-1.0 / n)
         dx = torch.addcmul(shift * scale, g, scale, out=gx).addcmul_(xhat, proj * scale)
