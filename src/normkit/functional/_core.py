@@ -211,30 +211,21 @@ _norm_batch.register_autograd(_backward_batch, setup_context=_setup_batch)
 _norm_fixed.register_autograd(_backward_fixed, setup_context=_setup_fixed)
 
 
-class _EagerBatch(torch.autograd.Function):
-    """``normkit::norm_batch`` without the custom-op dispatch (tens of microseconds a call) in eager
-    mode: the same implementation, context and backward. Under torch.compile the op is used. The
-    forward takes ``ctx`` itself: a separate ``setup_context`` makes every call bind its signature."""
+def _eager_function(name: str, impl, setup, backward) -> type[torch.autograd.Function]:
+    """An autograd.Function running ``impl`` without the custom-op dispatch (tens of microseconds a
+    call), with the op's own context setup and backward. Its forward takes ``ctx`` itself: a separate
+    ``setup_context`` makes every call bind the forward's signature."""
 
-    @staticmethod
     def forward(ctx, *inputs):
-        output = _batch(*inputs)
-        _setup_batch(ctx, inputs, output, eager=True)
+        output = impl(*inputs)
+        setup(ctx, inputs, output, eager=True)
         return output
 
-    backward = staticmethod(_backward_batch)
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
 
-class _EagerFixed(torch.autograd.Function):
-    """``normkit::norm_fixed`` in eager mode, as ``_EagerBatch``."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _fixed(*inputs)
-        _setup_fixed(ctx, inputs, output, eager=True)
-        return output
-
-    backward = staticmethod(_backward_fixed)
+_EagerBatch = _eager_function("_EagerBatch", _batch, _setup_batch, _backward_batch)
+_EagerFixed = _eager_function("_EagerFixed", _fixed, _setup_fixed, _backward_fixed)
 
 
 def _pick(op, eager, impl, *inputs: Optional[Tensor]):
