@@ -97,9 +97,25 @@ def _param(w: Tensor | None, acc: torch.dtype) -> Tensor | None:
     return None if w is None else w.to(acc).unsqueeze(0)
 
 
-def _per_group(w: Tensor | None) -> bool:
-    """Parameters constant over the reduced axes (BatchNorm, InstanceNorm) fold into per-group factors."""
-    return w is None or (w.shape[1] == 1 and w.shape[3] == 1)
+def _weighted_sum(t: Tensor, w: Tensor | None) -> Tensor:
+    """Per-group sum of ``t * w`` (keepdim), without a full-size product: the axis the (P, K1, B, K2)
+    parameters are constant on is summed first, then the small partial sums are weighted."""
+    if w is None:
+        return _sum(t, REDUCED_DIMS)
+    q, p, r1, b, r2 = t.shape
+    spans_r1, spans_r2 = w.shape[2] > 1, w.shape[4] > 1
+    if not spans_r1 and not spans_r2:
+        return _sum(t, REDUCED_DIMS) * w
+    if spans_r1 and not spans_r2 and r2 > 1:
+        return (t.sum(4, keepdim=True) * w).sum(2, keepdim=True)
+    if spans_r2 and not spans_r1 and r1 > 1:
+        return (t.sum(2, keepdim=True) * w).sum(4, keepdim=True)
+    if spans_r1 != spans_r2:  # the other reduced axis has length 1: a batched dot product
+        run = r1 * r2
+        dot = torch.einsum("qpbk,pbk->qpb", t.movedim(3, 2).reshape(q, p, b, run),
+                           w[0].expand(p, r1, b, r2).movedim(2, 1).reshape(p, b, run))
+        return dot.view(q, p, 1, b, 1)
+    return _sum(t * w, REDUCED_DIMS)
 
 
 def _affine(
@@ -162,28 +178,28 @@ class ReferenceBackend:
         output_mask: tuple[bool, bool, bool],
     ) -> Grads:
         acc = stats_dtype(x5.dtype)
-        mean, rstd = _bcast(mean), _bcast(rstd)
+        mean, rstd = _spread(_bcast(mean), x5), _spread(_bcast(rstd), x5)
         dy = dy5.to(acc)
-        xhat = (x5.to(acc) - _spread(mean, x5)).mul_(_spread(rstd, x5))
+        xhat = (x5.to(acc) - mean).mul_(rstd)
         w = _param(weight, acc)
-        per_group = _per_group(weight)
-        # g = dy * w; per-group weights fold into ``scale`` instead, so g is dy and g * xhat is dy * xhat.
-        g_is_dy = per_group or w is None
-        dyx = dy * xhat if output_mask[1] or (output_mask[0] and batch_stats and g_is_dy) else None
+        dyx = dy * xhat if output_mask[1] or (output_mask[0] and batch_stats) else None
         dims = param_reduce_dims(param_shape)
         dw = dyx.sum(dims).reshape(param_shape) if output_mask[1] else None
         db = dy.sum(dims).reshape(param_shape) if output_mask[2] else None
         if not output_mask[0]:
             return Grads(None, dw, db)
-        # dx = rstd * (g - mean_R(g) - xhat * mean_R(g * xhat)), as g * scale + xhat * B + C.
-        g = dy if g_is_dy else dy * w
-        scale = rstd if g_is_dy and w is None else (rstd * w if g_is_dy else rstd)
-        if not batch_stats:
-            return Grads(torch.mul(g, _spread(scale, x5), out=xhat).to(x5.dtype), dw, db)
-        n = math.prod(x5.shape[d] for d in REDUCED_DIMS)
-        gx = dyx if g_is_dy else torch.mul(g, xhat, out=dyx)
-        proj = _sum(gx, REDUCED_DIMS) * (-1.0 / n)
-        shift = torch.zeros_like(proj) if rms else _sum(g, REDUCED_DIMS) * (-1.0 / n)
-        dx = torch.mul(g, _spread(scale, x5), out=gx).add_(_spread(shift * scale, x5))
-        dx = dx.add_(xhat.mul_(_spread(proj * scale, x5)))
+        # dx = rstd * (g - mean_R(g) - xhat * mean_R(g * xhat)) with g = dy * w, never materialized
+        # for the sums; the dx buffer reuses dy * xhat once its sums are taken.
+        if batch_stats:
+            n = math.prod(x5.shape[d] for d in REDUCED_DIMS)
+            proj = _weighted_sum(dyx, w) * (-1.0 / n)
+            shift = None if rms else _weighted_sum(dy, w) * (-1.0 / n)
+        if w is None or 8 * math.prod(torch.broadcast_shapes(rstd.shape, w.shape)) <= x5.numel():
+            dx = torch.mul(dy, rstd if w is None else _spread(rstd * w, x5), out=dyx)
+        else:
+            dx = torch.mul(dy, w, out=dyx).mul_(rstd)
+        if batch_stats:
+            if shift is not None:
+                dx = dx.add_(_spread(shift, x5) * rstd)
+            dx = dx.add_(xhat.mul_(_spread(proj, x5) * rstd))
         return Grads(dx.to(x5.dtype), dw, db)
