@@ -13,7 +13,8 @@ import normkit.functional as F
 import normkit.nn as nk
 
 ACTS = {"relu": TF.relu, "silu": TF.silu, "gelu": TF.gelu}
-RM, RV = torch.randn(6, dtype=torch.float64), torch.rand(6, dtype=torch.float64) + 0.5
+_GEN = torch.Generator().manual_seed(7)
+RM, RV = torch.randn(6, generator=_GEN, dtype=torch.float64), torch.rand(6, generator=_GEN, dtype=torch.float64) + 0.5
 # (normkit call, torch call, input shape); both take (x, weight, bias, activation / act function).
 CASES = {
     "batch-train": (
@@ -78,10 +79,14 @@ def test_activation_is_norm_then_torch_activation(backend, dtype, activation, ca
     with normkit.backend(backend):
         grads = torch.autograd.grad(out, inputs, dy.to(dtype), allow_unused=True)
     refs = torch.autograd.grad(ref, inputs, dy, allow_unused=True)
-    for g, r in zip(grads, refs):
+    for i, (g, r) in enumerate(zip(grads, refs)):
         assert (g is None) == (r is None)
-        if r is not None:
-            torch.testing.assert_close(g.double(), r.double(), **TOL[dtype])
+        if r is None:
+            continue
+        tol = dict(TOL[dtype])
+        if i:  # parameter gradients sum over the batch: rounding errors add up like sqrt(count)
+            tol["atol"] *= (inputs[0].numel() / r.numel()) ** 0.5
+        torch.testing.assert_close(g.double(), r.double(), **tol)
 
 
 def test_nan_in_gives_nan_out():
