@@ -97,6 +97,12 @@ def _param(w: Tensor | None, acc: torch.dtype) -> Tensor | None:
     return None if w is None else w.to(acc).unsqueeze(0)
 
 
+def _folds(rstd: Tensor, w: Tensor | None, like: Tensor) -> bool:
+    """Whether ``rstd * w`` is much smaller than the data (one value per sample and channel for
+    BatchNorm, InstanceNorm, GroupNorm), so the two fold into one factor and save a full pass."""
+    return w is None or 8 * math.prod(torch.broadcast_shapes(rstd.shape, w.shape)) <= like.numel()
+
+
 def _weighted_sum(t: Tensor, w: Tensor | None) -> Tensor:
     """Per-group sum of ``t * w`` (keepdim), without a full-size product: the axis the (P, K1, B, K2)
     parameters are constant on is summed first, then the small partial sums are weighted."""
@@ -121,18 +127,15 @@ def _weighted_sum(t: Tensor, w: Tensor | None) -> Tensor:
 def _affine(
     centred: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None, dtype: torch.dtype, owned: bool
 ) -> Tensor:
-    """``centred * rstd * w + b`` in few passes: ``rstd * w`` folds into one factor when it is much
-    smaller than the data (BatchNorm, InstanceNorm, GroupNorm: one value per sample and channel).
-    Multiply and add run as two passes: torch's addcmul with broadcast operands is several times
-    slower than both together.
+    """``centred * rstd * w + b`` in few passes, ``rstd * w`` folded where it is small. Multiply and
+    add run as two passes: torch's addcmul with broadcast operands is several times slower.
 
     ``owned``: ``centred`` is our temporary and may receive the result when autograd does not track it.
     """
     w, b = _param(weight, centred.dtype), _param(bias, centred.dtype)
     tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (centred, rstd, w, b))
     out = centred if owned and not tracked else None
-    folded = w is None or 8 * math.prod(torch.broadcast_shapes(rstd.shape, w.shape)) <= centred.numel()
-    if folded:
+    if _folds(rstd, w, centred):
         y = torch.mul(centred, _spread(rstd if w is None else rstd * w, centred), out=out)
     else:
         y = torch.mul(centred, _spread(rstd, centred), out=out)
@@ -140,7 +143,6 @@ def _affine(
     if b is not None:
         y = y + b if tracked else y.add_(b)
     return y.to(dtype)
-
 
 
 class ReferenceBackend:
@@ -194,7 +196,7 @@ class ReferenceBackend:
             n = math.prod(x5.shape[d] for d in REDUCED_DIMS)
             proj = _weighted_sum(dyx, w) * (-1.0 / n)
             shift = None if rms else _weighted_sum(dy, w) * (-1.0 / n)
-        if w is None or 8 * math.prod(torch.broadcast_shapes(rstd.shape, w.shape)) <= x5.numel():
+        if _folds(rstd, w, x5):
             dx = torch.mul(dy, rstd if w is None else _spread(rstd * w, x5), out=dyx)
         else:
             dx = torch.mul(dy, w, out=dyx).mul_(rstd)
