@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .stats import mean_ci  # noqa: E402
 
-COLORS = {"none": "#7f7f7f", "bn": "#1f77b4", "ln": "#d62728", "in": "#2ca02c", "gn": "#ff7f0e", "rms": "#9467bd"}
+COLORS = {"none": "#7f7f7f", "bn": "#1f77b4", "bnmask": "#17becf", "ln": "#d62728", "in": "#2ca02c", "gn": "#ff7f0e", "rms": "#9467bd"}
 
 
 def color(kind: str) -> str:
