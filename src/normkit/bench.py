@@ -4,10 +4,10 @@ Every norm x layout x mode (forward train, forward eval, forward+backward) x dty
 activation shapes, and GroupNorm followed by SiLU (``group+silu``: torch's two modules against
 normkit's ``GroupNormAct``, whose activation runs in the norm's epilogue). Speed is reported as
 time, effective bandwidth (forward moves 2 bytes of tensor per byte of input: read x, write y;
-forward+backward 5: plus read x, dy and write dx), the speed-up
-over torch.nn, and the share of the bandwidth of a large in-place copy measured in the same run.
-A copy into a new tensor is measured too: outputs above the allocator's mmap threshold (32 MB with
-glibc) are fresh pages every call, and the page faults can cost more than the copy itself.
+forward+backward 5: plus read x, dy and write dx), the speed-up over torch.nn, and the share of
+the bandwidth of a large in-place copy measured in the same run. A copy into a new tensor is
+measured too: outputs above the allocator's mmap threshold (32 MB with glibc) are fresh pages every
+call, and the page faults can cost more than the copy itself.
 """
 
 from __future__ import annotations
