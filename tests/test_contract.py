@@ -146,3 +146,25 @@ def test_partial_output_mask(backend):
     _, st = backend.forward(x5, w, b, 1e-5, False)
     g = backend.backward(torch.randn_like(x5), x5, st.mean, st.rstd, w, pshape, False, True, (False, True, False))
     assert g.dx is None and g.dbias is None and g.dweight.shape == pshape
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("k1,k2", [(4, 6), (4, 1), (1, 6), (1, 1)], ids=["r1+r2", "r1", "r2", "neither"])
+def test_every_parameter_span_matches_float64(backend, dtype, k1, k2):
+    """Parameters may span R1, R2, both or neither with B > 1, beyond the spans today's norms use."""
+    x5 = (torch.randn(2, 3, 4, 5, 6, dtype=torch.float64) * 2 + 0.5).to(dtype)
+    pshape = (3, k1, 5, k2)
+    w = (torch.rand(pshape, dtype=torch.float64) + 0.5).to(dtype)
+    b = torch.randn(pshape, dtype=torch.float64).to(dtype)
+    if not backend.supports(x5, w):
+        pytest.skip(f"{backend.name} declines {dtype} on {x5.device.type}; the core uses the reference")
+    dy = torch.randn(x5.shape, dtype=torch.float64).to(dtype)
+    y_t, *_, grads_t = _truth(x5, w, b, 1e-5, False, dy)
+    tol = DTYPES[dtype]
+    y, st = backend.forward(x5, w, b, 1e-5, False)
+    _close(y, y_t, tol, "y")
+    g = backend.backward(dy, x5, st.mean, st.rstd, w, pshape, False, True, (True, True, True))
+    _close(g.dx, grads_t[0], 4 * tol, "dx")
+    _close(g.dweight, grads_t[1], 4 * tol * math.sqrt(x5.numel()), "dweight")
+    _close(g.dbias, grads_t[2], 4 * tol * math.sqrt(x5.numel()), "dbias")
