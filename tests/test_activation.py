@@ -109,8 +109,8 @@ def test_unknown_activation_is_a_clear_error():
             call()
 
 
-def _saved_bytes(fn, x) -> int:
-    """Bytes of the tensors autograd keeps for backward that are as large as the input."""
+def _saved_elements(fn, x) -> int:
+    """Elements of the tensors autograd keeps for backward that are as large as the input."""
     sizes = []
 
     def pack(t):
@@ -126,5 +126,5 @@ def test_backward_keeps_only_the_input():
     x = torch.randn(4, 8, 6, 6, requires_grad=True)
     fused = nk.GroupNormAct(4, 8, act_layer="silu")
     composed = torch.nn.Sequential(torch.nn.GroupNorm(4, 8), torch.nn.SiLU())
-    assert _saved_bytes(fused, x) == x.numel()
-    assert _saved_bytes(composed, x) == 2 * x.numel()
+    assert _saved_elements(fused, x) == x.numel()
+    assert _saved_elements(composed, x) == 2 * x.numel()

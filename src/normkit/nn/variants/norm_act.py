@@ -24,14 +24,13 @@ class _NormAct:
     """Splits ``act_layer`` into the core's epilogue (a name) or a module applied afterwards."""
 
     def _set_act(self, act_layer: ActLayer) -> None:
-        name = act_layer.lower() if isinstance(act_layer, str) else act_layer
-        if name == "identity":
-            name = None
-        if isinstance(name, str) and name not in ACTIVATIONS:
+        if act_layer is not None and not isinstance(act_layer, str):
+            self.activation, self.act, self.act_name = None, act_layer(), act_layer.__name__
+            return
+        name = None if act_layer is None or act_layer.lower() == "identity" else act_layer.lower()
+        if name is not None and name not in ACTIVATIONS:
             raise ValueError(f"unknown activation {act_layer!r}; valid: {', '.join(ACTIVATIONS)}, identity, None or a module class")
-        self.activation = name if name is None or isinstance(name, str) else None
-        self.act = nn.Identity() if self.activation is not None or name is None else act_layer()
-        self.act_name = "identity" if name is None else (name if isinstance(name, str) else act_layer.__name__)
+        self.activation, self.act, self.act_name = name, nn.Identity(), name or "identity"
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, act_layer={self.act_name}"
