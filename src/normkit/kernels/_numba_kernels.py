@@ -515,8 +515,8 @@ def _fold(v, r2):
 
 @njit(**_DRIVER)
 def _zeros(shape, like):
-    """Zeros of shape ``shape`` in the type of ``_zero(like)``, compiled apart: ``np.zeros`` written in a parallel driver becomes a
-    parallel region of its own."""
+    """Zeros of shape ``shape`` in the type of ``_zero(like)``, compiled apart: ``np.zeros`` written
+    in a parallel driver becomes a parallel region of its own."""
     return _acc_zeros(like, shape)
 
 
