@@ -22,8 +22,8 @@ CASES = {
         lambda x, w, b: TF.batch_norm(x, None, None, w, b, True), (3, 6, 4, 5),
     ),
     "batch-eval": (
-        lambda x, w, b, a: F.batch_norm(x, RM.to(x.dtype), RV.to(x.dtype), w, b, False, activation=a),
-        lambda x, w, b: TF.batch_norm(x, RM.to(x.dtype), RV.to(x.dtype), w, b, False), (3, 6, 4, 5),
+        lambda x, w, b, a: F.batch_norm(x, RM.to(x), RV.to(x), w, b, False, activation=a),
+        lambda x, w, b: TF.batch_norm(x, RM.to(x), RV.to(x), w, b, False), (3, 6, 4, 5),
     ),
     "instance": (
         lambda x, w, b, a: F.instance_norm(x, weight=w, bias=b, activation=a),
@@ -42,28 +42,30 @@ CASES = {
         lambda x, w, b: TF.rms_norm(x, [6], w), (3, 5, 6),
     ),
 }
+# (backend, device): every backend that runs here; Triton's fused epilogue when a GPU is present.
+BACKENDS = [("reference", "cpu"), ("cpu", "cpu")] + ([("triton", "cuda")] if torch.cuda.is_available() else [])
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5),
        torch.bfloat16: dict(rtol=2e-2, atol=3e-2)}
 
 
-def _inputs(shape, dtype, channels_last):
-    x = torch.randn(shape, dtype=torch.float64)
+def _inputs(shape, dtype, channels_last, device="cpu"):
+    x = torch.randn(shape, dtype=torch.float64, device=device)
     if channels_last and x.dim() == 4:
         x = x.to(memory_format=torch.channels_last)
-    w, b = torch.rand(6, dtype=torch.float64) + 0.5, torch.randn(6, dtype=torch.float64)
+    w, b = (torch.rand(6, dtype=torch.float64, device=device) + 0.5, torch.randn(6, dtype=torch.float64, device=device))
     return [t.to(dtype).requires_grad_() for t in (x, w, b)]
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend,device", BACKENDS, ids=[b for b, _ in BACKENDS])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("activation", list(ACTS))
 @pytest.mark.parametrize(
     "case,channels_last",
     [(c, False) for c in CASES] + [(c, True) for c in CASES if len(CASES[c][2]) == 4],
 )
-def test_activation_is_norm_then_torch_activation(backend, dtype, activation, case, channels_last):
+def test_activation_is_norm_then_torch_activation(backend, device, dtype, activation, case, channels_last):
     fn, torch_fn, shape = CASES[case]
-    inputs = _inputs(shape, dtype, channels_last)
+    inputs = _inputs(shape, dtype, channels_last, device)
     with normkit.backend(backend):
         out = fn(*inputs, activation)
     z = torch_fn(*(t.double() for t in inputs))

@@ -24,6 +24,8 @@ LAYERS = {
     "RMSNorm-2d": (nk.RMSNorm, tnn.RMSNorm, ((5, 7),), [(3, 6, 5, 7)]),
 }
 RUNNING = {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"}
+# On a CUDA machine the grid also runs on the GPU (normkit's Triton backend against cuDNN / ATen CUDA).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
 
 
@@ -67,9 +69,9 @@ def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
 
 
-def _pair(name, opts, dtype):
+def _pair(name, opts, dtype, device="cpu"):
     nk_cls, t_cls, args, _ = LAYERS[name]
-    ours, theirs = nk_cls(*args, **opts, dtype=dtype), t_cls(*args, **opts, dtype=dtype)
+    ours, theirs = (cls(*args, **opts, dtype=dtype, device=device) for cls in (nk_cls, t_cls))
     with torch.no_grad():
         for p in ours.parameters():
             p.copy_(torch.rand_like(p) + 0.5)
@@ -88,20 +90,21 @@ def _assert_close(a, b, dtype, what, truth=None):
     assert bool((ours <= bound).all()), f"{what}: max error {ours.max().item():.3g} vs torch.nn's {theirs.max().item():.3g}"
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", list(TOL), ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("name,opts,shape,layout", list(_cases()))
-def test_matches_torch_nn(name, opts, shape, layout, dtype):
-    ours, theirs = _pair(name, opts, dtype)
+def test_matches_torch_nn(name, opts, shape, layout, dtype, device):
+    ours, theirs = _pair(name, opts, dtype, device)
     exact = None
     if dtype != torch.float64:
-        exact = LAYERS[name][1](*LAYERS[name][2], **opts, dtype=torch.float64)
+        exact = LAYERS[name][1](*LAYERS[name][2], **opts, dtype=torch.float64, device=device)
         exact.load_state_dict(ours.state_dict())
     batched_one = shape[0] == 1 or (len(shape) > 2 and all(s == 1 for s in shape[2:]))
     for step, training in enumerate([True, True, False, True, False]):
         for m in (ours, theirs, exact):
             if m is not None:
                 m.train(training)
-        x = _layout((torch.randn(shape, dtype=torch.float64) * (step + 1) + step).to(dtype), layout)
+        x = _layout((torch.randn(shape, dtype=torch.float64) * (step + 1) + step).to(device, dtype), layout)
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
         try:
             expected = theirs(xb)

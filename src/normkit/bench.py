@@ -82,25 +82,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-time", type=float, default=None, help="seconds of timing per measurement")
     parser.add_argument("--rounds", type=int, default=None,
                         help="alternating repeats of both sides; each keeps its best median (robust to load spikes)")
-
-
-def _sync(device: torch.device) -> Callable[[], None]:
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="on CUDA, time replays of each side captured in a CUDA graph (kernel time alone)")
 
 
 def measure(fn: Callable[[], object], device: torch.device, min_time: float) -> float:
-    """Median seconds per call after a warm-up (blocked_autorange; synchronizes on CUDA). The timer
-    runs with the process's thread count: torch's Timer would otherwise drop to one thread."""
-    sync = _sync(device)
-
-    def call() -> None:
-        fn()
-        sync()
-
-    call()
-    call()
-    timer = benchmark.Timer(stmt="call()", globals={"call": call}, num_threads=torch.get_num_threads())
+    """Median seconds per call after a warm-up (``blocked_autorange``). The timer runs with the
+    process's thread count (torch's Timer would otherwise drop to one thread). On CUDA it
+    synchronizes at block boundaries only, so launches queue as in a training loop: a case costs
+    the larger of its GPU time and its host overhead."""
+    fn()
+    fn()
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_time).median
+
+
+def graphed(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` captured once into a CUDA graph (after a warm-up on a side stream, as capture requires):
+    replaying it times the kernels alone, without Python or launch overhead."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def copy_bandwidth(device: torch.device, min_time: float, nbytes: int = 256 << 20) -> tuple[float, float]:
@@ -158,14 +167,16 @@ def _step(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, mode: str)
 
 def run_case(
     norm: str, shape: tuple[int, ...], layout: str, mode: str, dtype: str, device: torch.device,
-    copy_gbps: float, min_time: float, rounds: int,
+    copy_gbps: float, min_time: float, rounds: int, cuda_graph: bool = False,
 ) -> Result:
     """Time torch.nn and normkit alternately on the same tensors; each keeps its best median."""
     theirs, ours = (m.to(device=device, dtype=DTYPES[dtype]) for m in _modules(norm, shape))
     ours.load_state_dict(theirs.state_dict())
     x = _input(shape, layout, DTYPES[dtype], device)
     dy = torch.randn_like(x)
-    fns = (_step(theirs, x, dy, mode), _step(ours, x, dy, mode))
+    fns = tuple(_step(m, x, dy, mode) for m in (theirs, ours))
+    if cuda_graph:
+        fns = tuple(graphed(fn) for fn in fns)
     best = [math.inf, math.inf]
     for _ in range(rounds):
         for i, fn in enumerate(fns):
@@ -217,7 +228,8 @@ def _table(results: list[Result], meta: dict[str, object]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"normkit ({meta['backend']}) vs torch.nn on {meta['device']}, {meta['threads']} threads: "
+    table = Table(title=f"normkit ({meta['backend']}) vs torch.nn on {meta['device']}, {meta['threads']} threads, "
+                  f"{meta['timing']} timing: "
                   f"large copy {meta['copy_gbps']:.1f} GB/s in place (= 100% copy), "
                   f"{meta['copy_into_new_gbps']:.1f} GB/s into a new tensor")
     for col in ("norm", "shape", "layout", "mode", "dtype", "torch ms", "normkit ms", "speedup",
@@ -267,21 +279,25 @@ def cases(args: argparse.Namespace) -> list[tuple[str, tuple[int, ...], str, str
     return out
 
 
+def _write_json(path: str, meta: dict[str, object], results: list[Result]) -> None:
+    with open(path, "w") as fh:
+        json.dump({"meta": meta, "results": [asdict(r) for r in results]}, fh, indent=1)
+
+
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
+    if args.cuda_graph and device.type != "cuda":
+        raise SystemExit("--cuda-graph needs --device cuda")
     if args.threads:
         torch.set_num_threads(args.threads)
     min_time = args.min_time if args.min_time is not None else (0.02 if args.quick else 0.1)
     rounds = args.rounds if args.rounds is not None else (3 if args.quick else 5)
     started = time.perf_counter()
     copy_new_gbps, copy_gbps = copy_bandwidth(device, min_time)
-    results = []
-    with backend(args.backend):
-        for norm, shape, layout, mode, dtype in cases(args):
-            results.append(run_case(norm, shape, layout, mode, dtype, device, copy_gbps, min_time, rounds))
     meta: dict[str, object] = {
         "device": device.type if device.type != "cuda" else torch.cuda.get_device_name(device),
         "backend": args.backend,
+        "timing": "cuda-graph replay" if args.cuda_graph else "eager",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "normkit": __version__,
@@ -289,12 +305,21 @@ def run(args: argparse.Namespace) -> int:
         "copy_gbps": copy_gbps,
         "copy_into_new_gbps": copy_new_gbps,
         "quick": args.quick,
-        "seconds": 0.0,
     }
+    results: list[Result] = []
+    with backend(args.backend):
+        for norm, shape, layout, mode, dtype in cases(args):
+            results.append(
+                run_case(norm, shape, layout, mode, dtype, device, copy_gbps, min_time, rounds, args.cuda_graph)
+            )
+            if args.cuda_graph:
+                torch.cuda.empty_cache()  # each case's graphs held a private memory pool
+            meta["summary"] = summarize(results, copy_gbps, copy_new_gbps)
+            meta["seconds"] = time.perf_counter() - started
+            if args.json:  # after every case, so an interrupted run keeps what it measured
+                _write_json(args.json, meta, results)
     meta["summary"] = summarize(results, copy_gbps, copy_new_gbps)
-    meta["seconds"] = time.perf_counter() - started
     _table(results, meta)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"meta": meta, "results": [asdict(r) for r in results]}, fh, indent=1)
+        _write_json(args.json, meta, results)
     return 0

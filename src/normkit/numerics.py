@@ -78,14 +78,15 @@ def _build(layer: str, case: Case, nn: ModuleType, dtype: torch.dtype) -> torch.
     return factory(nn).to(dtype)
 
 
-def max_error(layer: str, case: Case, layout: str, nn: ModuleType) -> float:
-    """Max abs error of ``nn``'s layer on the float32 input against torch.nn's layer in float64."""
+def max_error(layer: str, case: Case, layout: str, nn: ModuleType, device: str = "cpu") -> float:
+    """Max abs error of ``nn``'s layer on the float32 input (on ``device``) against torch.nn's layer
+    in float64 on the CPU."""
     x = _input(layer, case, layout)
     with torch.no_grad():
         truth = _build(layer, case, torch.nn, torch.float64)(x.double())
         if case.std == 0 and layer != "RMSNorm":
             truth = torch.zeros_like(truth)  # exactly beta: the float64 layer itself may miss it
-        y = _build(layer, case, nn, torch.float32)(x).double()
+        y = _build(layer, case, nn, torch.float32).to(device)(x.to(device)).double().cpu()
     finite = torch.isfinite(truth)
     if not bool(finite.all()):
         raise ValueError(f"float64 result of {layer} on {case.name} is not finite")
