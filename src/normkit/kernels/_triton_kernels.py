@@ -3,7 +3,9 @@
 A program works on tiles of ``BB`` neighbouring groups ``b`` by a ``(BR1, BR2)`` window of their
 reduced axes; the reduced axes of one group are walked as ``NT = NT1 * NT2`` tiles, tile ``t``
 covering rows ``t // NT2`` and columns ``t % NT2``. With ``FUSED`` the whole group is one tile and a
-program reads it once.
+program reads it once. With ``FLAT`` (``BR2 == R2``, several groups side by side, as in channels-last
+GroupNorm) a tile row is one contiguous run of ``BB * BR2`` elements: it is loaded and stored as a 2-D
+block, so the accesses vectorize, and reshaped to ``(BR1, BB, BR2)`` for the arithmetic.
 
 Statistics are float32 and overflow-free. Each tile yields a count, its mean accumulated in float64
 (exact for a constant float32 group, whose deviations are then exactly zero) and the sum of squared
@@ -24,17 +26,44 @@ _HUGE = tl.constexpr(1.0e38)
 
 
 @triton.jit
-def _tile(qp, bb, t, R1, B, R2, NT2, BR1: tl.constexpr, BB: tl.constexpr, BR2: tl.constexpr):
-    """Element offsets, mask, coordinates and valid count of tile ``t`` of groups ``(qp, bb*BB + i)``."""
+def _tile(
+    qp, bb, t, R1, B, R2, NT2, BR1: tl.constexpr, BB: tl.constexpr, BR2: tl.constexpr, FLAT: tl.constexpr
+):
+    """Tile ``t`` of groups ``(qp, bb*BB + i)``: memory offsets and mask (2-D with ``FLAT``), the
+    ``(BR1, BB, BR2)`` validity mask and coordinates, and the valid count per group."""
     t1 = t // NT2
     t2 = t % NT2
     r1 = (t1 * BR1 + tl.arange(0, BR1))[:, None, None]
     b = (bb * BB + tl.arange(0, BB))[None, :, None]
     r2 = (t2 * BR2 + tl.arange(0, BR2))[None, None, :]
-    mask = (r1 < R1) & (b < B) & (r2 < R2)
-    offs = qp.to(tl.int64) * R1 * B * R2 + r1.to(tl.int64) * (B * R2) + b * R2 + r2
+    valid = (r1 < R1) & (b < B) & (r2 < R2)
+    base = qp.to(tl.int64) * R1 * B * R2
+    if FLAT:
+        rows = (t1 * BR1 + tl.arange(0, BR1))[:, None]
+        cols = (bb * BB * BR2 + tl.arange(0, BB * BR2))[None, :]
+        offs = base + rows.to(tl.int64) * (B * R2) + cols
+        mask = (rows < R1) & (cols < B * R2)
+    else:
+        offs = base + r1.to(tl.int64) * (B * R2) + b * R2 + r2
+        mask = valid
     count = tl.minimum(R1 - t1 * BR1, BR1) * tl.minimum(R2 - t2 * BR2, BR2) * 1.0
-    return offs, mask, r1, b, r2, count
+    return offs, mask, valid, r1, b, r2, count
+
+
+@triton.jit
+def _load_tile(ptr, offs, mask, BR1: tl.constexpr, BB: tl.constexpr, BR2: tl.constexpr, FLAT: tl.constexpr):
+    """A tile of ``ptr`` as float32 ``(BR1, BB, BR2)``, zero outside the tensor."""
+    v = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if FLAT:
+        v = tl.reshape(v, (BR1, BB, BR2))
+    return v
+
+
+@triton.jit
+def _store_tile(ptr, offs, mask, v, BR1: tl.constexpr, BB: tl.constexpr, BR2: tl.constexpr, FLAT: tl.constexpr):
+    if FLAT:
+        v = tl.reshape(v, (BR1, BB * BR2))
+    tl.store(ptr + offs, v.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -129,7 +158,7 @@ def _finish(n, m, s, q, eps):
 def _fwd_kernel(
     x, y, w, bias, mean, rstd, var, eps,
     P, R1, B, R2, NB, NT2, NT, TPC,
-    BR1: tl.constexpr, BB: tl.constexpr, BR2: tl.constexpr,
+    BR1: tl.constexpr, BB: tl.constexpr, BR2: tl.constexpr, FLAT: tl.constexpr,
     FUSED: tl.constexpr, RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     SPAN_R1: tl.constexpr, SPAN_R2: tl.constexpr, ACT: tl.constexpr,
 ):
@@ -143,9 +172,9 @@ def _fwd_kernel(
     bmask = bv < B
     g = qp.to(tl.int64) * B + bv
     if FUSED:
-        offs, mask, r1, b, r2, count = _tile(qp, bb, 0, R1, B, R2, NT2, BR1, BB, BR2)
-        xt = tl.load(x + offs, mask=mask, other=0.0).to(tl.float32)
-        m, s, q = _moments(xt, mask, count, BB, RMS)
+        offs, mask, valid, r1, b, r2, count = _tile(qp, bb, 0, R1, B, R2, NT2, BR1, BB, BR2, FLAT)
+        xt = _load_tile(x, offs, mask, BR1, BB, BR2, FLAT)
+        m, s, q = _moments(xt, valid, count, BB, RMS)
         mu, rs, vr = _finish(count, m, s, q, eps)
         tl.store(mean + g, mu, mask=bmask)
         tl.store(rstd + g, rs, mask=bmask)
@@ -153,23 +182,23 @@ def _fwd_kernel(
         woff, wmask = _param_index(p, r1, b, r2, R1, B, R2, SPAN_R1, SPAN_R2)
         xhat = (xt - mu[None, :, None]) * rs[None, :, None]
         z = _activate(_affine(xhat, w, bias, woff, wmask, HAS_W, HAS_B), ACT)
-        tl.store(y + offs, z.to(y.dtype.element_ty), mask=mask)
+        _store_tile(y, offs, mask, z, BR1, BB, BR2, FLAT)
     else:
         mu = tl.load(mean + g, mask=bmask, other=0.0).to(tl.float32)[None, :, None]
         rs = tl.load(rstd + g, mask=bmask, other=0.0).to(tl.float32)[None, :, None]
         start = tl.program_id(1) * TPC
         for t in range(start, tl.minimum(start + TPC, NT)):
-            offs, mask, r1, b, r2, count = _tile(qp, bb, t, R1, B, R2, NT2, BR1, BB, BR2)
-            xt = tl.load(x + offs, mask=mask, other=0.0).to(tl.float32)
+            offs, mask, valid, r1, b, r2, count = _tile(qp, bb, t, R1, B, R2, NT2, BR1, BB, BR2, FLAT)
+            xt = _load_tile(x, offs, mask, BR1, BB, BR2, FLAT)
             woff, wmask = _param_index(p, r1, b, r2, R1, B, R2, SPAN_R1, SPAN_R2)
             z = _activate(_affine((xt - mu) * rs, w, bias, woff, wmask, HAS_W, HAS_B), ACT)
-            tl.store(y + offs, z.to(y.dtype.element_ty), mask=mask)
+            _store_tile(y, offs, mask, z, BR1, BB, BR2, FLAT)
 
 
 @triton.jit
 def _stats_partial_kernel(
     x, part, R1, B, R2, NB, NT2, NT, TPC, G,
-    BR1: tl.constexpr, BB: tl.constexpr, BR2: tl.constexpr, RMS: tl.constexpr,
+    BR1: tl.constexpr, BB: tl.constexpr, BR2: tl.constexpr, FLAT: tl.constexpr, RMS: tl.constexpr,
 ):
     """Per-group (count, mean, scale, ssq) over tiles ``[TPC*pid1, ...)``: float64 part[4, SPLIT, G]."""
     pid = tl.program_id(0)
@@ -184,9 +213,9 @@ def _stats_partial_kernel(
     q_a = tl.zeros((BB,), tl.float32)
     start = split * TPC
     for t in range(start, tl.minimum(start + TPC, NT)):
-        offs, mask, r1, b, r2, count = _tile(qp, bb, t, R1, B, R2, NT2, BR1, BB, BR2)
-        xt = tl.load(x + offs, mask=mask, other=0.0).to(tl.float32)
-        m_b, s_b, q_b = _moments(xt, mask, count, BB, RMS)
+        offs, mask, valid, r1, b, r2, count = _tile(qp, bb, t, R1, B, R2, NT2, BR1, BB, BR2, FLAT)
+        xt = _load_tile(x, offs, mask, BR1, BB, BR2, FLAT)
+        m_b, s_b, q_b = _moments(xt, valid, count, BB, RMS)
         n_a, m_a, s_a, q_a = _merge(n_a, m_a, s_a, q_a, count, m_b, s_b, q_b)
     g = qp.to(tl.int64) * B + bv
     stride = tl.num_programs(1).to(tl.int64) * G
@@ -228,13 +257,14 @@ def _stats_finalize_kernel(
 
 @triton.jit
 def _grad_tile(
-    x, dy, w, bias, offs, mask, woff, wmask, mu, rs,
+    x, dy, w, bias, offs, mask, valid, woff, wmask, mu, rs,
+    BR1: tl.constexpr, BB: tl.constexpr, BR2: tl.constexpr, FLAT: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
 ):
     """(xhat, dy through the activation, g = dy * weight) for one tile."""
-    xt = tl.load(x + offs, mask=mask, other=0.0).to(tl.float32)
-    dyt = tl.load(dy + offs, mask=mask, other=0.0).to(tl.float32)
-    xhat = tl.where(mask, (xt - mu) * rs, 0.0)
+    xt = _load_tile(x, offs, mask, BR1, BB, BR2, FLAT)
+    dyt = _load_tile(dy, offs, mask, BR1, BB, BR2, FLAT)
+    xhat = tl.where(valid, (xt - mu) * rs, 0.0)
     if ACT != 0:
         dyt = dyt * _activate_grad(_affine(xhat, w, bias, woff, wmask, HAS_W, HAS_B), ACT)
     g = dyt
@@ -246,7 +276,7 @@ def _grad_tile(
 @triton.jit
 def _bwd_sums_kernel(
     x, dy, w, bias, mean, rstd, part, P, R1, B, R2, NB, NT2, NT, TPC, G,
-    BR1: tl.constexpr, BB: tl.constexpr, BR2: tl.constexpr,
+    BR1: tl.constexpr, BB: tl.constexpr, BR2: tl.constexpr, FLAT: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SPAN_R1: tl.constexpr, SPAN_R2: tl.constexpr,
     ACT: tl.constexpr,
 ):
@@ -265,9 +295,11 @@ def _bwd_sums_kernel(
     sum_gx = tl.zeros((BB,), tl.float32)
     start = split * TPC
     for t in range(start, tl.minimum(start + TPC, NT)):
-        offs, mask, r1, b, r2, count = _tile(qp, bb, t, R1, B, R2, NT2, BR1, BB, BR2)
+        offs, mask, valid, r1, b, r2, count = _tile(qp, bb, t, R1, B, R2, NT2, BR1, BB, BR2, FLAT)
         woff, wmask = _param_index(p, r1, b, r2, R1, B, R2, SPAN_R1, SPAN_R2)
-        xhat, dyt, g = _grad_tile(x, dy, w, bias, offs, mask, woff, wmask, mu, rs, HAS_W, HAS_B, ACT)
+        xhat, dyt, g = _grad_tile(
+            x, dy, w, bias, offs, mask, valid, woff, wmask, mu, rs, BR1, BB, BR2, FLAT, HAS_W, HAS_B, ACT
+        )
         sum_g += tl.sum(tl.sum(g, axis=2), axis=0)
         sum_gx += tl.sum(tl.sum(g * xhat, axis=2), axis=0)
     at = part + split.to(tl.int64) * G + g_idx
@@ -279,7 +311,7 @@ def _bwd_sums_kernel(
 def _bwd_kernel(
     x, dy, dx, w, bias, mean, rstd, sums, dw_part, db_part,
     Q, P, R1, B, R2, NB, NT2, NT, TPC, G, NS, PK,
-    BR1: tl.constexpr, BB: tl.constexpr, BR2: tl.constexpr,
+    BR1: tl.constexpr, BB: tl.constexpr, BR2: tl.constexpr, FLAT: tl.constexpr,
     FUSED: tl.constexpr, BATCH_STATS: tl.constexpr, RMS: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SPAN_R1: tl.constexpr, SPAN_R2: tl.constexpr,
     ACT: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
@@ -304,13 +336,15 @@ def _bwd_kernel(
         acc_b = tl.zeros((BR1, BB, BR2), tl.float32)
         for qi in range(pq, Q, tl.num_programs(2)):
             qp = qi * P + p
-            offs, mask, r1, b, r2, count = _tile(qp, bb, t, R1, B, R2, NT2, BR1, BB, BR2)
+            offs, mask, valid, r1, b, r2, count = _tile(qp, bb, t, R1, B, R2, NT2, BR1, BB, BR2, FLAT)
             woff, wmask = _param_index(p, r1, b, r2, R1, B, R2, SPAN_R1, SPAN_R2)
             g_idx = qp.to(tl.int64) * B + bv
             rs_v = tl.load(rstd + g_idx, mask=bmask, other=0.0).to(tl.float32)
             mu = tl.load(mean + g_idx, mask=bmask, other=0.0).to(tl.float32)[None, :, None]
             rs = rs_v[None, :, None]
-            xhat, dyt, g = _grad_tile(x, dy, w, bias, offs, mask, woff, wmask, mu, rs, HAS_W, HAS_B, ACT)
+            xhat, dyt, g = _grad_tile(
+                x, dy, w, bias, offs, mask, valid, woff, wmask, mu, rs, BR1, BB, BR2, FLAT, HAS_W, HAS_B, ACT
+            )
             if NEED_DX:
                 if BATCH_STATS:
                     if FUSED:
@@ -327,7 +361,7 @@ def _bwd_kernel(
                     dxt = (centred - xhat * proj) * rs
                 else:
                     dxt = g * rs
-                tl.store(dx + offs, dxt.to(dx.dtype.element_ty), mask=mask)
+                _store_tile(dx, offs, mask, dxt, BR1, BB, BR2, FLAT)
             if NEED_DW:
                 acc_w += dyt * xhat
             if NEED_DB:

@@ -3,7 +3,8 @@
 A tile covers ``BB`` neighbouring groups ``b`` and a ``(BR1, BR2)`` window of their reduced axes.
 ``BR2`` follows the contiguous axis ``r2``; ``BB`` widens the tile across groups when rows are
 short (channels-last), so every row of a tile reads at least ``ROW_SPAN`` contiguous elements
-when the shape allows. A group that fits one tile of at most ``MAX_FUSED`` elements is handled
+when the shape allows; when a group's contiguous run ``r2`` is exactly ``BR2`` such a row is one
+contiguous block (``flat``), which the kernels load as 2-D so the accesses vectorize. A group that fits one tile of at most ``MAX_FUSED`` elements is handled
 whole by one program (statistics and normalization in one read); larger groups are streamed in
 tiles of at most ``MAX_TILE`` elements, with their reduction split over several programs.
 
@@ -46,6 +47,7 @@ class Tile:
     bb: int
     br2: int
     fused: bool
+    flat: bool = False
 
     @property
     def elements(self) -> int:
@@ -62,16 +64,17 @@ def choose_tile(r1: int, b: int, r2: int, max_tile: int = MAX_TILE, max_fused: i
     br2 = min(next_pow2(r2), max_tile)
     bb = min(next_pow2(b), max(1, ROW_SPAN // br2))
     whole = next_pow2(r1) * bb * br2
+    flat = bb > 1 and br2 == r2
     if br2 >= r2 and whole <= max_fused:
-        return Tile(next_pow2(r1), bb, br2, True)
-    return Tile(min(next_pow2(r1), max(1, max_tile // (bb * br2))), bb, br2, False)
+        return Tile(next_pow2(r1), bb, br2, True, flat)
+    return Tile(min(next_pow2(r1), max(1, max_tile // (bb * br2))), bb, br2, False, flat)
 
 
 def tile_configs(max_tile: int = MAX_TILE, max_fused: int = MAX_FUSED) -> list[Tile]:
     """Every tile ``choose_tile`` can return for these limits (for ahead-of-time compilation)."""
     sizes = [1 << k for k in range(max(max_tile, max_fused).bit_length() + 1)]
     found = {choose_tile(r1, b, r2, max_tile, max_fused) for r1 in sizes for b in sizes for r2 in sizes}
-    return sorted(found, key=lambda t: (t.fused, t.br1, t.bb, t.br2))
+    return sorted(found, key=lambda t: (t.fused, t.flat, t.br1, t.bb, t.br2))
 
 
 @dataclass(frozen=True)

@@ -148,7 +148,7 @@ class TritonBackend:
         nt, groups, n_stats = cdiv(r1, tile.br1) * nt2, q * p * cdiv(b, tile.bb), q * p * b
         sp = split(nt, groups, self._target(x5))
         part = x5.new_empty((4, sp.programs, n_stats), dtype=torch.float64)
-        blocks = dict(BR1=tile.br1, BB=tile.bb, BR2=tile.br2)
+        blocks = dict(BR1=tile.br1, BB=tile.bb, BR2=tile.br2, FLAT=tile.flat)
         self._run(
             kern._stats_partial_kernel, (groups, sp.programs),
             (x5, part, r1, b, r2, nb, nt2, nt, sp.per_program, n_stats),
@@ -187,7 +187,7 @@ class TritonBackend:
             (x5, y, x5 if w is None else w, x5 if bi is None else bi, mean, rstd, var, eps,
              p, r1, b, r2, nb, nt2, nt, chunks.per_program),
             dict(
-                BR1=tile.br1, BB=tile.bb, BR2=tile.br2, FUSED=fused, RMS=rms, HAS_W=w is not None,
+                BR1=tile.br1, BB=tile.bb, BR2=tile.br2, FLAT=tile.flat, FUSED=fused, RMS=rms, HAS_W=w is not None,
                 HAS_B=bi is not None, SPAN_R1=span_r1, SPAN_R2=span_r2, ACT=_activation_code(activation),
             ),
             tile.num_warps,
@@ -221,7 +221,7 @@ class TritonBackend:
         nt, n_stats = nt1 * nt2, q * p * b
         target = self._target(x5)
         flags = dict(HAS_W=w is not None, HAS_B=bi is not None, SPAN_R1=span_r1, SPAN_R2=span_r2, ACT=act)
-        blocks = dict(BR1=tile.br1, BB=tile.bb, BR2=tile.br2)
+        blocks = dict(BR1=tile.br1, BB=tile.bb, BR2=tile.br2, FLAT=tile.flat)
         wp, bp = (x5 if w is None else w), (x5 if bi is None else bi)
         dx = torch.empty_like(x5) if need_dx else None
         sums = mean
