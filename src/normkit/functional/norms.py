@@ -44,12 +44,22 @@ def _verify_spatial_size(size: torch.Size) -> None:
 
 
 @torch.no_grad()
-def _update_running(running: Tensor, batch: Tensor, momentum: float) -> None:
-    running.copy_((batch * momentum + running.to(batch.dtype) * (1.0 - momentum)).to(running.dtype))
+def _update_running(running: Tensor, batch: Tensor, momentum: float, scale: float = 1.0) -> None:
+    """running = (1 - momentum) * running + momentum * scale * batch: two in-place kernels when the
+    dtypes agree (on a GPU each small kernel costs microseconds), else through batch's dtype."""
+    if running.dtype == batch.dtype:
+        running.mul_(1.0 - momentum).add_(batch, alpha=momentum * scale)
+    else:
+        running.copy_((batch * (momentum * scale) + running.to(batch.dtype) * (1.0 - momentum)).to(running.dtype))
+
+
+def _bessel(count: int) -> float:
+    """The factor that makes a biased variance over ``count`` values unbiased (NaN for one value, as torch)."""
+    return count / (count - 1) if count > 1 else float("nan")
 
 
 def _unbiased(var: Tensor, count: int) -> Tensor:
-    return var * (count / (count - 1)) if count > 1 else var * float("nan")
+    return var * _bessel(count)
 
 
 def _fixed_stats(running_mean: Tensor, running_var: Tensor, eps: float, acc: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -123,7 +133,7 @@ def batch_norm(
     if running_mean is not None:
         _update_running(running_mean, mean.view(c), momentum)
     if running_var is not None:
-        _update_running(running_var, _unbiased(var.view(c), input.numel() // c), momentum)
+        _update_running(running_var, var.view(c), momentum, _bessel(input.numel() // c))
     return y
 
 
@@ -165,7 +175,7 @@ def instance_norm(
     if running_mean is not None:
         _update_running(running_mean, mean.view(n, c).mean(0), momentum)
     if running_var is not None:
-        _update_running(running_var, _unbiased(var.view(n, c), L.spatial(input)).mean(0), momentum)
+        _update_running(running_var, var.view(n, c).mean(0), momentum, _bessel(L.spatial(input)))
     return y
 
 

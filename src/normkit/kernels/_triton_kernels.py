@@ -280,7 +280,8 @@ def _bwd_sums_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SPAN_R1: tl.constexpr, SPAN_R2: tl.constexpr,
     ACT: tl.constexpr,
 ):
-    """Per-group partial sums of g and g * xhat over tiles ``[TPC*pid1, ...)``: part[2, SPLIT, G]."""
+    """Per-group partial sums of g and g * xhat over tiles ``[TPC*pid1, ...)``: part[2, G, SPLIT] (the
+    split innermost, so the caller's sum over it reads contiguous rows)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     qp = pid // NB
@@ -302,15 +303,16 @@ def _bwd_sums_kernel(
         )
         sum_g += tl.sum(tl.sum(g, axis=2), axis=0)
         sum_gx += tl.sum(tl.sum(g * xhat, axis=2), axis=0)
-    at = part + split.to(tl.int64) * G + g_idx
+    splits = tl.num_programs(1).to(tl.int64)
+    at = part + g_idx * splits + split
     tl.store(at, sum_g, mask=bmask)
-    tl.store(at + tl.num_programs(1).to(tl.int64) * G, sum_gx, mask=bmask)
+    tl.store(at + G * splits, sum_gx, mask=bmask)
 
 
 @triton.jit
 def _bwd_kernel(
     x, dy, dx, w, bias, mean, rstd, sums, dw_part, db_part,
-    Q, P, R1, B, R2, NB, NT2, NT, TPC, G, NS, PK,
+    Q, P, R1, B, R2, NB, NT2, NT, TPC, G, NS,
     BR1: tl.constexpr, BB: tl.constexpr, BR2: tl.constexpr, FLAT: tl.constexpr,
     FUSED: tl.constexpr, BATCH_STATS: tl.constexpr, RMS: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SPAN_R1: tl.constexpr, SPAN_R2: tl.constexpr,
@@ -320,8 +322,9 @@ def _bwd_kernel(
 
     Grid (P * NB, chunks, QS). For each of its tiles a program accumulates dy * xhat and dy over its
     groups, reduces the axes the parameters do not span, and writes one slot of
-    ``part[QS, NS, P, K1, B, K2]`` (PK = P * K1 * B * K2 elements a slot); the caller sums the partials. FUSED: the tile is the whole group
-    and the batch-statistics sums are computed here; otherwise ``sums[2, G]`` holds them.
+    ``part[P * K1 * B * K2, QS * NS]`` (the slots innermost, so the caller's sum over them reads
+    contiguous rows). FUSED: the tile is the whole group and the batch-statistics sums are computed
+    here; otherwise ``sums[2, G]`` holds them.
     """
     pid = tl.program_id(0)
     pq = tl.program_id(2)
@@ -381,8 +384,8 @@ def _bwd_kernel(
         b = bv[None, :, None]
         r2 = (t2 * BR2 + tl.arange(0, BR2))[None, None, :]
         woff, wmask = _param_index(p, r1, b, r2, R1, B, R2, SPAN_R1, SPAN_R2)
-        base = (pq.to(tl.int64) * NS + slot) * PK
+        at = woff.to(tl.int64) * (tl.num_programs(2) * NS) + pq * NS + slot
         if NEED_DW:
-            tl.store(dw_part + base + woff, acc_w, mask=wmask)
+            tl.store(dw_part + at, acc_w, mask=wmask)
         if NEED_DB:
-            tl.store(db_part + base + woff, acc_b, mask=wmask)
+            tl.store(db_part + at, acc_b, mask=wmask)

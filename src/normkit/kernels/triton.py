@@ -228,31 +228,31 @@ class TritonBackend:
         with _device(x5):
             if need_dx and batch_stats and not tile.fused:
                 sp = split(nt, q * p * nb, target)
-                part = x5.new_empty((2, sp.programs, n_stats), dtype=torch.float32)
+                part = x5.new_empty((2, n_stats, sp.programs), dtype=torch.float32)
                 self._run(
                     kern._bwd_sums_kernel, (q * p * nb, sp.programs),
                     (x5, dy5, wp, bp, mean, rstd, part, p, r1, b, r2, nb, nt2, nt, sp.per_program, n_stats),
                     dict(blocks, **flags), tile.num_warps,
                 )
-                sums = part.sum(1)
+                sums = part.sum(2)
             chunks = split(nt, p * nb, target)
             qs = min(q, max(1, target // (p * nb * chunks.programs)))
             slots = (1 if span_r1 else nt1) * (1 if span_r2 else nt2)
             pk = math.prod(param_shape)
-            dw_part = x5.new_empty((qs, slots, *param_shape), dtype=torch.float32) if need_dw else x5
-            db_part = x5.new_empty((qs, slots, *param_shape), dtype=torch.float32) if need_db else x5
+            dw_part = x5.new_empty((pk, qs * slots), dtype=torch.float32) if need_dw else x5
+            db_part = x5.new_empty((pk, qs * slots), dtype=torch.float32) if need_db else x5
             self._run(
                 kern._bwd_kernel, (p * nb, chunks.programs, qs),
                 (x5, dy5, x5 if dx is None else dx, wp, bp, mean, rstd, sums, dw_part, db_part,
-                 q, p, r1, b, r2, nb, nt2, nt, chunks.per_program, n_stats, slots, pk),
+                 q, p, r1, b, r2, nb, nt2, nt, chunks.per_program, n_stats, slots),
                 dict(
                     blocks, **flags, FUSED=tile.fused, BATCH_STATS=batch_stats, RMS=rms,
                     NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
                 ),
                 tile.num_warps,
             )
-        dw = dw_part.sum((0, 1)) if need_dw else None
-        db = db_part.sum((0, 1)) if need_db else None
+        dw = dw_part.sum(1).view(param_shape) if need_dw else None
+        db = db_part.sum(1).view(param_shape) if need_db else None
         return Grads(dx, dw, db)
 
 
