@@ -47,7 +47,7 @@ def main() -> None:
         best = [math.inf, math.inf]
         for _ in range(3):
             for i, step in enumerate(steps):
-                best[i] = min(best[i], measure(step, torch.device("cpu"), 1.0))
+                best[i] = min(best[i], measure(step, 1.0))
         print(f"{name}: torch.nn {best[0] * 1e3:.1f} ms, normkit {best[1] * 1e3:.1f} ms per step, "
               f"{best[0] / best[1]:.2f}x ({torch.get_num_threads()} threads)")
 

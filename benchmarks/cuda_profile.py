@@ -88,7 +88,7 @@ def sweep(norm: str, shape: tuple[int, ...], layout: str) -> None:
             times = []
             for mode in ("fwd-train", "fwd+bwd"):
                 ours = _steps(norm, shape, layout, mode)[1]
-                times.append(bench.measure(bench.graphed(ours), torch.device("cuda"), 0.02) * 1e6)
+                times.append(bench.measure(bench.graphed(ours), 0.02) * 1e6)
             tile = triton.tile(torch.empty(_view_shape(norm, shape, layout), device="meta"))
             print(f"    ({max_tile:5d}, {max_fused:5d}, {per_sm}) {tile}: {times[0]:8.1f} / {times[1]:8.1f}")
     finally:
@@ -131,9 +131,8 @@ def main() -> None:
     if args.host_profile:
         norm, shape, layout = CASES[args.host_profile]
         theirs, ours = _steps(norm, shape, layout, "fwd-train")
-        device = torch.device("cuda")
-        print(f"== host time of one eager forward, {args.host_profile}: torch {bench.measure(theirs, device, 0.2) * 1e6:.1f} µs, "
-              f"normkit {bench.measure(ours, device, 0.2) * 1e6:.1f} µs")
+        print(f"== host time of one eager forward, {args.host_profile}: torch {bench.measure(theirs, 0.2) * 1e6:.1f} µs, "
+              f"normkit {bench.measure(ours, 0.2) * 1e6:.1f} µs")
         print(host_profile(ours))
 
 

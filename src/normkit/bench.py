@@ -86,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on CUDA, time replays of each side captured in a CUDA graph (kernel time alone)")
 
 
-def measure(fn: Callable[[], object], device: torch.device, min_time: float) -> float:
+def measure(fn: Callable[[], object], min_time: float) -> float:
     """Median seconds per call after a warm-up (``blocked_autorange``). The timer runs with the
     process's thread count (torch's Timer would otherwise drop to one thread). On CUDA it
     synchronizes at block boundaries only, so launches queue as in a training loop: a case costs
@@ -116,8 +116,8 @@ def copy_bandwidth(device: torch.device, min_time: float, nbytes: int = 256 << 2
     """GB/s (read + write) of copying a large tensor into a new one, and into an existing one."""
     x = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     y = torch.empty_like(x)
-    fresh = measure(lambda: x.clone(), device, min_time)
-    inplace = measure(lambda: y.copy_(x), device, min_time)
+    fresh = measure(lambda: x.clone(), min_time)
+    inplace = measure(lambda: y.copy_(x), min_time)
     return 2 * nbytes / fresh / 1e9, 2 * nbytes / inplace / 1e9
 
 
@@ -180,7 +180,7 @@ def run_case(
     best = [math.inf, math.inf]
     for _ in range(rounds):
         for i, fn in enumerate(fns):
-            best[i] = min(best[i], measure(fn, device, min_time))
+            best[i] = min(best[i], measure(fn, min_time))
     nbytes = x.numel() * x.element_size()
     moved = TRAFFIC[mode] * nbytes / 1e9
     return Result(

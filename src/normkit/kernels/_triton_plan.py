@@ -4,9 +4,10 @@ A tile covers ``BB`` neighbouring groups ``b`` and a ``(BR1, BR2)`` window of th
 ``BR2`` follows the contiguous axis ``r2``; ``BB`` widens the tile across groups when rows are
 short (channels-last), so every row of a tile reads at least ``ROW_SPAN`` contiguous elements
 when the shape allows; when a group's contiguous run ``r2`` is exactly ``BR2`` such a row is one
-contiguous block (``flat``), which the kernels load as 2-D so the accesses vectorize. A group that fits one tile of at most ``MAX_FUSED`` elements is handled
-whole by one program (statistics and normalization in one read); larger groups are streamed in
-tiles of at most ``MAX_TILE`` elements, with their reduction split over several programs.
+contiguous block (``flat``), which the kernels load as 2-D so the accesses vectorize. A group that
+fits one tile of at most ``MAX_FUSED`` elements is handled whole by one program (statistics and
+normalization in one read); larger groups are streamed in tiles of at most ``MAX_TILE`` elements,
+with their reduction split over several programs.
 
 Configs are chosen from the shape by rule rather than timed, so a launch never synchronizes
 (CUDA-graph capture stays legal) and the same shape always runs the same kernels. Every block size
