@@ -20,6 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from normkit import bench, kernels
+from normkit.functional import _layout as L
 
 # name -> (norm, shape, layout), as in ``normkit bench``.
 CASES = {
@@ -96,8 +97,6 @@ def sweep(norm: str, shape: tuple[int, ...], layout: str) -> None:
 
 
 def _view_shape(norm: str, shape: tuple[int, ...], layout: str) -> list[int]:
-    from normkit.functional import _layout as L
-
     x = torch.empty(shape, device="meta")
     cl = layout == "channels_last"
     if norm in ("layer", "rms"):

@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from normkit import bench
 from normkit.cli import main
 
 RESULT_KEYS = {
@@ -49,3 +52,26 @@ def test_benchmarks_entry_point(tmp_path):
     args = [a for a in _tiny(out)[1:]] + ["--norms", "layer", "--modes", "fwd-train", "--dtypes", "fp32"]
     subprocess.run([sys.executable, str(script), *args], check=True, capture_output=True)
     assert json.loads(out.read_text())["results"][0]["norm"] == "layer"
+
+
+def test_json_keeps_the_cases_measured_before_an_interruption(tmp_path, monkeypatch):
+    out, measured = tmp_path / "bench.json", []
+    real = bench.run_case
+
+    def first_then_stop(*args, **kwargs):
+        if measured:
+            raise KeyboardInterrupt
+        measured.append(real(*args, **kwargs))
+        return measured[-1]
+
+    monkeypatch.setattr(bench, "run_case", first_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        main(_tiny(out))
+    data = json.loads(out.read_text())
+    assert [r["norm"] for r in data["results"]] == [measured[0].norm]
+    assert data["meta"]["summary"] and data["meta"]["seconds"] > 0
+
+
+def test_cuda_graph_timing_needs_a_cuda_device():
+    with pytest.raises(SystemExit, match="--cuda-graph needs --device cuda"):
+        main(["bench", "--quick", "--cuda-graph"])
