@@ -4,7 +4,8 @@
 #      the fused activation epilogue, numerics bounds, CUDA graphs, torch.compile);
 #   2. the numerics table on the GPU (normkit and torch.nn against a float64 CPU truth);
 #   3. `normkit bench --device cuda`, timed from CUDA-graph replays (kernels alone) and eagerly;
-#   4. benchmarks/cuda_profile.py: per-kernel device time, host profile, planner sweep.
+#   4. benchmarks/cuda_profile.py: per-kernel device time, host profile, planner sweep;
+# then each bench JSON as a Markdown table (benchmarks/bench_table.py) beside it.
 # Usage: benchmarks/cuda_check.sh [RESULT_DIR]   (PYTHON=... to pick the interpreter)
 # Each step has its own time limit (TEST_LIMIT, BENCH_LIMIT, PROFILE_LIMIT seconds), so one that
 # hangs or runs out of time leaves the others' results; the bench JSON is written after every case.
@@ -41,3 +42,6 @@ step bench-graph "${BENCH_LIMIT:-400}" $PY -m normkit.cli bench --device cuda --
 step bench-eager "${BENCH_LIMIT:-400}" $PY -m normkit.cli bench --device cuda \
     --min-time 0.02 --rounds 2 --json "$DIR/bench-eager.json"
 step profile "${PROFILE_LIMIT:-200}" $PY benchmarks/cuda_profile.py
+for f in "$DIR"/bench-graph.json "$DIR"/bench-eager.json; do
+    [ -f "$f" ] && $PY benchmarks/bench_table.py "$f" > "${f%.json}.md"
+done

@@ -75,3 +75,17 @@ def test_json_keeps_the_cases_measured_before_an_interruption(tmp_path, monkeypa
 def test_cuda_graph_timing_needs_a_cuda_device():
     with pytest.raises(SystemExit, match="--cuda-graph needs --device cuda"):
         main(["bench", "--quick", "--cuda-graph"])
+
+
+def test_markdown_table_has_a_row_per_case_and_the_three_modes(tmp_path):
+    out = tmp_path / "bench.json"
+    main(_tiny(out))
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_table.py"
+    text = subprocess.run([sys.executable, str(script), str(out)], check=True, capture_output=True, text=True).stdout
+    results = json.loads(out.read_text())["results"]
+    keys = {(r["norm"], tuple(r["shape"]), r["layout"], r["dtype"]) for r in results}
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| norm")]
+    assert len(rows) == len(keys)
+    assert "| norm | shape | layout | dtype | fwd-train | fwd-eval | fwd+bwd |" in text
+    batch = next(r for r in results if r["norm"] == "batch" and r["mode"] == "fwd-eval")
+    assert f"{batch['speedup']:.2f}x" in text
