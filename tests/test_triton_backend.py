@@ -92,6 +92,17 @@ if not INTERPRETING:
             y = normkit.functional.layer_norm(torch.randn(3, 8), (8,))
         assert y.shape == (3, 8)
 
+    def test_interpreter_cases_cover_every_tile_kind():
+        """The shapes checked under the interpreter reach fused and streamed tiles, flat and not."""
+        kinds = set()
+        for param in _cases():
+            norm, shape, cl = param.values
+            x5 = torch.empty(VIEWS[norm][1](torch.empty(shape), cl)[0])
+            for backend in (FUSED, SPLIT):
+                tile = backend.tile(x5)
+                kinds.add((tile.fused, tile.flat))
+        assert kinds == {(True, True), (True, False), (False, True), (False, False)}
+
     def test_kernels_under_the_interpreter():
         env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
         contract = os.path.join(os.path.dirname(__file__), "test_contract.py")

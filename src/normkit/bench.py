@@ -307,6 +307,15 @@ def run(args: argparse.Namespace) -> int:
         "quick": args.quick,
     }
     results: list[Result] = []
+
+    def record() -> None:
+        """Summary and JSON after every case, so an interrupted run keeps what it measured."""
+        meta["summary"] = summarize(results, copy_gbps, copy_new_gbps)
+        meta["seconds"] = time.perf_counter() - started
+        if args.json:
+            _write_json(args.json, meta, results)
+
+    record()
     with backend(args.backend):
         for norm, shape, layout, mode, dtype in cases(args):
             results.append(
@@ -314,12 +323,6 @@ def run(args: argparse.Namespace) -> int:
             )
             if args.cuda_graph:
                 torch.cuda.empty_cache()  # each case's graphs held a private memory pool
-            meta["summary"] = summarize(results, copy_gbps, copy_new_gbps)
-            meta["seconds"] = time.perf_counter() - started
-            if args.json:  # after every case, so an interrupted run keeps what it measured
-                _write_json(args.json, meta, results)
-    meta["summary"] = summarize(results, copy_gbps, copy_new_gbps)
+            record()
     _table(results, meta)
-    if args.json:
-        _write_json(args.json, meta, results)
     return 0

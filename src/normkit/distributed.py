@@ -18,6 +18,7 @@ from torch import Tensor
 from .functional import _layout as L
 from .functional import batch_norm
 from .functional._core import normalize_fixed
+from .functional.norms import _bessel, _update_running
 from .kernels.contract import stats_dtype
 from .nn._base import NormBase
 
@@ -63,7 +64,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if running_mean is not None:
             _update_running(running_mean, mean64, momentum)
         if running_var is not None:
-            _update_running(running_var, var64 * (total / (total - 1)), momentum)
+            _update_running(running_var, var64, momentum, _bessel(total))
         w, b = L.param_view(weight, shape, False, False), L.param_view(bias, shape, False, False)
         y = normalize_fixed(xc, shape, mean, rstd, w, b)
         ctx.save_for_backward(xc, mean, rstd, weight)
@@ -92,11 +93,6 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         dw = dweight.to(weight.dtype) if ctx.needs_input_grad[1] else None
         db = dbias.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
         return dx, dw, db, None, None, None, None, None
-
-
-@torch.no_grad()
-def _update_running(running: Tensor, batch: Tensor, momentum: float) -> None:
-    running.copy_((batch * momentum + running.double() * (1.0 - momentum)).to(running.dtype))
 
 
 class SyncBatchNorm(NormBase):

@@ -53,13 +53,9 @@ def _update_running(running: Tensor, batch: Tensor, momentum: float, scale: floa
         running.copy_((batch * (momentum * scale) + running.to(batch.dtype) * (1.0 - momentum)).to(running.dtype))
 
 
-def _bessel(count: int) -> float:
+def _bessel(count: float) -> float:
     """The factor that makes a biased variance over ``count`` values unbiased (NaN for one value, as torch)."""
     return count / (count - 1) if count > 1 else float("nan")
-
-
-def _unbiased(var: Tensor, count: int) -> Tensor:
-    return var * _bessel(count)
 
 
 def _fixed_stats(running_mean: Tensor, running_var: Tensor, eps: float, acc: torch.dtype) -> tuple[Tensor, Tensor]:

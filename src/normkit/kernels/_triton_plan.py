@@ -48,7 +48,7 @@ class Tile:
     bb: int
     br2: int
     fused: bool
-    flat: bool = False
+    flat: bool
 
     @property
     def elements(self) -> int:

@@ -20,7 +20,7 @@ from torch.nn import Parameter
 
 from ...functional import _layout as L
 from ...functional.masked import moments, normalize_with
-from ...functional.norms import _unbiased, _update_running, _verify_batch_size
+from ...functional.norms import _bessel, _update_running, _verify_batch_size
 from .._base import NormBase, check_dims
 
 
@@ -71,7 +71,7 @@ class _SwitchableNorm(NormBase):
                 self.num_batches_tracked.add_(1)
                 factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
                 _update_running(self.running_mean, mean_bn.detach().view(-1), factor)
-                _update_running(self.running_var, _unbiased(var_bn.detach().view(-1), count), factor)
+                _update_running(self.running_var, var_bn.detach().view(-1), factor, _bessel(count))
             return mean_bn, var_bn
         return self.running_mean.to(mean_in.dtype).view(1, -1), self.running_var.to(var_in.dtype).view(1, -1)
 
