@@ -7,10 +7,12 @@ program reads it once. With ``FLAT`` (``BR2 == R2``, several groups side by side
 GroupNorm) a tile row is one contiguous run of ``BB * BR2`` elements: it is loaded and stored as a 2-D
 block, so the accesses vectorize, and reshaped to ``(BR1, BB, BR2)`` for the arithmetic.
 
-Statistics are float32 and overflow-free. Each tile yields a count, its mean accumulated in float64
-(exact for a constant float32 group, whose deviations are then exactly zero) and the sum of squared
-deviations held as ``scale**2 * ssq`` with ``scale`` the largest deviation; tiles merge by Chan's
-formula in that scaled form, so inputs near 1e30 do not overflow.
+Statistics are float32 and overflow-free. A group that fits one tile is reduced in two passes over
+registers: its mean accumulated in float64 (exact for a constant float32 group, whose deviations are
+then exactly zero), then the squared deviations held as ``scale**2 * ssq`` with ``scale`` the
+largest deviation, so inputs near 1e30 do not overflow. A streamed group is summed in float64 as
+deviations from its first element (the CPU backend's scheme): every element slot of a tile keeps
+its own sums, reduced once per program and added across programs by the finalize kernel.
 
 ``ACT`` selects a fused activation epilogue applied to ``weight * xhat + bias``: 0 none, 1 ReLU,
 2 SiLU, 3 GELU (erf); the backward kernels recompute its input to apply the derivative.
@@ -130,21 +132,6 @@ def _moments(xt, mask, count, BB: tl.constexpr, RMS: tl.constexpr):
 
 
 @triton.jit
-def _merge(n_a, m_a, s_a, q_a, n_b, m_b, s_b, q_b):
-    """Chan's merge of two (count, float64 mean, scale, ssq) summaries, in scaled form."""
-    n = n_a + n_b
-    frac = n_b / tl.maximum(n, 1.0)
-    delta = m_b - m_a
-    t = (tl.abs(delta) * tl.sqrt(n_a * frac)).to(tl.float32)
-    s = tl.maximum(tl.maximum(s_a, s_b), t)
-    inv = 1.0 / tl.where(s > 0.0, s, 1.0)
-    ra = s_a * inv
-    rb = s_b * inv
-    rt = t * inv
-    return n, m_a + delta * frac, s, q_a * ra * ra + q_b * rb * rb + rt * rt
-
-
-@triton.jit
 def _finish(n, m, s, q, eps):
     """(mean, rstd, var) in float32; rstd comes from the standard deviation when the variance overflows."""
     r = q / tl.maximum(n, 1.0)
@@ -196,63 +183,69 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _shift(x, g, R1, B, R2, mask, RMS: tl.constexpr):
+    """Float64 first element of groups ``g`` (zero for RMS statistics): the shift of their sums."""
+    if RMS:
+        return tl.zeros(g.shape, tl.float64)
+    first = (g // B) * R1 * B * R2 + (g % B) * R2
+    return tl.load(x + first, mask=mask, other=0.0).to(tl.float64)
+
+
+@triton.jit
 def _stats_partial_kernel(
     x, part, R1, B, R2, NB, NT2, NT, TPC, G,
     BR1: tl.constexpr, BB: tl.constexpr, BR2: tl.constexpr, FLAT: tl.constexpr, RMS: tl.constexpr,
 ):
-    """Per-group (count, mean, scale, ssq) over tiles ``[TPC*pid1, ...)``: float64 part[4, SPLIT, G]."""
+    """Per-group float64 sums of ``d = x - shift`` and ``d * d`` over tiles ``[TPC*pid1, ...)``:
+    part[2, SPLIT, G]. Each element slot accumulates on its own and the tile is reduced once at the
+    end, so the loop holds no cross-thread reduction."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     qp = pid // NB
     bb = pid % NB
     bv = bb * BB + tl.arange(0, BB)
     bmask = bv < B
-    n_a = tl.zeros((BB,), tl.float32)
-    m_a = tl.zeros((BB,), tl.float64)
-    s_a = tl.zeros((BB,), tl.float32)
-    q_a = tl.zeros((BB,), tl.float32)
+    g = qp.to(tl.int64) * B + bv
+    shift = _shift(x, g, R1, B, R2, bmask, RMS)[None, :, None]
+    acc_s = tl.zeros((BR1, BB, BR2), tl.float64)
+    acc_q = tl.zeros((BR1, BB, BR2), tl.float64)
     start = split * TPC
     for t in range(start, tl.minimum(start + TPC, NT)):
         offs, mask, valid, r1, b, r2, count = _tile(qp, bb, t, R1, B, R2, NT2, BR1, BB, BR2, FLAT)
         xt = _load_tile(x, offs, mask, BR1, BB, BR2, FLAT)
-        m_b, s_b, q_b = _moments(xt, valid, count, BB, RMS)
-        n_a, m_a, s_a, q_a = _merge(n_a, m_a, s_a, q_a, count, m_b, s_b, q_b)
-    g = qp.to(tl.int64) * B + bv
-    stride = tl.num_programs(1).to(tl.int64) * G
+        d = tl.where(valid, xt.to(tl.float64) - shift, 0.0)
+        acc_s += d
+        acc_q += d * d
     at = part + split.to(tl.int64) * G + g
-    tl.store(at, n_a.to(tl.float64), mask=bmask)
-    tl.store(at + stride, m_a, mask=bmask)
-    tl.store(at + 2 * stride, s_a.to(tl.float64), mask=bmask)
-    tl.store(at + 3 * stride, q_a.to(tl.float64), mask=bmask)
+    tl.store(at, tl.sum(tl.sum(acc_s, axis=2), axis=0), mask=bmask)
+    tl.store(at + tl.num_programs(1).to(tl.int64) * G, tl.sum(tl.sum(acc_q, axis=2), axis=0), mask=bmask)
 
 
 @triton.jit
 def _stats_finalize_kernel(
-    part, mean, rstd, var, eps, G, SPLIT, BS: tl.constexpr, BG: tl.constexpr,
+    x, part, mean, rstd, var, eps, R1, B, R2, G, SPLIT, BS: tl.constexpr, BG: tl.constexpr, RMS: tl.constexpr,
 ):
-    """Merge the SPLIT partial summaries of BG groups into mean, rstd and var (in float64)."""
+    """Add the SPLIT partial sums of BG groups and store mean, rstd and var (computed in float64).
+
+    The shift is an element of its group, so ``|mean - shift| <= std * sqrt(n)``: the subtraction
+    ``E[d*d] - E[d]**2`` loses at most ``log10(n)`` of float64's 16 digits, and a constant group
+    gives exactly zero variance and its value as mean."""
     gv = tl.program_id(0).to(tl.int64) * BG + tl.arange(0, BG)
     gmask = gv < G
     sv = tl.arange(0, BS)
     mask = (sv[:, None] < SPLIT) & gmask[None, :]
     at = part + sv[:, None] * G + gv[None, :]
-    stride = SPLIT * G
-    n = tl.load(at, mask=mask, other=0.0)
-    m = tl.load(at + stride, mask=mask, other=0.0)
-    s = tl.load(at + 2 * stride, mask=mask, other=0.0)
-    q = tl.load(at + 3 * stride, mask=mask, other=0.0)
-    total = tl.sum(n, axis=0)
-    mu = tl.sum(n / tl.maximum(total, 1.0)[None, :] * m, axis=0)
-    t = tl.abs(m - mu[None, :]) * tl.sqrt(n)
-    scale = tl.maximum(tl.max(s, axis=0), tl.max(t, axis=0))
-    inv = (1.0 / tl.where(scale > 0.0, scale, 1.0))[None, :]
-    ssq = tl.sum(q * (s * inv) * (s * inv) + (t * inv) * (t * inv), axis=0)
-    out_mean, out_rstd, out_var = _finish(
-        total.to(tl.float32), mu, scale.to(tl.float32), ssq.to(tl.float32), eps
-    )
-    tl.store(mean + gv, out_mean, mask=gmask)
-    tl.store(rstd + gv, out_rstd, mask=gmask)
-    tl.store(var + gv, out_var, mask=gmask)
+    n = tl.cast(R1 * R2, tl.float64)
+    m = tl.sum(tl.load(at, mask=mask, other=0.0), axis=0) / n
+    v = tl.sum(tl.load(at + SPLIT * G, mask=mask, other=0.0), axis=0) / n
+    mu = _shift(x, gv, R1, B, R2, gmask, RMS)
+    if not RMS:
+        v = v - m * m
+        v = tl.where(v < 0.0, 0.0, v)
+        mu = mu + m
+    tl.store(mean + gv, mu.to(tl.float32), mask=gmask)
+    tl.store(rstd + gv, (1.0 / tl.sqrt(v + eps)).to(tl.float32), mask=gmask)
+    tl.store(var + gv, v.to(tl.float32), mask=gmask)
 
 
 @triton.jit
@@ -281,7 +274,8 @@ def _bwd_sums_kernel(
     ACT: tl.constexpr,
 ):
     """Per-group partial sums of g and g * xhat over tiles ``[TPC*pid1, ...)``: part[2, G, SPLIT] (the
-    split innermost, so the caller's sum over it reads contiguous rows)."""
+    split innermost, so the caller's sum over it reads contiguous rows). Like the statistics, every
+    element slot accumulates on its own and the tile is reduced once at the end."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     qp = pid // NB
@@ -292,8 +286,8 @@ def _bwd_sums_kernel(
     g_idx = qp.to(tl.int64) * B + bv
     mu = tl.load(mean + g_idx, mask=bmask, other=0.0).to(tl.float32)[None, :, None]
     rs = tl.load(rstd + g_idx, mask=bmask, other=0.0).to(tl.float32)[None, :, None]
-    sum_g = tl.zeros((BB,), tl.float32)
-    sum_gx = tl.zeros((BB,), tl.float32)
+    acc_g = tl.zeros((BR1, BB, BR2), tl.float32)
+    acc_gx = tl.zeros((BR1, BB, BR2), tl.float32)
     start = split * TPC
     for t in range(start, tl.minimum(start + TPC, NT)):
         offs, mask, valid, r1, b, r2, count = _tile(qp, bb, t, R1, B, R2, NT2, BR1, BB, BR2, FLAT)
@@ -301,18 +295,43 @@ def _bwd_sums_kernel(
         xhat, dyt, g = _grad_tile(
             x, dy, w, bias, offs, mask, valid, woff, wmask, mu, rs, BR1, BB, BR2, FLAT, HAS_W, HAS_B, ACT
         )
-        sum_g += tl.sum(tl.sum(g, axis=2), axis=0)
-        sum_gx += tl.sum(tl.sum(g * xhat, axis=2), axis=0)
+        acc_g += g
+        acc_gx += g * xhat
     splits = tl.num_programs(1).to(tl.int64)
     at = part + g_idx * splits + split
-    tl.store(at, sum_g, mask=bmask)
-    tl.store(at + G * splits, sum_gx, mask=bmask)
+    tl.store(at, tl.sum(tl.sum(acc_g, axis=2), axis=0), mask=bmask)
+    tl.store(at + G * splits, tl.sum(tl.sum(acc_gx, axis=2), axis=0), mask=bmask)
+
+
+@triton.jit
+def _param_partials(
+    dw_part, db_part, acc_w, acc_b, p, t1, t2, bv, slot, slots, R1, B, R2,
+    BR1: tl.constexpr, BR2: tl.constexpr, SPAN_R1: tl.constexpr, SPAN_R2: tl.constexpr,
+    NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+):
+    """Store accumulated dweight/dbias terms, reduced over the axes the parameters do not span, as
+    column ``slot`` of ``part[P * K1 * B * K2, slots]``."""
+    if not SPAN_R1:
+        acc_w = tl.expand_dims(tl.sum(acc_w, axis=0), 0)
+        acc_b = tl.expand_dims(tl.sum(acc_b, axis=0), 0)
+    if not SPAN_R2:
+        acc_w = tl.expand_dims(tl.sum(acc_w, axis=2), 2)
+        acc_b = tl.expand_dims(tl.sum(acc_b, axis=2), 2)
+    r1 = (t1 * BR1 + tl.arange(0, BR1))[:, None, None]
+    b = bv[None, :, None]
+    r2 = (t2 * BR2 + tl.arange(0, BR2))[None, None, :]
+    woff, wmask = _param_index(p, r1, b, r2, R1, B, R2, SPAN_R1, SPAN_R2)
+    at = woff.to(tl.int64) * slots + slot
+    if NEED_DW:
+        tl.store(dw_part + at, acc_w, mask=wmask)
+    if NEED_DB:
+        tl.store(db_part + at, acc_b, mask=wmask)
 
 
 @triton.jit
 def _bwd_kernel(
     x, dy, dx, w, bias, mean, rstd, sums, dw_part, db_part,
-    Q, P, R1, B, R2, NB, NT2, NT, TPC, G, NS,
+    Q, P, R1, B, R2, NB, NT2, NT1, TPC, G, NS,
     BR1: tl.constexpr, BB: tl.constexpr, BR2: tl.constexpr, FLAT: tl.constexpr,
     FUSED: tl.constexpr, BATCH_STATS: tl.constexpr, RMS: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SPAN_R1: tl.constexpr, SPAN_R2: tl.constexpr,
@@ -320,11 +339,13 @@ def _bwd_kernel(
 ):
     """dx for groups q = pid2, pid2 + QS, ... and their per-program partial dweight/dbias.
 
-    Grid (P * NB, chunks, QS). For each of its tiles a program accumulates dy * xhat and dy over its
-    groups, reduces the axes the parameters do not span, and writes one slot of
-    ``part[P * K1 * B * K2, QS * NS]`` (the slots innermost, so the caller's sum over them reads
-    contiguous rows). FUSED: the tile is the whole group and the batch-statistics sums are computed
-    here; otherwise ``sums[2, G]`` holds them.
+    Grid (P * NB, chunks * NT2, QS): a program walks tile rows ``[TPC*chunk, ...)`` of tile column
+    ``t2 = pid1 % NT2``, accumulating dy * xhat and dy over its groups. Parameters that do not vary
+    along r1 take one reduction per program at the end; parameters along r1 are stored tile by tile.
+    Each goes to its own slot of ``part[P * K1 * B * K2, NS * QS]`` (the slots innermost, so the
+    caller's sum over them reads contiguous rows): one per chunk unless the parameters span r1, one
+    per tile column unless they span r2, one per ``pid2``. FUSED: the tile is the whole
+    group and the batch-statistics sums are computed here; otherwise ``sums[2, G]`` holds them.
     """
     pid = tl.program_id(0)
     pq = tl.program_id(2)
@@ -333,18 +354,26 @@ def _bwd_kernel(
     bv = bb * BB + tl.arange(0, BB)
     bmask = bv < B
     inv_n = 1.0 / (R1 * R2 * 1.0)
-    start = tl.program_id(1) * TPC
-    for t in range(start, tl.minimum(start + TPC, NT)):
-        acc_w = tl.zeros((BR1, BB, BR2), tl.float32)
-        acc_b = tl.zeros((BR1, BB, BR2), tl.float32)
+    t2 = tl.program_id(1) % NT2
+    chunk = tl.program_id(1) // NT2
+    start = chunk * TPC
+    slot = chunk * 0
+    if not SPAN_R1:
+        slot = chunk
+    if not SPAN_R2:
+        slot = slot * NT2 + t2
+    slot = slot * tl.num_programs(2) + pq
+    slots = NS * tl.num_programs(2)
+    acc_w = tl.zeros((BR1, BB, BR2), tl.float32)
+    acc_b = tl.zeros((BR1, BB, BR2), tl.float32)
+    for t1 in range(start, tl.minimum(start + TPC, NT1)):
         for qi in range(pq, Q, tl.num_programs(2)):
             qp = qi * P + p
-            offs, mask, valid, r1, b, r2, count = _tile(qp, bb, t, R1, B, R2, NT2, BR1, BB, BR2, FLAT)
+            offs, mask, valid, r1, b, r2, count = _tile(qp, bb, t1 * NT2 + t2, R1, B, R2, NT2, BR1, BB, BR2, FLAT)
             woff, wmask = _param_index(p, r1, b, r2, R1, B, R2, SPAN_R1, SPAN_R2)
             g_idx = qp.to(tl.int64) * B + bv
-            rs_v = tl.load(rstd + g_idx, mask=bmask, other=0.0).to(tl.float32)
             mu = tl.load(mean + g_idx, mask=bmask, other=0.0).to(tl.float32)[None, :, None]
-            rs = rs_v[None, :, None]
+            rs = tl.load(rstd + g_idx, mask=bmask, other=0.0).to(tl.float32)[None, :, None]
             xhat, dyt, g = _grad_tile(
                 x, dy, w, bias, offs, mask, valid, woff, wmask, mu, rs, BR1, BB, BR2, FLAT, HAS_W, HAS_B, ACT
             )
@@ -369,23 +398,15 @@ def _bwd_kernel(
                 acc_w += dyt * xhat
             if NEED_DB:
                 acc_b += dyt
-        t1 = t // NT2
-        t2 = t % NT2
-        slot = t1 * 0
-        if not SPAN_R1:
-            slot = t1
-            acc_w = tl.expand_dims(tl.sum(acc_w, axis=0), 0)
-            acc_b = tl.expand_dims(tl.sum(acc_b, axis=0), 0)
-        if not SPAN_R2:
-            slot = slot * NT2 + t2
-            acc_w = tl.expand_dims(tl.sum(acc_w, axis=2), 2)
-            acc_b = tl.expand_dims(tl.sum(acc_b, axis=2), 2)
-        r1 = (t1 * BR1 + tl.arange(0, BR1))[:, None, None]
-        b = bv[None, :, None]
-        r2 = (t2 * BR2 + tl.arange(0, BR2))[None, None, :]
-        woff, wmask = _param_index(p, r1, b, r2, R1, B, R2, SPAN_R1, SPAN_R2)
-        at = woff.to(tl.int64) * (tl.num_programs(2) * NS) + pq * NS + slot
-        if NEED_DW:
-            tl.store(dw_part + at, acc_w, mask=wmask)
-        if NEED_DB:
-            tl.store(db_part + at, acc_b, mask=wmask)
+        if SPAN_R1:
+            _param_partials(
+                dw_part, db_part, acc_w, acc_b, p, t1, t2, bv, slot, slots, R1, B, R2,
+                BR1, BR2, SPAN_R1, SPAN_R2, NEED_DW, NEED_DB,
+            )
+            acc_w = tl.zeros((BR1, BB, BR2), tl.float32)
+            acc_b = tl.zeros((BR1, BB, BR2), tl.float32)
+    if not SPAN_R1:
+        _param_partials(
+            dw_part, db_part, acc_w, acc_b, p, start, t2, bv, slot, slots, R1, B, R2,
+            BR1, BR2, SPAN_R1, SPAN_R2, NEED_DW, NEED_DB,
+        )

@@ -147,7 +147,7 @@ class TritonBackend:
         nb, nt2 = cdiv(b, tile.bb), cdiv(r2, tile.br2)
         nt, groups, n_stats = cdiv(r1, tile.br1) * nt2, q * p * cdiv(b, tile.bb), q * p * b
         sp = split(nt, groups, self._target(x5))
-        part = x5.new_empty((4, sp.programs, n_stats), dtype=torch.float64)
+        part = x5.new_empty((2, sp.programs, n_stats), dtype=torch.float64)
         blocks = dict(BR1=tile.br1, BB=tile.bb, BR2=tile.br2, FLAT=tile.flat)
         self._run(
             kern._stats_partial_kernel, (groups, sp.programs),
@@ -157,8 +157,8 @@ class TritonBackend:
         bs, bg = finalize_blocks(sp.programs)
         self._run(
             kern._stats_finalize_kernel, (cdiv(n_stats, bg),),
-            (part, mean, rstd, var, eps, n_stats, sp.programs),
-            dict(BS=bs, BG=bg), warps_for(bs * bg),
+            (x5, part, mean, rstd, var, eps, r1, b, r2, n_stats, sp.programs),
+            dict(BS=bs, BG=bg, RMS=rms), warps_for(bs * bg),
         )
 
     def _apply(
@@ -235,16 +235,16 @@ class TritonBackend:
                     dict(blocks, **flags), tile.num_warps,
                 )
                 sums = part.sum(2)
-            chunks = split(nt, p * nb, target)
-            qs = min(q, max(1, target // (p * nb * chunks.programs)))
-            slots = (1 if span_r1 else nt1) * (1 if span_r2 else nt2)
+            chunks = split(nt1, p * nb * nt2, target)
+            qs = min(q, max(1, target // (p * nb * nt2 * chunks.programs)))
+            slots = (1 if span_r1 else chunks.programs) * (1 if span_r2 else nt2)
             pk = math.prod(param_shape)
             dw_part = x5.new_empty((pk, qs * slots), dtype=torch.float32) if need_dw else x5
             db_part = x5.new_empty((pk, qs * slots), dtype=torch.float32) if need_db else x5
             self._run(
-                kern._bwd_kernel, (p * nb, chunks.programs, qs),
+                kern._bwd_kernel, (p * nb, chunks.programs * nt2, qs),
                 (x5, dy5, x5 if dx is None else dx, wp, bp, mean, rstd, sums, dw_part, db_part,
-                 q, p, r1, b, r2, nb, nt2, nt, chunks.per_program, n_stats, slots),
+                 q, p, r1, b, r2, nb, nt2, nt1, chunks.per_program, n_stats, slots),
                 dict(
                     blocks, **flags, FUSED=tile.fused, BATCH_STATS=batch_stats, RMS=rms,
                     NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
