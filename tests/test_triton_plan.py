@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from normkit.functional import _layout as L
-from normkit.kernels._triton_plan import choose_tile
+from normkit.kernels._triton_plan import ROW_SPAN, choose_tile, next_pow2
 
 
 def _row_offsets(tile, r2: int) -> list[int]:
@@ -38,3 +38,19 @@ def test_flat_exactly_when_a_row_is_contiguous(r1, b, r2):
 def test_layouts_that_get_flat_tiles(name, view, flat):
     _, _, r1, b, r2 = view(torch.empty(8, 64, 32, 32, device="meta"))
     assert choose_tile(r1, b, r2).flat == flat, name
+
+
+@pytest.mark.parametrize("r1", [1, 2, 7, 64, 3136])
+@pytest.mark.parametrize("b", [1, 5, 64])
+@pytest.mark.parametrize("r2", [1, 2, 12, 1024, 3136, 5000, 8192, 9000])
+@pytest.mark.parametrize("max_tile", [512, 2048, 8192])
+def test_fused_exactly_when_the_padded_group_fits(r1, b, r2, max_tile):
+    """Whether a group is read once depends on MAX_FUSED alone, not on the streamed tile size; a
+    tile covers whole groups when fused and stays within max_tile elements when streamed."""
+    tile = choose_tile(r1, b, r2, max_tile=max_tile, max_fused=8192)
+    side_by_side = min(next_pow2(b), max(1, ROW_SPAN // next_pow2(r2)))
+    assert tile.fused == (next_pow2(r1) * side_by_side * next_pow2(r2) <= 8192)
+    if tile.fused:
+        assert tile.br1 >= r1 and tile.br2 >= r2
+    else:
+        assert tile.elements <= max_tile

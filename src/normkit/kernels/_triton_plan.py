@@ -19,7 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-MAX_TILE = 4096
+# Streamed tiles of 2048 elements beat 4096 in every streamed forward measured on an H200 (e.g.
+# channels-last BatchNorm 32x64x56x56: 34 -> 27 us); backward was even or better.
+MAX_TILE = 2048
 MAX_FUSED = 8192
 ROW_SPAN = 64
 FINALIZE_TILE = 2048
@@ -62,13 +64,18 @@ class Tile:
 @lru_cache(maxsize=4096)
 def choose_tile(r1: int, b: int, r2: int, max_tile: int = MAX_TILE, max_fused: int = MAX_FUSED) -> Tile:
     """The tile for groups of ``r1 x r2`` elements, ``b`` groups side by side."""
-    br2 = min(next_pow2(r2), max_tile)
-    bb = min(next_pow2(b), max(1, ROW_SPAN // br2))
-    whole = next_pow2(r1) * bb * br2
-    flat = bb > 1 and br2 == r2
-    if br2 >= r2 and whole <= max_fused:
-        return Tile(next_pow2(r1), bb, br2, True, flat)
-    return Tile(min(next_pow2(r1), max(1, max_tile // (bb * br2))), bb, br2, False, flat)
+    br2 = next_pow2(r2)
+    bb = _groups_per_row(b, br2)
+    if next_pow2(r1) * bb * br2 <= max_fused:
+        return Tile(next_pow2(r1), bb, br2, True, bb > 1 and br2 == r2)
+    br2 = min(br2, max_tile)
+    bb = _groups_per_row(b, br2)
+    return Tile(min(next_pow2(r1), max(1, max_tile // (bb * br2))), bb, br2, False, bb > 1 and br2 == r2)
+
+
+def _groups_per_row(b: int, br2: int) -> int:
+    """Groups side by side, so that a tile row spans at least ``ROW_SPAN`` elements where it can."""
+    return min(next_pow2(b), max(1, ROW_SPAN // br2))
 
 
 def tile_configs(max_tile: int = MAX_TILE, max_fused: int = MAX_FUSED) -> list[Tile]:
