@@ -6,6 +6,8 @@ variance overflows float32 is recomputed in float64. ``x - mean`` is computed on
 and per-group factors fold into few passes: ``y = (x - mean) * (rstd * w) + b``. Temporaries that
 autograd does not track are updated in place: besides saving passes, a second full-size buffer makes
 glibc return the heap top to the system on every free, and the page faults then cost more than the math.
+The backward of LayerNorm, GroupNorm (NCHW) and BatchNorm views runs torch's fused kernels on ``x - mean``
+(see ``_native_backward``); every other view takes the general closed form.
 """
 
 from __future__ import annotations
@@ -180,6 +182,10 @@ class ReferenceBackend:
         output_mask: tuple[bool, bool, bool],
     ) -> Grads:
         acc = stats_dtype(x5.dtype)
+        if batch_stats and not rms and (weight is not None or not any(output_mask[1:])):
+            native = _native_backward(dy5.to(acc), x5.to(acc), mean, rstd, _param(weight, acc), param_shape, output_mask)
+            if native is not None:
+                return Grads(native.dx if native.dx is None else native.dx.to(x5.dtype), native.dweight, native.dbias)
         mean, rstd = _spread(_bcast(mean), x5), _spread(_bcast(rstd), x5)
         dy = dy5.to(acc)
         xhat = (x5.to(acc) - mean).mul_(rstd)
@@ -205,3 +211,46 @@ class ReferenceBackend:
                 dx = dx.add_(_spread(shift, x5) * rstd)
             dx = dx.add_(xhat.mul_(_spread(proj, x5) * rstd))
         return Grads(dx.to(x5.dtype), dw, db)
+
+
+def _native_backward(
+    dy5: Tensor,
+    x5: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    w: Tensor | None,
+    param_shape: tuple[int, int, int, int],
+    output_mask: tuple[bool, bool, bool],
+) -> Grads | None:
+    """torch's fused backward where the view is LayerNorm's, GroupNorm's (NCHW) or BatchNorm's, or None.
+
+    The kernels compute ``dx = a * dy * w + b * x + c``, whose last two terms cancel for offset data;
+    given ``x - mean`` and a zero mean there is nothing to cancel, so the result is as exact as the
+    general path, in two passes over the data instead of about ten.
+    """
+    q, p, r1, b, r2 = x5.shape
+    centred = x5 - _spread(_bcast(mean), x5)
+    mask = list(output_mask)
+    weight = None if w is None else w.reshape(-1)
+    if p == 1 and b == 1 and r2 == 1 and param_shape == (1, r1, 1, 1):
+        dx, dw, db = torch.ops.aten.native_layer_norm_backward(
+            dy5.reshape(q, r1), centred.view(q, r1), [r1], torch.zeros_like(mean).view(q, 1),
+            rstd.reshape(q, 1), weight, weight, mask,
+        )
+    elif b == 1 and param_shape == (p, r1, 1, 1):
+        dx, dw, db = torch.ops.aten.native_group_norm_backward(
+            dy5.reshape(q, p * r1, r2), centred.view(q, p * r1, r2), torch.zeros_like(mean).view(q, p),
+            rstd.reshape(q, p), weight, q, p * r1, r2, p, mask,
+        )
+    elif q == 1 and p == 1 and param_shape == (1, 1, b, 1):
+        dx, dw, db = torch.ops.aten.native_batch_norm_backward(
+            dy5.reshape(r1, b, r2), centred.view(r1, b, r2), weight, None, None,
+            torch.zeros_like(mean).view(b), rstd.reshape(b), True, 0.0, mask,
+        )
+    else:
+        return None
+    return Grads(
+        dx.view(x5.shape) if output_mask[0] else None,
+        dw.view(param_shape) if output_mask[1] else None,
+        db.view(param_shape) if output_mask[2] else None,
+    )
