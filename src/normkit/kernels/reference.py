@@ -19,6 +19,8 @@ from torch import Tensor
 
 from .contract import REDUCED_DIMS, Grads, Stats, param_reduce_dims, stats_dtype
 
+_SLAB = 1 << 20  # elements of a temporary that glibc keeps for reuse instead of returning to the system
+
 
 def _rows(t: Tensor) -> tuple[Tensor, tuple[int, ...]]:
     """A view whose reduced axes are adjacent when B == 1 (LayerNorm, GroupNorm/InstanceNorm NCHW)."""
@@ -60,10 +62,12 @@ def _sum(t: Tensor, dims: tuple[int, ...]) -> Tensor:
 
 def _sum_squares(t: Tensor, dims: tuple[int, ...]) -> Tensor:
     """Per-group sum of squares. torch's vector_norm is fastest over contiguous rows but several
-    times slower than squaring and summing over strided axes."""
+    times slower than squaring and summing over strided axes; there the squares are taken a slab of
+    rows at a time, since a full-size temporary costs more in page faults than the arithmetic."""
     if dims == (2,):
         return torch.linalg.vector_norm(t, 2, dim=dims, keepdim=True).square()
-    return _sum(t.square(), dims)
+    rows = max(1, _SLAB // max(1, t.numel() // max(1, t.shape[2])))
+    return sum(part.square().sum(2, keepdim=True) for part in t.split(rows, dim=2)).sum(4, keepdim=True)
 
 
 def _spread(stat: Tensor, like: Tensor) -> Tensor:
