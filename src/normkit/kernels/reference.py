@@ -6,7 +6,7 @@ variance overflows float32 is recomputed in float64. ``x - mean`` is computed on
 and per-group factors fold into few passes: ``y = (x - mean) * (rstd * w) + b``. Temporaries that
 autograd does not track are updated in place: besides saving passes, a second full-size buffer makes
 glibc return the heap top to the system on every free, and the page faults then cost more than the math.
-The backward of LayerNorm, GroupNorm (NCHW) and BatchNorm views runs torch's fused kernels on ``x - mean``
+The backward of LayerNorm, GroupNorm and BatchNorm views runs torch's fused kernels on ``x - mean``
 (see ``_native_backward``); every other view takes the general closed form.
 """
 
@@ -226,31 +226,45 @@ def _native_backward(
     param_shape: tuple[int, int, int, int],
     output_mask: tuple[bool, bool, bool],
 ) -> Grads | None:
-    """torch's fused backward where the view is LayerNorm's, GroupNorm's (NCHW) or BatchNorm's, or None.
+    """torch's fused backward where the view is LayerNorm's, GroupNorm's or BatchNorm's; None for any
+    other (channels-last InstanceNorm too: torch's kernel for it is slower than the general path).
 
     The kernels compute ``dx = a * dy * w + b * x + c``, whose last two terms cancel for offset data;
     given ``x - mean`` and a zero mean there is nothing to cancel, so the result is as exact as the
     general path, in two passes over the data instead of about ten.
     """
     q, p, r1, b, r2 = x5.shape
-    centred = x5 - _spread(_bcast(mean), x5)
     mask = list(output_mask)
     weight = None if w is None else w.reshape(-1)
+
+    def centred() -> Tensor:
+        return x5 - _spread(_bcast(mean), x5)
+
     if p == 1 and b == 1 and r2 == 1 and param_shape == (1, r1, 1, 1):
         dx, dw, db = torch.ops.aten.native_layer_norm_backward(
-            dy5.reshape(q, r1), centred.view(q, r1), [r1], torch.zeros_like(mean).view(q, 1),
+            dy5.reshape(q, r1), centred().view(q, r1), [r1], torch.zeros_like(mean).view(q, 1),
             rstd.reshape(q, 1), weight, weight, mask,
         )
     elif b == 1 and param_shape == (p, r1, 1, 1):
         dx, dw, db = torch.ops.aten.native_group_norm_backward(
-            dy5.reshape(q, p * r1, r2), centred.view(q, p * r1, r2), torch.zeros_like(mean).view(q, p),
+            dy5.reshape(q, p * r1, r2), centred().view(q, p * r1, r2), torch.zeros_like(mean).view(q, p),
             rstd.reshape(q, p), weight, q, p * r1, r2, p, mask,
         )
     elif q == 1 and p == 1 and param_shape == (1, 1, b, 1):
         dx, dw, db = torch.ops.aten.native_batch_norm_backward(
-            dy5.reshape(r1, b, r2), centred.view(r1, b, r2), weight, None, None,
+            dy5.reshape(r1, b, r2), centred().view(r1, b, r2), weight, None, None,
             torch.zeros_like(mean).view(b), rstd.reshape(b), True, 0.0, mask,
         )
+    elif p == 1 and r2 > 1 and param_shape == (1, 1, b, r2):  # channels-last GroupNorm
+
+        def nchw(t: Tensor) -> Tensor:
+            return t.reshape(q, r1, 1, b * r2).permute(0, 3, 1, 2)
+
+        dx, dw, db = torch.ops.aten.native_group_norm_backward(
+            nchw(dy5), nchw(centred()), torch.zeros_like(mean).view(q, b), rstd.reshape(q, b), weight,
+            q, b * r2, r1, b, mask,
+        )
+        dx = dx.permute(0, 2, 3, 1) if output_mask[0] else dx
     else:
         return None
     return Grads(
