@@ -139,13 +139,20 @@ def test_fixed_statistics_match_float64(backend, dtype, norm, shape, cl):
 
 
 @pytest.mark.parametrize("backend", _backends())
-def test_partial_output_mask(backend):
-    x5, w, b, pshape = _make("group", (2, 6, 5, 7), False, torch.float32)
+@pytest.mark.parametrize("mask", [(False, True, False), (False, False, True), (True, False, False), (False, True, True)])
+@pytest.mark.parametrize("norm,cl", [("group", False), ("group", True), ("batch", True), ("layer", False)])
+def test_partial_output_mask(backend, mask, norm, cl):
+    x5, w, b, pshape = _make(norm, (2, 6, 5, 7), cl, torch.float32)
     if not backend.supports(x5, w):
         pytest.skip(f"{backend.name} declines CPU tensors")
+    dy = torch.randn(x5.shape, dtype=torch.float64)
+    *_, grads_t = _truth(x5, w, b, 1e-5, False, dy)
     _, st = backend.forward(x5, w, b, 1e-5, False)
-    g = backend.backward(torch.randn_like(x5), x5, st.mean, st.rstd, w, pshape, False, True, (False, True, False))
-    assert g.dx is None and g.dbias is None and g.dweight.shape == pshape
+    g = backend.backward(dy.float(), x5, st.mean, st.rstd, w, pshape, False, True, mask)
+    for got, want, asked, what in zip(g, grads_t, mask, ("dx", "dweight", "dbias")):
+        assert (got is not None) == asked, what
+        if asked:
+            _close(got, want, 1e-4 * math.sqrt(x5.numel()), what)
 
 
 @pytest.mark.parametrize("backend", _backends())

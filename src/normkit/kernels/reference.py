@@ -255,7 +255,8 @@ def _native_backward(
             dy5.reshape(r1, b, r2), centred().view(r1, b, r2), weight, None, None,
             torch.zeros_like(mean).view(b), rstd.reshape(b), True, 0.0, mask,
         )
-    elif p == 1 and r2 > 1 and param_shape == (1, 1, b, r2):  # channels-last GroupNorm
+    elif p == 1 and r2 > 1 and param_shape == (1, 1, b, r2) and output_mask[0]:
+        # channels-last GroupNorm (torch 2.13's kernel crashes on this layout when dx is not asked for)
 
         def nchw(t: Tensor) -> Tensor:
             return t.reshape(q, r1, 1, b * r2).permute(0, 3, 1, 2)
