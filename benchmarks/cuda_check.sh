@@ -5,7 +5,8 @@
 #   2. the numerics table on the GPU (normkit and torch.nn against a float64 CPU truth);
 #   3. `normkit bench --device cuda`, timed from CUDA-graph replays (kernels alone) and eagerly;
 #   4. benchmarks/cuda_profile.py: per-kernel device time, host profile, planner sweep;
-# then each bench JSON as a Markdown table (benchmarks/bench_table.py) beside it.
+# then each bench JSON as a Markdown table (benchmarks/bench_table.py) beside it. Every step's output goes
+# to one log, DIR/run.log, so a run leaves five files: the log, two bench JSONs and their tables.
 # Usage: benchmarks/cuda_check.sh [RESULT_DIR]   (PYTHON=... to pick the interpreter)
 # Each step has its own time limit (TEST_LIMIT, BENCH_LIMIT, PROFILE_LIMIT seconds), so one that
 # hangs or runs out of time leaves the others' results; the bench JSON is written after every case.
@@ -19,10 +20,10 @@ export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 step() {  # step NAME SECONDS COMMAND...
     local name=$1 limit=$2
     shift 2
-    echo "=== $name (limit ${limit}s)"
+    echo "=== $name (limit ${limit}s)" | tee -a "$DIR/run.log"
     local t0=$SECONDS
-    timeout "$limit" "$@" 2>&1 | tee "$DIR/$name.log"
-    echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s"
+    timeout "$limit" "$@" 2>&1 | tee -a "$DIR/run.log"
+    echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s" | tee -a "$DIR/run.log"
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
