@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
+from torch.profiler import ProfilerActivity, profile
 
+import normkit
 import normkit.functional as F
 import normkit.nn as nk
 from normkit.functional import _core
@@ -95,3 +97,18 @@ def test_compile_fullgraph_matches_eager(channels_last):
                 torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4)
     for a, b in zip(model.buffers(), eager.buffers()):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("layer", [nk.LayerNorm(16), nk.GroupNorm(2, 4), nk.BatchNorm2d(4), nk.InstanceNorm2d(4, affine=True)])
+def test_eager_backward_makes_no_zero_gradients_for_the_statistics(layer):
+    """The statistics are outputs of the eager autograd.Function too; autograd would otherwise fill a
+    zero gradient for each of them on every backward (a kernel launch each on a GPU)."""
+    x = torch.randn(3, 4, 5, 16 if isinstance(layer, nk.LayerNorm) else 6, requires_grad=True)
+    dy = torch.randn_like(x)
+    with normkit.backend("cpu"):  # the reference's fused backward builds a zero mean of its own
+        y = layer(x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            y.backward(dy)
+    filled = [e.key for e in prof.key_averages() if e.key in ("aten::fill_", "aten::zero_", "aten::zeros", "aten::zeros_like")]
+    assert not filled, filled
+    assert x.grad is not None and layer.weight.grad is not None

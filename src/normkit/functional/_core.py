@@ -180,6 +180,8 @@ def _setup_batch(ctx, inputs, output, eager: bool = False):
 
 
 def _backward_batch(ctx, dy, _dmean, _drstd, _dvar):
+    if dy is None:  # only the statistics were used; they carry no gradient
+        return None, None, None, None, None, None, None
     if torch.is_grad_enabled():
         dx, dw, db = _grads_via_reference(ctx, dy, _reference_batch(ctx))
     else:
@@ -195,6 +197,8 @@ def _setup_fixed(ctx, inputs, output, eager: bool = False):
 
 
 def _backward_fixed(ctx, dy):
+    if dy is None:
+        return None, None, None, None, None, None, None
     if torch.is_grad_enabled():
         ref = load("reference")
 
@@ -214,11 +218,13 @@ _norm_fixed.register_autograd(_backward_fixed, setup_context=_setup_fixed)
 def _eager_function(name: str, impl, setup, backward) -> type[torch.autograd.Function]:
     """An autograd.Function running ``impl`` without the custom-op dispatch (tens of microseconds a
     call), with the op's own context setup and backward. Its forward takes ``ctx`` itself: a separate
-    ``setup_context`` makes every call bind the forward's signature."""
+    ``setup_context`` makes every call bind the forward's signature. Gradients of unused outputs (the
+    statistics) stay None instead of being materialized as zero tensors, one kernel each."""
 
     def forward(ctx, *inputs):
         output = impl(*inputs)
         setup(ctx, inputs, output, eager=True)
+        ctx.set_materialize_grads(False)
         return output
 
     return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
