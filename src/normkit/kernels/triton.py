@@ -238,9 +238,10 @@ class TritonBackend:
             chunks = split(nt1, p * nb * nt2, target)
             qs = min(q, max(1, target // (p * nb * nt2 * chunks.programs)))
             slots = (1 if span_r1 else chunks.programs) * (1 if span_r2 else nt2)
-            pk = math.prod(param_shape)
-            dw_part = x5.new_empty((pk, qs * slots), dtype=torch.float32) if need_dw else x5
-            db_part = x5.new_empty((pk, qs * slots), dtype=torch.float32) if need_db else x5
+            # dweight and dbias partials share one buffer, so one reduction finishes both.
+            parts = x5.new_empty((need_dw + need_db, math.prod(param_shape), qs * slots), dtype=torch.float32)
+            dw_part = parts[0] if need_dw else x5
+            db_part = parts[-1] if need_db else x5
             self._run(
                 kern._bwd_kernel, (p * nb, chunks.programs * nt2, qs),
                 (x5, dy5, x5 if dx is None else dx, wp, bp, mean, rstd, sums, dw_part, db_part,
@@ -251,8 +252,9 @@ class TritonBackend:
                 ),
                 tile.num_warps,
             )
-        dw = dw_part.sum(1).view(param_shape) if need_dw else None
-        db = db_part.sum(1).view(param_shape) if need_db else None
+        totals = parts.sum(2) if need_dw or need_db else parts
+        dw = totals[0].view(param_shape) if need_dw else None
+        db = totals[-1].view(param_shape) if need_db else None
         return Grads(dx, dw, db)
 
 
