@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .contract import REDUCED_DIMS, Grads, Stats, param_reduce_dims, stats_dtype
 
-_SLAB = 1 << 20  # elements of a temporary that glibc keeps for reuse instead of returning to the system
+_SLAB = 1 << 20  # elements of one slab's temporary: recycled from the heap, mostly in cache
 
 
 def _rows(t: Tensor) -> tuple[Tensor, tuple[int, ...]]:
@@ -187,9 +187,11 @@ class ReferenceBackend:
     ) -> Grads:
         acc = stats_dtype(x5.dtype)
         if batch_stats and not rms and (weight is not None or not any(output_mask[1:])):
-            native = _native_backward(dy5.to(acc), x5.to(acc), mean, rstd, _param(weight, acc), param_shape, output_mask)
+            native = _native_backward(
+                dy5.to(acc), x5.to(acc), mean, rstd, _param(weight, acc), param_shape, output_mask, x5.dtype
+            )
             if native is not None:
-                return Grads(native.dx if native.dx is None else native.dx.to(x5.dtype), native.dweight, native.dbias)
+                return native
         mean, rstd = _spread(_bcast(mean), x5), _spread(_bcast(rstd), x5)
         dy = dy5.to(acc)
         xhat = (x5.to(acc) - mean).mul_(rstd)
@@ -225,13 +227,14 @@ def _native_backward(
     w: Tensor | None,
     param_shape: tuple[int, int, int, int],
     output_mask: tuple[bool, bool, bool],
+    dtype: torch.dtype,
 ) -> Grads | None:
     """torch's fused backward where the view is LayerNorm's, GroupNorm's or BatchNorm's; None for any
     other (channels-last InstanceNorm too: torch's kernel for it is slower than the general path).
 
     The kernels compute ``dx = a * dy * w + b * x + c``, whose last two terms cancel for offset data;
     given ``x - mean`` and a zero mean there is nothing to cancel, so the result is as exact as the
-    general path, in two passes over the data instead of about ten.
+    general path, in two passes over the data instead of about ten. ``dx`` comes back in ``dtype``.
     """
     q, p, r1, b, r2 = x5.shape
     mask = list(output_mask)
@@ -265,11 +268,11 @@ def _native_backward(
             nchw(dy5), nchw(centred()), torch.zeros_like(mean).view(q, b), rstd.reshape(q, b), weight,
             q, b * r2, r1, b, mask,
         )
-        dx = dx.permute(0, 2, 3, 1) if output_mask[0] else dx
+        dx = dx.permute(0, 2, 3, 1)
     else:
         return None
     return Grads(
-        dx.view(x5.shape) if output_mask[0] else None,
+        dx.view(x5.shape).to(dtype) if output_mask[0] else None,
         dw.view(param_shape) if output_mask[1] else None,
         db.view(param_shape) if output_mask[2] else None,
     )
