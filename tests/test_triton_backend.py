@@ -21,7 +21,7 @@ import normkit  # noqa: E402
 from normkit import kernels  # noqa: E402
 from normkit.functional import _layout as L  # noqa: E402
 from normkit.kernels.reference import ReferenceBackend  # noqa: E402
-from normkit.kernels.triton import TritonBackend  # noqa: E402
+from normkit.kernels.triton import TritonBackend, launch  # noqa: E402
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 REF = ReferenceBackend()
@@ -189,6 +189,23 @@ else:
         g_r = REF.backward(dy, x5, mean, rstd, w, pshape, False, False, (True, True, True))
         for got, want in zip(g, g_r):
             _close(got, want, 1e-4)
+
+    @pytest.mark.parametrize("k1,k2", [(6, 70), (6, 1), (1, 70), (1, 1)], ids=["r1+r2", "r1", "r2", "neither"])
+    def test_backward_partials_for_every_parameter_span(k1, k2):
+        """Two tile columns, 6 row chunks and 2 programs along q (checked below): every dweight/dbias
+        slot is written exactly once and summed, whichever reduced axes the parameters span."""
+        grids = []
+
+        def recording(kernel, grid, args, constexprs, num_warps):
+            grids.append((kernel.__name__, grid))
+            launch(kernel, grid, args, constexprs, num_warps)
+
+        backend = TritonBackend(max_tile=64, max_fused=64, programs=48, launcher=recording)
+        x5 = torch.randn(6, 1, 6, 2, 70) * 2 + 0.5
+        pshape = (1, k1, 2, k2)
+        w, b = torch.rand(pshape) + 0.5, torch.randn(pshape)
+        _check_against_reference(backend, x5, w, b, pshape, False)
+        assert ("_bwd_kernel", (2, 12, 2)) in grids
 
     @pytest.mark.parametrize("backend", [FUSED, SPLIT], ids=["fused", "split"])
     @pytest.mark.parametrize("mask", [(True, False, False), (False, True, False), (False, False, True)])
