@@ -99,7 +99,9 @@ def test_compile_fullgraph_matches_eager(channels_last):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("layer", [nk.LayerNorm(16), nk.GroupNorm(2, 4), nk.BatchNorm2d(4), nk.InstanceNorm2d(4, affine=True)])
+@pytest.mark.parametrize(
+    "layer", [nk.LayerNorm(16), nk.GroupNorm(2, 4), nk.BatchNorm2d(4), nk.InstanceNorm2d(4, affine=True)]
+)
 def test_eager_backward_makes_no_zero_gradients_for_the_statistics(layer):
     """The statistics are outputs of the eager autograd.Function too; autograd would otherwise fill a
     zero gradient for each of them on every backward (a kernel launch each on a GPU)."""
@@ -109,6 +111,7 @@ def test_eager_backward_makes_no_zero_gradients_for_the_statistics(layer):
         y = layer(x)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             y.backward(dy)
-    filled = [e.key for e in prof.key_averages() if e.key in ("aten::fill_", "aten::zero_", "aten::zeros", "aten::zeros_like")]
+    fills = ("aten::fill_", "aten::zero_", "aten::zeros", "aten::zeros_like")
+    filled = [e.key for e in prof.key_averages() if e.key in fills]
     assert not filled, filled
     assert x.grad is not None and layer.weight.grad is not None

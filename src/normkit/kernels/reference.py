@@ -186,7 +186,7 @@ class ReferenceBackend:
         output_mask: tuple[bool, bool, bool],
     ) -> Grads:
         acc = stats_dtype(x5.dtype)
-        if batch_stats and not rms and (weight is not None or not any(output_mask[1:])):
+        if x5.device.type == "cpu" and batch_stats and not rms and (weight is not None or not any(output_mask[1:])):
             native = _native_backward(
                 dy5.to(acc), x5.to(acc), mean, rstd, _param(weight, acc), param_shape, output_mask, x5.dtype
             )
@@ -231,6 +231,8 @@ def _native_backward(
 ) -> Grads | None:
     """torch's fused backward where the view is LayerNorm's, GroupNorm's or BatchNorm's; None for any
     other (channels-last InstanceNorm too: torch's kernel for it is slower than the general path).
+    CPU only: torch's CUDA GroupNorm backward takes no channels-last input, and on a GPU this backend
+    only serves what the Triton kernels decline.
 
     The kernels compute ``dx = a * dy * w + b * x + c``, whose last two terms cancel for offset data;
     given ``x - mean`` and a zero mean there is nothing to cancel, so the result is as exact as the
