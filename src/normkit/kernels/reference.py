@@ -186,12 +186,11 @@ class ReferenceBackend:
         output_mask: tuple[bool, bool, bool],
     ) -> Grads:
         acc = stats_dtype(x5.dtype)
-        if x5.device.type == "cpu" and batch_stats and not rms and (weight is not None or not any(output_mask[1:])):
-            native = _native_backward(
-                dy5.to(acc), x5.to(acc), mean, rstd, _param(weight, acc), param_shape, output_mask, x5.dtype
+        kind = _native_kind(x5, weight, param_shape, rms, batch_stats, output_mask)
+        if kind is not None:
+            return _native_backward(
+                kind, dy5.to(acc), x5.to(acc), mean, rstd, _param(weight, acc), param_shape, output_mask, x5.dtype
             )
-            if native is not None:
-                return native
         mean, rstd = _spread(_bcast(mean), x5), _spread(_bcast(rstd), x5)
         dy = dy5.to(acc)
         xhat = (x5.to(acc) - mean).mul_(rstd)
@@ -219,7 +218,34 @@ class ReferenceBackend:
         return Grads(dx.to(x5.dtype), dw, db)
 
 
+def _native_kind(
+    x5: Tensor,
+    weight: Tensor | None,
+    param_shape: tuple[int, int, int, int],
+    rms: bool,
+    batch_stats: bool,
+    output_mask: tuple[bool, bool, bool],
+) -> str | None:
+    """Which of torch's fused backward kernels takes this view: ``layer``, ``group``, ``batch`` or
+    ``group_cl``; None for any other. CPU only: torch's CUDA GroupNorm backward takes no channels-last
+    input, and on a GPU this backend only serves what the Triton kernels decline. Channels-last
+    InstanceNorm stays on the general path, which is faster than torch's kernel for it."""
+    if x5.device.type != "cpu" or rms or not batch_stats or (weight is None and any(output_mask[1:])):
+        return None
+    q, p, r1, b, r2 = x5.shape
+    if p == 1 and b == 1 and r2 == 1 and param_shape == (1, r1, 1, 1):
+        return "layer"
+    if b == 1 and param_shape == (p, r1, 1, 1):
+        return "group"
+    if q == 1 and p == 1 and param_shape == (1, 1, b, 1):
+        return "batch"
+    if p == 1 and r2 > 1 and param_shape == (1, 1, b, r2) and output_mask[0]:
+        return "group_cl"  # torch 2.13's kernel crashes on this layout when dx is not asked for
+    return None
+
+
 def _native_backward(
+    kind: str,
     dy5: Tensor,
     x5: Tensor,
     mean: Tensor,
@@ -228,51 +254,41 @@ def _native_backward(
     param_shape: tuple[int, int, int, int],
     output_mask: tuple[bool, bool, bool],
     dtype: torch.dtype,
-) -> Grads | None:
-    """torch's fused backward where the view is LayerNorm's, GroupNorm's or BatchNorm's; None for any
-    other (channels-last InstanceNorm too: torch's kernel for it is slower than the general path).
-    CPU only: torch's CUDA GroupNorm backward takes no channels-last input, and on a GPU this backend
-    only serves what the Triton kernels decline.
+) -> Grads:
+    """torch's fused backward of ``kind`` (see ``_native_kind``); ``dx`` comes back in ``dtype``.
 
     The kernels compute ``dx = a * dy * w + b * x + c``, whose last two terms cancel for offset data;
     given ``x - mean`` and a zero mean there is nothing to cancel, so the result is as exact as the
-    general path, in two passes over the data instead of about ten. ``dx`` comes back in ``dtype``.
+    general path, in two passes over the data instead of about ten.
     """
     q, p, r1, b, r2 = x5.shape
     mask = list(output_mask)
     weight = None if w is None else w.reshape(-1)
-
-    def centred() -> Tensor:
-        return x5 - _spread(_bcast(mean), x5)
-
-    if p == 1 and b == 1 and r2 == 1 and param_shape == (1, r1, 1, 1):
+    centred = x5 - _spread(_bcast(mean), x5)
+    zero = torch.zeros_like(mean)
+    if kind == "layer":
         dx, dw, db = torch.ops.aten.native_layer_norm_backward(
-            dy5.reshape(q, r1), centred().view(q, r1), [r1], torch.zeros_like(mean).view(q, 1),
-            rstd.reshape(q, 1), weight, weight, mask,
+            dy5.reshape(q, r1), centred.view(q, r1), [r1], zero.view(q, 1), rstd.reshape(q, 1), weight, weight, mask
         )
-    elif b == 1 and param_shape == (p, r1, 1, 1):
+    elif kind == "group":
         dx, dw, db = torch.ops.aten.native_group_norm_backward(
-            dy5.reshape(q, p * r1, r2), centred().view(q, p * r1, r2), torch.zeros_like(mean).view(q, p),
-            rstd.reshape(q, p), weight, q, p * r1, r2, p, mask,
+            dy5.reshape(q, p * r1, r2), centred.view(q, p * r1, r2), zero.view(q, p), rstd.reshape(q, p), weight,
+            q, p * r1, r2, p, mask,
         )
-    elif q == 1 and p == 1 and param_shape == (1, 1, b, 1):
+    elif kind == "batch":
         dx, dw, db = torch.ops.aten.native_batch_norm_backward(
-            dy5.reshape(r1, b, r2), centred().view(r1, b, r2), weight, None, None,
-            torch.zeros_like(mean).view(b), rstd.reshape(b), True, 0.0, mask,
+            dy5.reshape(r1, b, r2), centred.view(r1, b, r2), weight, None, None, zero.view(b), rstd.reshape(b),
+            True, 0.0, mask,
         )
-    elif p == 1 and r2 > 1 and param_shape == (1, 1, b, r2) and output_mask[0]:
-        # channels-last GroupNorm (torch 2.13's kernel crashes on this layout when dx is not asked for)
+    else:
 
         def nchw(t: Tensor) -> Tensor:
             return t.reshape(q, r1, 1, b * r2).permute(0, 3, 1, 2)
 
         dx, dw, db = torch.ops.aten.native_group_norm_backward(
-            nchw(dy5), nchw(centred()), torch.zeros_like(mean).view(q, b), rstd.reshape(q, b), weight,
-            q, b * r2, r1, b, mask,
+            nchw(dy5), nchw(centred), zero.view(q, b), rstd.reshape(q, b), weight, q, b * r2, r1, b, mask
         )
         dx = dx.permute(0, 2, 3, 1)
-    else:
-        return None
     return Grads(
         dx.view(x5.shape).to(dtype) if output_mask[0] else None,
         dw.view(param_shape) if output_mask[1] else None,
