@@ -64,13 +64,11 @@ class Tile:
 @lru_cache(maxsize=4096)
 def choose_tile(r1: int, b: int, r2: int, max_tile: int = MAX_TILE, max_fused: int = MAX_FUSED) -> Tile:
     """The tile for groups of ``r1 x r2`` elements, ``b`` groups side by side."""
-    br2 = next_pow2(r2)
+    fused = next_pow2(r1) * _groups_per_row(b, next_pow2(r2)) * next_pow2(r2) <= max_fused
+    br2 = next_pow2(r2) if fused else min(next_pow2(r2), max_tile)
     bb = _groups_per_row(b, br2)
-    if next_pow2(r1) * bb * br2 <= max_fused:
-        return Tile(next_pow2(r1), bb, br2, True, bb > 1 and br2 == r2)
-    br2 = min(br2, max_tile)
-    bb = _groups_per_row(b, br2)
-    return Tile(min(next_pow2(r1), max(1, max_tile // (bb * br2))), bb, br2, False, bb > 1 and br2 == r2)
+    br1 = next_pow2(r1) if fused else min(next_pow2(r1), max(1, max_tile // (bb * br2)))
+    return Tile(br1, bb, br2, fused, bb > 1 and br2 == r2)
 
 
 def _groups_per_row(b: int, br2: int) -> int:
