@@ -80,7 +80,7 @@ def _store(a, i, v):
     """``a[i] = v``, rounding to bfloat16 bits when ``a`` holds them."""
 
 
-@overload(_store)
+@overload(_store, inline="always")
 def _store_impl(a, i, v):
     if isinstance(a.dtype, types.Integer):
 
@@ -356,9 +356,10 @@ def _col_shift(x, g, j0, j1, r2, rms):
 def _col_sums(x, g, r0, r1, j0, j1, sh, s, ss):
     """Shifted per-column sums of rows ``r0:r1``, columns ``j0:j1`` into ``s``, ``ss``.
 
-    Four rows per sweep into per-column partials in float32 (float64 input: float64), added into
-    the float64 sums every ``_COL_BLOCK`` rows; if the float32 squares overflow, the sums are taken
-    again in float64."""
+    One row per sweep (a single sequential stream: sweeps over several rows at once stall on
+    memory when the data is not in cache) into per-column partials in float32 (float64 input:
+    float64), added into the float64 sums every ``_COL_BLOCK`` rows; if the float32 squares
+    overflow, the sums are taken again in float64."""
     shn = _acc_zeros(x[g, 0, 0], j1 - j0)
     bs = _acc_zeros(x[g, 0, 0], j1 - j0)
     bss = _acc_zeros(x[g, 0, 0], j1 - j0)
@@ -366,30 +367,19 @@ def _col_sums(x, g, r0, r1, j0, j1, sh, s, ss):
         shn[k] = sh[k]
     s[:] = 0.0
     ss[:] = 0.0
-    r = r0
-    while r + 4 <= r1:
-        _col_sums4(x[g, r, j0:j1], x[g, r + 1, j0:j1], x[g, r + 2, j0:j1], x[g, r + 3, j0:j1], shn, bs, bss)
-        r += 4
-        if (r - r0) % _COL_BLOCK == 0 or r + 4 > r1:
+    for r in range(r0, r1):
+        xs = x[g, r, j0:j1]
+        for k in range(xs.shape[0]):
+            d = _load(xs[k]) - shn[k]
+            bs[k] += d
+            bss[k] += d * d
+        if (r + 1 - r0) % _COL_BLOCK == 0 or r + 1 == r1:
             _flush(bs, s)
             _flush(bss, ss)
-    _col_sums_wide(x, g, r, r1, j0, j1, sh, s, ss)
     if not np.isfinite(ss.sum()):
         s[:] = 0.0
         ss[:] = 0.0
         _col_sums_wide(x, g, r0, r1, j0, j1, sh, s, ss)
-
-
-@njit(**_HELPER)
-def _col_sums4(a0, a1, a2, a3, sh, s, ss):
-    for k in range(a0.shape[0]):
-        c = sh[k]
-        d0 = _load(a0[k]) - c
-        d1 = _load(a1[k]) - c
-        d2 = _load(a2[k]) - c
-        d3 = _load(a3[k]) - c
-        s[k] += (d0 + d1) + (d2 + d3)
-        ss[k] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
 
 
 @njit(**_HELPER)
@@ -446,42 +436,22 @@ def _col_apply(x, y, g, r0, r1, j0, j1, r2, mean, rstd, w, bias):
 
 @njit(**_HELPER)
 def _col_grad_sums(dy, x, g, r0, r1, j0, j1, r2, mean, rstd, dws, dbs):
-    """Add per-column sum(dy*xhat), sum(dy) of rows ``r0:r1`` to ``dws``, ``dbs``: four rows per
+    """Add per-column sum(dy*xhat), sum(dy) of rows ``r0:r1`` to ``dws``, ``dbs``: one row per
     sweep into partials in the statistics dtype, added to the float64 sums every ``_COL_BLOCK`` rows."""
     mc = _col_expand(mean, g, j0, j1, r2)
     rc = _col_expand(rstd, g, j0, j1, r2)
     pw = _acc_zeros(mean[g, 0], j1 - j0)
     pb = _acc_zeros(mean[g, 0], j1 - j0)
-    r = r0
-    while r + 4 <= r1:
-        _col_grad4(
-            dy[g, r, j0:j1], dy[g, r + 1, j0:j1], dy[g, r + 2, j0:j1], dy[g, r + 3, j0:j1],
-            x[g, r, j0:j1], x[g, r + 1, j0:j1], x[g, r + 2, j0:j1], x[g, r + 3, j0:j1], mc, rc, pw, pb,
-        )
-        r += 4
-        if (r - r0) % _COL_BLOCK == 0 or r + 4 > r1:
-            _flush(pw, dws)
-            _flush(pb, dbs)
-    for rr in range(r, r1):
-        xs = x[g, rr, j0:j1]
-        ds = dy[g, rr, j0:j1]
+    for r in range(r0, r1):
+        xs = x[g, r, j0:j1]
+        ds = dy[g, r, j0:j1]
         for k in range(xs.shape[0]):
             d = _load(ds[k])
-            dws[k] += np.float64(d * ((_load(xs[k]) - mc[k]) * rc[k]))
-            dbs[k] += np.float64(d)
-
-
-@njit(**_HELPER)
-def _col_grad4(d0, d1, d2, d3, x0, x1, x2, x3, mc, rc, pw, pb):
-    for k in range(d0.shape[0]):
-        m = mc[k]
-        rs = rc[k]
-        e0 = _load(d0[k])
-        e1 = _load(d1[k])
-        e2 = _load(d2[k])
-        e3 = _load(d3[k])
-        pw[k] += (e0 * (_load(x0[k]) - m) + e1 * (_load(x1[k]) - m) + (e2 * (_load(x2[k]) - m) + e3 * (_load(x3[k]) - m))) * rs
-        pb[k] += (e0 + e1) + (e2 + e3)
+            pw[k] += d * ((_load(xs[k]) - mc[k]) * rc[k])
+            pb[k] += d
+        if (r + 1 - r0) % _COL_BLOCK == 0 or r + 1 == r1:
+            _flush(pw, dws)
+            _flush(pb, dbs)
 
 
 @njit(**_HELPER)
