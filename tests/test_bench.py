@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from normkit import bench
 from normkit.cli import main
@@ -89,3 +90,27 @@ def test_markdown_table_has_a_row_per_case_and_the_three_modes(tmp_path):
     assert "| norm | shape | layout | dtype | fwd-train | fwd-eval | fwd+bwd |" in text
     batch = next(r for r in results if r["norm"] == "batch" and r["mode"] == "fwd-eval")
     assert f"{batch['speedup']:.2f}x" in text
+
+
+def test_cold_timing_flushes_the_cache_before_every_call(tmp_path, monkeypatch):
+    flushed, calls = [], []
+    real_fill = torch.Tensor.fill_
+
+    def fill(t, value):
+        if t.numel() * t.element_size() == bench.FLUSH_BYTES:
+            flushed.append(len(calls))
+        return real_fill(t, value)
+
+    monkeypatch.setattr(bench, "FLUSH_BYTES", 1 << 20)
+    monkeypatch.setattr(torch.Tensor, "fill_", fill)
+    seconds = bench.measure_cold(lambda: calls.append(1), 0.0, torch.empty(bench.FLUSH_BYTES // 4))
+    assert seconds >= 0 and len(calls) == 6
+    assert flushed == [1, 2, 3, 4, 5]  # after the warm-up call, one flush before each timed call
+    out = tmp_path / "bench.json"
+    assert main(_tiny(out)[:-2] + ["--cold", "--norms", "layer", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["meta"]["timing"] == "eager, caches flushed"
+
+
+def test_cold_timing_does_not_combine_with_graph_replay():
+    with pytest.raises(SystemExit, match="--cold"):
+        main(["bench", "--quick", "--device", "cuda", "--cuda-graph", "--cold"])

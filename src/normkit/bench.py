@@ -7,7 +7,9 @@ time, effective bandwidth (forward moves 2 bytes of tensor per byte of input: re
 forward+backward 5: plus read x, dy and write dx), the speed-up over torch.nn, and the share of
 the bandwidth of a large in-place copy measured in the same run. A copy into a new tensor is
 measured too: outputs above the allocator's mmap threshold (32 MB with glibc) are fresh pages every
-call, and the page faults can cost more than the copy itself.
+call, and the page faults can cost more than the copy itself. ``--cold`` flushes the caches before
+every timed call, as a training step finds its activations: back-to-back calls on tensors that fit in
+the last-level cache measure the cache, not the memory.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import json
 import math
 import platform
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -30,6 +33,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64, 
 MODES = ("fwd-train", "fwd-eval", "fwd+bwd")
 TRAFFIC = {"fwd-train": 2, "fwd-eval": 2, "fwd+bwd": 5}
 LARGE_BYTES = 64 << 20
+# Written before every call with ``--cold``: more than the last-level cache of any one CPU socket or GPU.
+FLUSH_BYTES = 256 << 20
 
 # norm -> (input shapes, layouts). ResNet/UNet activations, a 3-D volume, transformer tokens.
 CONV_SHAPES = [(32, 64, 112, 112), (32, 64, 56, 56), (8, 256, 32, 32), (16, 128, 64, 64), (2, 32, 16, 64, 64)]
@@ -82,6 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-time", type=float, default=None, help="seconds of timing per measurement")
     parser.add_argument("--rounds", type=int, default=None,
                         help="alternating repeats of both sides; each keeps its best median (robust to load spikes)")
+    parser.add_argument("--cold", action="store_true",
+                        help="flush the caches before every timed call (a training step reads activations from memory)")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="on CUDA, time replays of each side captured in a CUDA graph (kernel time alone)")
 
@@ -95,6 +102,33 @@ def measure(fn: Callable[[], object], min_time: float) -> float:
     fn()
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_time).median
+
+
+def measure_cold(
+    fn: Callable[[], object], min_time: float, flush: torch.Tensor, warm: Callable[[], object] = lambda: None
+) -> float:
+    """Median seconds per call, each after writing ``flush`` (larger than the last-level cache) and
+    then calling ``warm``: in a training step the backward reads activations the forward wrote long
+    before, from memory, while the code that runs every layer stays cached. ``warm`` (the same call
+    on a tiny input) brings that code back, so that the flush evicts the data alone. On a shared
+    machine the cache also holds other tenants' data, so back-to-back calls on the same tensors
+    (``measure``) can reward work that only pays off while everything stays cached. ``min_time``
+    counts the flushes too: a call of microseconds would otherwise take thousands of them."""
+    cuda = flush.device.type == "cuda"
+    fn()
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < 5 or time.perf_counter() - started < min_time:
+        flush.fill_(1.0)
+        warm()
+        if cuda:
+            torch.cuda.synchronize(flush.device)
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize(flush.device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def graphed(fn: Callable[[], object]) -> Callable[[], object]:
@@ -151,6 +185,13 @@ def _input(shape: tuple[int, ...], layout: str, dtype: torch.dtype, device: torc
     return x
 
 
+def _tiny(shape: tuple[int, ...], norm: str) -> tuple[int, ...]:
+    """A few elements with the layer's channel or feature count: the same code on almost no data."""
+    if norm in ("layer", "rms"):
+        return (1,) * (len(shape) - 1) + shape[-1:]
+    return (2, shape[1]) + (2,) * (len(shape) - 2)
+
+
 def _step(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, mode: str) -> Callable[[], object]:
     params = [p for p in module.parameters() if p.requires_grad]
     module.train(mode != "fwd-eval")
@@ -167,9 +208,10 @@ def _step(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, mode: str)
 
 def run_case(
     norm: str, shape: tuple[int, ...], layout: str, mode: str, dtype: str, device: torch.device,
-    copy_gbps: float, min_time: float, rounds: int, cuda_graph: bool = False,
+    copy_gbps: float, min_time: float, rounds: int, cuda_graph: bool = False, flush: torch.Tensor | None = None,
 ) -> Result:
-    """Time torch.nn and normkit alternately on the same tensors; each keeps its best median."""
+    """Time torch.nn and normkit alternately on the same tensors; each keeps its best median.
+    With ``flush``, the caches are flushed before every call (``measure_cold``)."""
     theirs, ours = (m.to(device=device, dtype=DTYPES[dtype]) for m in _modules(norm, shape))
     ours.load_state_dict(theirs.state_dict())
     x = _input(shape, layout, DTYPES[dtype], device)
@@ -177,10 +219,14 @@ def run_case(
     fns = tuple(_step(m, x, dy, mode) for m in (theirs, ours))
     if cuda_graph:
         fns = tuple(graphed(fn) for fn in fns)
+    if flush is not None:
+        tiny = _input(_tiny(shape, norm), layout, DTYPES[dtype], device)
+        warms = tuple(_step(m, tiny, torch.randn_like(tiny), mode) for m in (theirs, ours))
     best = [math.inf, math.inf]
     for _ in range(rounds):
         for i, fn in enumerate(fns):
-            best[i] = min(best[i], measure(fn, min_time))
+            t = measure(fn, min_time) if flush is None else measure_cold(fn, min_time, flush, warms[i])
+            best[i] = min(best[i], t)
     nbytes = x.numel() * x.element_size()
     moved = TRAFFIC[mode] * nbytes / 1e9
     return Result(
@@ -288,6 +334,8 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     if args.cuda_graph and device.type != "cuda":
         raise SystemExit("--cuda-graph needs --device cuda")
+    if args.cuda_graph and args.cold:
+        raise SystemExit("--cold times eager calls; it does not combine with --cuda-graph")
     if args.threads:
         torch.set_num_threads(args.threads)
     min_time = args.min_time if args.min_time is not None else (0.02 if args.quick else 0.1)
@@ -297,7 +345,7 @@ def run(args: argparse.Namespace) -> int:
     meta: dict[str, object] = {
         "device": device.type if device.type != "cuda" else torch.cuda.get_device_name(device),
         "backend": args.backend,
-        "timing": "cuda-graph replay" if args.cuda_graph else "eager",
+        "timing": "cuda-graph replay" if args.cuda_graph else "eager, caches flushed" if args.cold else "eager",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "normkit": __version__,
@@ -315,11 +363,12 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             _write_json(args.json, meta, results)
 
+    flush = torch.empty(FLUSH_BYTES // 4, device=device) if args.cold else None
     record()
     with backend(args.backend):
         for norm, shape, layout, mode, dtype in cases(args):
             results.append(
-                run_case(norm, shape, layout, mode, dtype, device, copy_gbps, min_time, rounds, args.cuda_graph)
+                run_case(norm, shape, layout, mode, dtype, device, copy_gbps, min_time, rounds, args.cuda_graph, flush)
             )
             if args.cuda_graph:
                 torch.cuda.empty_cache()  # each case's graphs held a private memory pool
