@@ -147,6 +147,13 @@ def _unit(u, plan, g_total, r1_total, b_total):
 
 
 @njit(**_HELPER)
+def _lane(lane, nlanes, units):
+    """Units ``lo:hi`` of one lane (a thread's contiguous share of a pass). A second pass walks its
+    lane backwards, so that it starts on what the first pass read last and is still cached."""
+    return lane * units // nlanes, (lane + 1) * units // nlanes
+
+
+@njit(**_HELPER)
 def _units(plan, g_total):
     gchunk, nrc, _, nbc, _ = plan
     return -(-g_total // gchunk) * nrc * nbc
@@ -495,8 +502,9 @@ def _zeros(shape, like):
 # ``bchunk`` groups. With ``nrc == 1`` a unit owns whole groups and is fused.
 
 
-def forward_seg(x, y, w, bias, mean, rstd, var, eps, rms, plan):
-    """Statistics of ``x`` (G, R1, B, R2) into mean/rstd/var (G, B) and the output into ``y``."""
+def forward_seg(x, y, w, bias, mean, rstd, var, eps, rms, nlanes, plan):
+    """Statistics of ``x`` (G, R1, B, R2) into mean/rstd/var (G, B) and the output into ``y``; unfused,
+    each of ``nlanes`` lanes (one per thread) sums its units, then writes them in reverse."""
     G, R1, B, R2 = x.shape
     n = R1 * R2
     nrc = plan[1]
@@ -516,23 +524,27 @@ def forward_seg(x, y, w, bias, mean, rstd, var, eps, rms, plan):
         return
     ps = _zeros((G, nrc, B), 0.0)
     pss = _zeros((G, nrc, B), 0.0)
-    for u in prange(units):
-        g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
-        for g in range(g0, g1):
-            _seg_sums(x, g, r0, r1, b0, b1, rms, ps[g, rc, b0:b1], pss[g, rc, b0:b1])
+    for lane in prange(nlanes):
+        lo, hi = _lane(lane, nlanes, units)
+        for u in range(lo, hi):
+            g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
+            for g in range(g0, g1):
+                _seg_sums(x, g, r0, r1, b0, b1, rms, ps[g, rc, b0:b1], pss[g, rc, b0:b1])
     for gb in range(G * B):
         g = gb // B
         b = gb % B
         mean[g, b], var[g, b], rstd[g, b] = _finish(
             _chunk_total(ps, g, b), _chunk_total(pss, g, b), n, _seg_shift(x, g, b, rms), eps, rms
         )
-    for u in prange(units):
-        g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
-        for g in range(g0, g1):
-            _seg_apply(x, y, g, r0, r1, b0, b1, mean, rstd, w, bias)
+    for lane in prange(nlanes):
+        lo, hi = _lane(lane, nlanes, units)
+        for u in range(hi - 1, lo - 1, -1):
+            g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
+            for g in range(g0, g1):
+                _seg_apply(x, y, g, r0, r1, b0, b1, mean, rstd, w, bias)
 
 
-def forward_col(x, y, w, bias, mean, rstd, var, r2, eps, rms, plan):
+def forward_col(x, y, w, bias, mean, rstd, var, r2, eps, rms, nlanes, plan):
     """``forward_seg`` for ``x`` (G, R1, W) with groups of ``r2`` adjacent columns."""
     G, R1, W = x.shape
     B = W // r2
@@ -557,17 +569,19 @@ def forward_col(x, y, w, bias, mean, rstd, var, r2, eps, rms, plan):
         return
     ps = _zeros((G, nrc, W), 0.0)
     pss = _zeros((G, nrc, W), 0.0)
-    for u in prange(units):
-        g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
-        j0 = b0 * r2
-        j1 = b1 * r2
-        for g in range(g0, g1):
-            sh = _col_shift(x, g, j0, j1, r2, rms)
-            s = np.zeros(j1 - j0)
-            ss = np.zeros(j1 - j0)
-            _col_sums(x, g, r0, r1, j0, j1, sh, s, ss)
-            ps[g, rc, j0:j1] = s
-            pss[g, rc, j0:j1] = ss
+    for lane in prange(nlanes):
+        lo, hi = _lane(lane, nlanes, units)
+        for u in range(lo, hi):
+            g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
+            j0 = b0 * r2
+            j1 = b1 * r2
+            for g in range(g0, g1):
+                sh = _col_shift(x, g, j0, j1, r2, rms)
+                s = np.zeros(j1 - j0)
+                ss = np.zeros(j1 - j0)
+                _col_sums(x, g, r0, r1, j0, j1, sh, s, ss)
+                ps[g, rc, j0:j1] = s
+                pss[g, rc, j0:j1] = ss
     for gb in range(G * B):
         g = gb // B
         b = gb % B
@@ -579,10 +593,12 @@ def forward_col(x, y, w, bias, mean, rstd, var, r2, eps, rms, plan):
                 ss += pss[g, rc, j]
         sh = 0.0 if rms else np.float64(_load(x[g, 0, b * r2]))
         mean[g, b], var[g, b], rstd[g, b] = _finish(s, ss, n, sh, eps, rms)
-    for u in prange(units):
-        g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
-        for g in range(g0, g1):
-            _col_apply(x, y, g, r0, r1, b0 * r2, b1 * r2, r2, mean, rstd, w, bias)
+    for lane in prange(nlanes):
+        lo, hi = _lane(lane, nlanes, units)
+        for u in range(hi - 1, lo - 1, -1):
+            g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
+            for g in range(g0, g1):
+                _col_apply(x, y, g, r0, r1, b0 * r2, b1 * r2, r2, mean, rstd, w, bias)
 
 
 def apply_seg(x, y, w, bias, mean, rstd, plan):
@@ -621,7 +637,8 @@ def backward_seg(dy, x, dx, mean, rstd, w, dwl, dbl, rms, batch_stats, want_dx, 
     for lane in prange(nlanes):
         dwt = np.zeros(dwl.shape[1:], mean.dtype)
         dbt = np.zeros(dwl.shape[1:], mean.dtype)
-        for u in range(lane * units // nlanes, (lane + 1) * units // nlanes):
+        lo, hi = _lane(lane, nlanes, units)
+        for u in range(lo, hi):
             g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
             for g in range(g0, g1):
                 _seg_grad_sums(dy, x, g, r0, r1, b0, b1, mean, rstd, w, ps[g, rc, b0:b1], pss[g, rc, b0:b1], dwt, dbt)
@@ -640,10 +657,12 @@ def backward_seg(dy, x, dx, mean, rstd, w, dwl, dbl, rms, batch_stats, want_dx, 
             b = gb % B
             c1[g, b] = 0.0 if rms else _chunk_total(ps, g, b) / n
             c2[g, b] = _chunk_total(pss, g, b) / n
-    for u in prange(units):
-        g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
-        for g in range(g0, g1):
-            _seg_dx(dy, x, dx, g, r0, r1, b0, b1, mean, rstd, w, c1, c2)
+    for lane in prange(nlanes):
+        lo, hi = _lane(lane, nlanes, units)
+        for u in range(hi - 1, lo - 1, -1):
+            g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
+            for g in range(g0, g1):
+                _seg_dx(dy, x, dx, g, r0, r1, b0, b1, mean, rstd, w, c1, c2)
 
 
 def backward_col(dy, x, dx, mean, rstd, w, dwl, dbl, r2, rms, batch_stats, want_dx, nlanes, plan):
@@ -659,7 +678,8 @@ def backward_col(dy, x, dx, mean, rstd, w, dwl, dbl, r2, rms, batch_stats, want_
     ps = _zeros((G, nrc, B), 0.0)
     pss = _zeros((G, nrc, B), 0.0)
     for lane in prange(nlanes):
-        for u in range(lane * units // nlanes, (lane + 1) * units // nlanes):
+        lo, hi = _lane(lane, nlanes, units)
+        for u in range(lo, hi):
             g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
             j0 = b0 * r2
             j1 = b1 * r2
@@ -688,10 +708,12 @@ def backward_col(dy, x, dx, mean, rstd, w, dwl, dbl, r2, rms, batch_stats, want_
             b = gb % B
             c1[g, b] = 0.0 if rms else _chunk_total(ps, g, b) / n
             c2[g, b] = _chunk_total(pss, g, b) / n
-    for u in prange(units):
-        g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
-        for g in range(g0, g1):
-            _col_dx(dy, x, dx, g, r0, r1, b0 * r2, b1 * r2, r2, mean, rstd, w, c1, c2)
+    for lane in prange(nlanes):
+        lo, hi = _lane(lane, nlanes, units)
+        for u in range(hi - 1, lo - 1, -1):
+            g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
+            for g in range(g0, g1):
+                _col_dx(dy, x, dx, g, r0, r1, b0 * r2, b1 * r2, r2, mean, rstd, w, c1, c2)
 
 
 def _renamed(fn, suffix: str):

@@ -246,9 +246,9 @@ class CpuBackend:
         w, b = _param(weight, v, pshape, acc, 1.0), _param(bias, v, pshape, acc, 0.0)
         data = (_arr(xs, v.data_shape), ya, w, b, mean, rstd, var)
         if v.col:
-            _driver("forward_col", threads)(*data, v.r2, float(eps), rms, pl)
+            _driver("forward_col", threads)(*data, v.r2, float(eps), rms, _lanes(v, pl, threads), pl)
         else:
-            _driver("forward_seg", threads)(*data, float(eps), rms, pl)
+            _driver("forward_seg", threads)(*data, float(eps), rms, _lanes(v, pl, threads), pl)
         return _narrow(y, x5.dtype), Stats(*(torch.from_numpy(a) for a in stats))
 
     def normalize(
@@ -288,8 +288,7 @@ class CpuBackend:
         threads = threads_for(xs.numel())
         pshape = tuple(param_shape)
         v, pl = _view_plan(x5, pshape, threads)
-        gchunk, nrc, _, nbc, _ = pl
-        nlanes = min(threads, math.ceil(v.g / gchunk) * nrc * nbc)
+        nlanes = _lanes(v, pl, threads)
         want_dx = output_mask[0]
         xa = _arr(xs, v.data_shape)
         dx, dxa = _empty(xs, v.data_shape) if want_dx else (None, xa[:0])
@@ -310,6 +309,12 @@ class CpuBackend:
             _param_grad(lanes[0], v, pshape, acc) if output_mask[1] else None,
             _param_grad(lanes[1], v, pshape, acc) if output_mask[2] else None,
         )
+
+
+def _lanes(v: View, pl: tuple[int, ...], threads: int) -> int:
+    """Lanes of a pass: one per thread, at most one per unit."""
+    gchunk, nrc, _, nbc, _ = pl
+    return min(threads, math.ceil(v.g / gchunk) * nrc * nbc)
 
 
 def _param_grad(lanes: np.ndarray, v: View, pshape: tuple[int, ...], acc: torch.dtype) -> Tensor:
