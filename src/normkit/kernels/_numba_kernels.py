@@ -14,7 +14,8 @@ cover every view (see ``cpu.py`` for the choice):
 Work is split into units ``(slab chunk, row chunk, group chunk)``. With one row chunk a unit owns whole
 groups and is *fused*: statistics and output are computed while the unit is still in cache, so the
 input is read from memory once. Otherwise partial sums per row chunk are combined first and the
-input is read a second time.
+input is read a second time, each thread walking its units backwards (``_lane``) so that it starts on
+what it read last.
 
 Statistics are sums shifted by the first element of each group, which makes constant groups exact.
 Short blocks are summed in float32 (vector-wide) and the blocks added in float64, which keeps long
