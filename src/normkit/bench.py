@@ -8,8 +8,8 @@ forward+backward 5: plus read x, dy and write dx), the speed-up over torch.nn, a
 the bandwidth of a large in-place copy measured in the same run. A copy into a new tensor is
 measured too: outputs above the allocator's mmap threshold (32 MB with glibc) are fresh pages every
 call, and the page faults can cost more than the copy itself. ``--cold`` flushes the caches before
-every timed call, as a training step finds its activations: back-to-back calls on tensors that fit in
-the last-level cache measure the cache, not the memory.
+every timed call (then warms the code on a small input), as a training step finds its activations:
+back-to-back calls on tensors that fit in the last-level cache measure the cache, not the memory.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def measure_cold(
     """Median seconds per call, each after writing ``flush`` (larger than the last-level cache) and
     then calling ``warm``: in a training step the backward reads activations the forward wrote long
     before, from memory, while the code that runs every layer stays cached. ``warm`` (the same call
-    on a tiny input) brings that code back, so that the flush evicts the data alone. On a shared
+    on a small input) brings that code and both thread pools back, so that the flush evicts the data alone. On a shared
     machine the cache also holds other tenants' data, so back-to-back calls on the same tensors
     (``measure``) can reward work that only pays off while everything stays cached. ``min_time``
     counts the flushes too: a call of microseconds would otherwise take thousands of them."""
@@ -185,11 +185,20 @@ def _input(shape: tuple[int, ...], layout: str, dtype: torch.dtype, device: torc
     return x
 
 
-def _tiny(shape: tuple[int, ...], norm: str) -> tuple[int, ...]:
-    """A few elements with the layer's channel or feature count: the same code on almost no data."""
+# Elements of the warm-up input of ``--cold``: small next to the data, large enough that torch and
+# normkit both take their multi-threaded paths (normkit's starts at 32768 elements).
+WARM_ELEMENTS = 1 << 16
+
+
+def _warm_shape(shape: tuple[int, ...], norm: str) -> tuple[int, ...]:
+    """The layer's channel or feature count with about ``WARM_ELEMENTS`` elements (at most ``shape``):
+    the same code, threads included, on little data."""
     if norm in ("layer", "rms"):
-        return (1,) * (len(shape) - 1) + shape[-1:]
-    return (2, shape[1]) + (2,) * (len(shape) - 2)
+        rows = min(math.prod(shape[:-1]), max(1, WARM_ELEMENTS // shape[-1]))
+        return (1,) * (len(shape) - 2) + (rows, shape[-1])
+    dims = len(shape) - 2
+    side = max(2, round((WARM_ELEMENTS / (2 * shape[1])) ** (1 / dims)))
+    return (2, shape[1]) + tuple(min(side, n) for n in shape[2:])
 
 
 def _step(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, mode: str) -> Callable[[], object]:
@@ -220,8 +229,8 @@ def run_case(
     if cuda_graph:
         fns = tuple(graphed(fn) for fn in fns)
     if flush is not None:
-        tiny = _input(_tiny(shape, norm), layout, DTYPES[dtype], device)
-        warms = tuple(_step(m, tiny, torch.randn_like(tiny), mode) for m in (theirs, ours))
+        small = _input(_warm_shape(shape, norm), layout, DTYPES[dtype], device)
+        warms = tuple(_step(m, small, torch.randn_like(small), mode) for m in (theirs, ours))
     best = [math.inf, math.inf]
     for _ in range(rounds):
         for i, fn in enumerate(fns):
