@@ -110,10 +110,10 @@ def measure_cold(
     """Median seconds per call, each after writing ``flush`` (larger than the last-level cache) and
     then calling ``warm``: in a training step the backward reads activations the forward wrote long
     before, from memory, while the code that runs every layer stays cached. ``warm`` (the same call
-    on a small input) brings that code and both thread pools back, so that the flush evicts the data alone. On a shared
-    machine the cache also holds other tenants' data, so back-to-back calls on the same tensors
-    (``measure``) can reward work that only pays off while everything stays cached. ``min_time``
-    counts the flushes too: a call of microseconds would otherwise take thousands of them."""
+    on a small input) brings that code and both thread pools back, so that the flush evicts the data
+    alone. On a shared machine the cache also holds other tenants' data, so back-to-back calls on the
+    same tensors (``measure``) can reward work that only pays off while everything stays cached.
+    ``min_time`` counts the flushes too: a call of microseconds would otherwise take thousands of them."""
     cuda = flush.device.type == "cuda"
     fn()
     times: list[float] = []
