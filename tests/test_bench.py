@@ -93,19 +93,25 @@ def test_markdown_table_has_a_row_per_case_and_the_three_modes(tmp_path):
 
 
 def test_cold_timing_flushes_the_cache_before_every_call(tmp_path, monkeypatch):
-    flushed, calls = [], []
+    flushed, calls, events = [], [], []
     real_fill = torch.Tensor.fill_
 
     def fill(t, value):
         if t.numel() * t.element_size() == bench.FLUSH_BYTES:
             flushed.append(len(calls))
+            events.append("flush")
         return real_fill(t, value)
+
+    def call():
+        calls.append(1)
+        events.append("call")
 
     monkeypatch.setattr(bench, "FLUSH_BYTES", 1 << 20)
     monkeypatch.setattr(torch.Tensor, "fill_", fill)
-    seconds = bench.measure_cold(lambda: calls.append(1), 0.0, torch.empty(bench.FLUSH_BYTES // 4))
+    seconds = bench.measure_cold(call, 0.0, torch.empty(bench.FLUSH_BYTES // 4), lambda: events.append("warm"))
     assert seconds >= 0 and len(calls) == 6
     assert flushed == [1, 2, 3, 4, 5]  # after the warm-up call, one flush before each timed call
+    assert events == ["call"] + ["flush", "warm", "call"] * 5  # the warm-up runs after the flush
     out = tmp_path / "bench.json"
     assert main(_tiny(out)[:-2] + ["--cold", "--norms", "layer", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["meta"]["timing"] == "eager, caches flushed"

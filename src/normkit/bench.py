@@ -105,7 +105,7 @@ def measure(fn: Callable[[], object], min_time: float) -> float:
 
 
 def measure_cold(
-    fn: Callable[[], object], min_time: float, flush: torch.Tensor, warm: Callable[[], object] = lambda: None
+    fn: Callable[[], object], min_time: float, flush: torch.Tensor, warm: Callable[[], object]
 ) -> float:
     """Median seconds per call, each after writing ``flush`` (larger than the last-level cache) and
     then calling ``warm``: in a training step the backward reads activations the forward wrote long

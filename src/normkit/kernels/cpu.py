@@ -245,10 +245,11 @@ class CpuBackend:
         mean, rstd, var = (a.reshape(v.g, v.b) for a in stats)
         w, b = _param(weight, v, pshape, acc, 1.0), _param(bias, v, pshape, acc, 0.0)
         data = (_arr(xs, v.data_shape), ya, w, b, mean, rstd, var)
+        flags = (float(eps), rms, _lanes(v, pl, threads), pl)
         if v.col:
-            _driver("forward_col", threads)(*data, v.r2, float(eps), rms, _lanes(v, pl, threads), pl)
+            _driver("forward_col", threads)(*data, v.r2, *flags)
         else:
-            _driver("forward_seg", threads)(*data, float(eps), rms, _lanes(v, pl, threads), pl)
+            _driver("forward_seg", threads)(*data, *flags)
         return _narrow(y, x5.dtype), Stats(*(torch.from_numpy(a) for a in stats))
 
     def normalize(

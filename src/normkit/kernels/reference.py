@@ -66,8 +66,8 @@ def _sum_squares(t: Tensor, dims: tuple[int, ...]) -> Tensor:
     rows at a time, since a full-size temporary costs more in page faults than the arithmetic."""
     if dims == (2,):
         return torch.linalg.vector_norm(t, 2, dim=dims, keepdim=True).square()
-    rows = max(1, _SLAB // max(1, t.numel() // max(1, t.shape[2])))
-    return sum(part.square().sum(2, keepdim=True) for part in t.split(rows, dim=2)).sum(4, keepdim=True)
+    row = max(1, t.numel() // max(1, t.shape[2]))  # elements of one r1 row across q, p, b, r2
+    return sum(part.square().sum(2, keepdim=True) for part in t.split(max(1, _SLAB // row), dim=2)).sum(4, keepdim=True)
 
 
 def _spread(stat: Tensor, like: Tensor) -> Tensor:
@@ -266,7 +266,7 @@ def _native_backward(
     weight = None if w is None else w.reshape(-1)
     centred = x5 - _spread(_bcast(mean), x5)
     zero = torch.zeros_like(mean)
-    if kind == "layer":
+    if kind == "layer":  # the bias argument only sizes db: the weight stands in for it
         dx, dw, db = torch.ops.aten.native_layer_norm_backward(
             dy5.reshape(q, r1), centred.view(q, r1), [r1], zero.view(q, 1), rstd.reshape(q, 1), weight, weight, mask
         )
