@@ -105,6 +105,62 @@ def test_every_split_matches_reference(split, view, cl, dtype):
     _close(CPU.normalize(x5, st_r.mean, st_r.rstd, w, b), REF.normalize(x5, st_r.mean, st_r.rstd, w, b), tol, "normalize")
 
 
+def _activation_cases():
+    """Every activation through every view on the default split; SiLU through every split as well (the
+    activation code is the same in every loop, the split only changes which loops run). Each split
+    compiles the drivers once more from a cold cache: beyond the default and the two-pass row chunks,
+    the splits run in the slow run."""
+    for case in _cases():
+        view, cl = case.values
+        for split_name in SPLITS:
+            for activation in ("relu", "silu", "gelu"):
+                if activation == "silu" or split_name == "default":
+                    slow = split_name not in ("default", "rowchunks")
+                    yield pytest.param(
+                        split_name, view, cl, activation, id=f"{split_name}-{case.id}-{activation}",
+                        marks=[pytest.mark.slow] if slow else [],
+                    )
+
+
+@pytest.mark.parametrize("split_name,view,cl,activation", list(_activation_cases()))
+def test_fused_activation_matches_reference_then_activation(monkeypatch, split_name, view, cl, activation):
+    """The fused epilogue against the reference followed by torch's activation: forward, normalize,
+    and backward against the reference backward fed ``dy * activation'(z)``."""
+    for name, value in SPLITS[split_name].items():
+        monkeypatch.setattr(cpu, name, value)
+    act = {"relu": torch.relu, "silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}[activation]
+    act_backward = {
+        "relu": lambda d, z: torch.ops.aten.threshold_backward(d, z, 0),
+        "silu": torch.ops.aten.silu_backward,
+        "gelu": torch.ops.aten.gelu_backward,
+    }[activation]
+    x5, w, b, pshape = _make(view, cl, torch.float32)
+    rms = view in RMS
+    y, st = CPU.forward(x5, w, b, 1e-5, rms, activation=activation)
+    z, st_r = REF.forward(x5, w, b, 1e-5, rms)
+    _close(y, act(z), 2e-5, "y")
+    _close(CPU.normalize(x5, st_r.mean, st_r.rstd, w, b, activation=activation), act(z), 2e-5, "normalize")
+    dy = torch.randn_like(x5)
+    n = math.sqrt(x5.numel())
+    for batch_stats in (True, False):
+        g = CPU.backward(dy, x5, st_r.mean, st_r.rstd, w, pshape, rms, batch_stats, (True, True, True),
+                         bias=b, activation=activation)
+        g_r = REF.backward(act_backward(dy, z), x5, st_r.mean, st_r.rstd, w, pshape, rms, batch_stats, (True, True, True))
+        _close(g.dx, g_r.dx, 1e-4, f"dx batch_stats={batch_stats}")
+        _close(g.dweight, g_r.dweight, 1e-4 * n, "dweight")
+        _close(g.dbias, g_r.dbias, 1e-4 * n, "dbias")
+
+
+def test_fused_activation_keeps_nan_and_rejects_unknown_names():
+    x5, w, b, pshape = _make("group", True, torch.float32)
+    x5[0, 0, 0, 0, 0] = float("nan")
+    for activation in ("relu", "silu", "gelu"):
+        y, _ = CPU.forward(x5, w, b, 1e-5, False, activation=activation)
+        assert y[0, :, :, 0].isnan().all() and not y[1:].isnan().any() and not y[0, :, :, 1:].isnan().any()
+    with pytest.raises(ValueError, match="unknown activation 'tanh'"):
+        CPU.forward(x5, w, b, 1e-5, False, activation="tanh")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("view,cl", list(_cases()))
 def test_squares_beyond_float32_fall_back_to_float64(split, view, cl, dtype):

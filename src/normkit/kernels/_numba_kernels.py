@@ -24,6 +24,8 @@ with every term in float64. float64 input sums in float64 throughout. Backward g
 use the same float32 blocks added in float64; dweight/dbias partials are summed in the statistics
 dtype (as the reference sums them), added into float64 lanes after each unit. ``fastmath`` only
 allows reassociation and contraction (vectorized reductions, FMA); NaN and Inf keep propagating.
+Division follows IEEE (numba's numpy error model): no check for a zero divisor, which would raise
+inside a kernel and keeps loops from vectorizing.
 
 bfloat16 arrays arrive as their uint16 bits: ``_load`` widens an element to float32 exactly and
 ``_store`` rounds to nearest even (NaN to 0x7FC0), as torch's own conversion does.
@@ -34,6 +36,7 @@ for small work, single-threaded callers and forked children (the OpenMP layer is
 
 from __future__ import annotations
 
+import math
 import types as pytypes
 
 import numpy as np
@@ -42,7 +45,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 _FAST = {"reassoc", "contract"}
-_DRIVER = dict(cache=True, nogil=True, fastmath=_FAST)
+_DRIVER = dict(cache=True, nogil=True, fastmath=_FAST, error_model="numpy")
 # Helpers are inlined into the drivers: a call passing arrays costs tens of nanoseconds per slab.
 _HELPER = dict(_DRIVER, inline="always")
 # Elements per float32 partial sum: short enough that the partial keeps float64-level accuracy.
@@ -89,7 +92,8 @@ def _store_impl(a, i, v):
             f = np.float32(v)
             bits = _f32_to_bits(f)
             rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-            a[i] = np.uint16(0x7FC0) if f != f else np.uint16(rounded)
+            nan = np.uint32(f != f)  # a select in arithmetic: a branch here keeps the loop from vectorizing
+            a[i] = np.uint16(rounded + nan * (np.uint32(0x7FC0) - rounded))
 
         return impl
 
@@ -119,6 +123,121 @@ def _acc_zeros_impl(v, n):
     if v == types.float64:
         return lambda v, n: np.zeros(n, np.float64)
     return lambda v, n: np.zeros(n, np.float32)
+
+
+# ---- activation epilogue ---------------------------------------------------------------------
+# ``act`` is a compile-time constant: None (no activation: the helpers compile to nothing) or a code
+# of ``ACTIVATION_CODES``. Each driver is compiled once per activation (``_variant``), with no branch
+# in its loops; the helpers select arithmetically, as a branch in inlined code keeps numba from
+# vectorizing the loop.
+# Without a vector math library numba calls libm's exp and erfc one element at a time, several
+# times slower than torch's activations; in float32 they are computed here with polynomials that
+# vectorize (float64 keeps libm). NaN stays NaN.
+
+ACTIVATION_CODES = {"relu": 1, "silu": 2, "gelu": 3}
+_INV_SQRT2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+def _exp(v):
+    """exp(v): libm for float64; for float32 a degree-6 polynomial on [-ln2/2, ln2/2] scaled by 2**n
+    (about 1 ulp), inputs clamped to [-87, 88]."""
+
+
+@overload(_exp, inline="always")
+def _exp_impl(v):
+    if v == types.float64:
+        return lambda v: np.exp(v)
+    f = np.float32
+
+    def impl(v):
+        c = np.minimum(np.maximum(v, f(-87.0)), f(88.0))
+        # fmin/fmax drop a NaN: the exponent stays defined and the polynomial carries the NaN
+        n = np.fmin(np.fmax(np.floor(c * f(1.4426950408889634) + f(0.5)), f(-126.0)), f(127.0))
+        r = c - n * f(0.693359375) + n * f(2.12194440e-4)
+        p = f(1.9875691500e-4) * r + f(1.3981999507e-3)
+        p = p * r + f(8.3334519073e-3)
+        p = p * r + f(4.1665795894e-2)
+        p = p * r + f(1.6666665459e-1)
+        p = p * r + f(5.0000001201e-1)
+        p = p * (r * r) + r + f(1.0)
+        return p * _bits_to_f32(np.uint32(np.int32(n) + np.int32(127)) << np.uint32(23))
+
+    return impl
+
+
+def _erfc(v):
+    """erfc(v): libm for float64; for float32 the Chebyshev fit of Numerical Recipes' ``erfcc``
+    (relative error below 1.2e-7), which keeps GELU's negative tail accurate."""
+
+
+@overload(_erfc, inline="always")
+def _erfc_impl(v):
+    if v == types.float64:
+        return lambda v: math.erfc(v)
+    f = np.float32
+
+    def impl(v):
+        z = abs(v)
+        t = f(1.0) / (f(1.0) + f(0.5) * z)
+        p = f(0.17087277) * t + f(-0.82215223)
+        p = p * t + f(1.48851587)
+        p = p * t + f(-1.13520398)
+        p = p * t + f(0.27886807)
+        p = p * t + f(-0.18628806)
+        p = p * t + f(0.09678418)
+        p = p * t + f(0.37409196)
+        p = p * t + f(1.00002368)
+        ans = t * _exp(p * t + f(-1.26551223) - z * z)
+        neg = f(v < f(0.0))  # arithmetic, not a branch: erfc(v) = 2 - erfc(-v)
+        return neg * f(2.0) + (f(1.0) - f(2.0) * neg) * ans
+
+    return impl
+
+
+def _act(z, act):
+    """activation(z)."""
+
+
+@overload(_act, inline="always", prefer_literal=True)
+def _act_impl(z, act):
+    if isinstance(act, types.NoneType):
+        return lambda z, act: z
+    f = np.float64 if z == types.float64 else np.float32
+    code = act.literal_value
+    if code == ACTIVATION_CODES["relu"]:
+        return lambda z, act: np.maximum(z, f(0.0))
+    if code == ACTIVATION_CODES["silu"]:
+        return lambda z, act: z / (f(1.0) + _exp(-z))
+    return lambda z, act: f(0.5) * z * _erfc(z * f(-_INV_SQRT2))
+
+
+def _act_grad(d, z, act):
+    """``d * activation'(z)``: the gradient reaching the norm's output ``z``."""
+
+
+@overload(_act_grad, inline="always", prefer_literal=True)
+def _act_grad_impl(d, z, act):
+    if isinstance(act, types.NoneType):
+        return lambda d, z, act: d
+    f = np.float64 if z == types.float64 else np.float32
+    code = act.literal_value
+    if code == ACTIVATION_CODES["relu"]:
+        return lambda d, z, act: d * (f(1.0) - f(z <= f(0.0)))  # as torch, a NaN z lets d through
+
+    if code == ACTIVATION_CODES["silu"]:
+
+        def silu(d, z, act):
+            s = f(1.0) / (f(1.0) + _exp(-z))
+            return d * (s * (f(1.0) + z * (f(1.0) - s)))
+
+        return silu
+
+    def gelu(d, z, act):
+        cdf = f(0.5) * _erfc(z * f(-_INV_SQRT2))
+        return d * (cdf + z * _exp(f(-0.5) * z * z) * f(_INV_SQRT_2PI))
+
+    return gelu
 
 
 @njit(**_HELPER)
@@ -228,7 +347,7 @@ def _seg_sums_wide(x, g, r0, r1, b, rms):
 
 
 @njit(**_HELPER)
-def _seg_apply(x, y, g, r0, r1, b0, b1, mean, rstd, w, bias):
+def _seg_apply(x, y, g, r0, r1, b0, b1, mean, rstd, w, bias, act):
     p = _slab_param(g, w)
     k1n = w.shape[1]
     for r in range(r0, r1):
@@ -242,17 +361,18 @@ def _seg_apply(x, y, g, r0, r1, b0, b1, mean, rstd, w, bias):
                 sc = rs * w[p, k1, b, 0]
                 t = bias[p, k1, b, 0]
                 for k in range(xs.shape[0]):
-                    _store(ys, k, (_load(xs[k]) - m) * sc + t)
+                    _store(ys, k, _act((_load(xs[k]) - m) * sc + t, act))
             else:
                 ws = w[p, k1, b]
                 bs = bias[p, k1, b]
                 for k in range(xs.shape[0]):
-                    _store(ys, k, (_load(xs[k]) - m) * rs * ws[k] + bs[k])
+                    _store(ys, k, _act((_load(xs[k]) - m) * rs * ws[k] + bs[k], act))
 
 
 @njit(**_HELPER)
-def _dot_sums(ds, xs, m, rs):
-    """sum(dy * xhat), sum(dy) of one segment: float32 within blocks of ``_BLOCK``, float64 across."""
+def _dot_sums(ds, xs, m, rs, wv, bv, act):
+    """sum(dz * xhat), sum(dz) of one segment, ``dz`` the gradient at the affine output ``xhat * wv + bv``:
+    float32 within blocks of ``_BLOCK``, float64 across."""
     a_dw = 0.0
     a_db = 0.0
     for k0 in range(0, xs.shape[0], _BLOCK):
@@ -261,8 +381,9 @@ def _dot_sums(ds, xs, m, rs):
         p_dw = _zero(m)
         p_db = p_dw
         for k in range(bx.shape[0]):
-            d = _load(bd[k])
-            p_dw += d * ((_load(bx[k]) - m) * rs)
+            xh = (_load(bx[k]) - m) * rs
+            d = _act_grad(_load(bd[k]), xh * wv + bv, act)
+            p_dw += d * xh
             p_db += d
         a_dw += np.float64(p_dw)
         a_db += np.float64(p_db)
@@ -270,7 +391,7 @@ def _dot_sums(ds, xs, m, rs):
 
 
 @njit(**_HELPER)
-def _seg_grad_sums(dy, x, g, r0, r1, b0, b1, mean, rstd, w, sg, sgx, dwt, dbt):
+def _seg_grad_sums(dy, x, g, r0, r1, b0, b1, mean, rstd, w, bias, act, sg, sgx, dwt, dbt):
     """Add sum(dy*w), sum(dy*w*xhat) per group to ``sg``, ``sgx`` (float64) and the dweight/dbias
     sums to the lane's ``dwt``, ``dbt`` (statistics dtype, as the reference sums them; added to the
     float64 lanes after each unit)."""
@@ -284,7 +405,7 @@ def _seg_grad_sums(dy, x, g, r0, r1, b0, b1, mean, rstd, w, sg, sgx, dwt, dbt):
             xs = x[g, r, b]
             ds = dy[g, r, b]
             if w.shape[3] == 1:
-                a_dw, a_db = _dot_sums(ds, xs, m, rs)
+                a_dw, a_db = _dot_sums(ds, xs, m, rs, w[p, k1, b, 0], bias[p, k1, b, 0], act)
                 wv = np.float64(w[p, k1, b, 0])
                 sg[b - b0] += wv * a_db
                 sgx[b - b0] += wv * a_dw
@@ -292,13 +413,14 @@ def _seg_grad_sums(dy, x, g, r0, r1, b0, b1, mean, rstd, w, sg, sgx, dwt, dbt):
                 dbt[p, k1, b, 0] += a_db
             else:
                 ws = w[p, k1, b]
+                bs = bias[p, k1, b]
                 dws = dwt[p, k1, b]
                 dbs = dbt[p, k1, b]
                 a_g = dws[0] - dws[0]
                 a_gx = a_g
                 for k in range(xs.shape[0]):
-                    d = _load(ds[k])
                     xh = (_load(xs[k]) - m) * rs
+                    d = _act_grad(_load(ds[k]), xh * ws[k] + bs[k], act)
                     gg = d * ws[k]
                     a_g += gg
                     a_gx += gg * xh
@@ -324,8 +446,8 @@ def _flush_params(part, total, g0, g1, b0, b1):
 
 
 @njit(**_HELPER)
-def _seg_dx(dy, x, dx, g, r0, r1, b0, b1, mean, rstd, w, c1, c2):
-    """dx = rstd * (dy*w - c1 - xhat*c2) with c1, c2 per group (zero for fixed statistics)."""
+def _seg_dx(dy, x, dx, g, r0, r1, b0, b1, mean, rstd, w, bias, act, c1, c2):
+    """dx = rstd * (dz*w - c1 - xhat*c2) with c1, c2 per group (zero for fixed statistics)."""
     p = _slab_param(g, w)
     k1n = w.shape[1]
     for r in range(r0, r1):
@@ -340,12 +462,17 @@ def _seg_dx(dy, x, dx, g, r0, r1, b0, b1, mean, rstd, w, c1, c2):
             out = dx[g, r, b]
             if w.shape[3] == 1:
                 a = rs * w[p, k1, b, 0]
+                t = bias[p, k1, b, 0]
                 for k in range(xs.shape[0]):
-                    _store(out, k, a * _load(ds[k]) - bc * (_load(xs[k]) - m) - cc)
+                    xc = _load(xs[k]) - m
+                    _store(out, k, a * _act_grad(_load(ds[k]), xc * a + t, act) - bc * xc - cc)
             else:
                 ws = w[p, k1, b]
+                bs = bias[p, k1, b]
                 for k in range(xs.shape[0]):
-                    _store(out, k, rs * ws[k] * _load(ds[k]) - bc * (_load(xs[k]) - m) - cc)
+                    xc = _load(xs[k]) - m
+                    a = rs * ws[k]
+                    _store(out, k, a * _act_grad(_load(ds[k]), xc * a + bs[k], act) - bc * xc - cc)
 
 
 # ---- col: rows of W = B*R2 columns, accumulated per column -----------------------------------
@@ -427,7 +554,7 @@ def _col_param(w, p, j0, j1, r2):
 
 
 @njit(**_HELPER)
-def _col_apply(x, y, g, r0, r1, j0, j1, r2, mean, rstd, w, bias):
+def _col_apply(x, y, g, r0, r1, j0, j1, r2, mean, rstd, w, bias, act):
     p = _slab_param(g, w)
     mc = _col_expand(mean, g, j0, j1, r2)
     sc = _col_expand(rstd, g, j0, j1, r2)
@@ -439,23 +566,27 @@ def _col_apply(x, y, g, r0, r1, j0, j1, r2, mean, rstd, w, bias):
         xs = x[g, r, j0:j1]
         ys = y[g, r, j0:j1]
         for k in range(xs.shape[0]):
-            _store(ys, k, (_load(xs[k]) - mc[k]) * sc[k] + t[k])
+            _store(ys, k, _act((_load(xs[k]) - mc[k]) * sc[k] + t[k], act))
 
 
 @njit(**_HELPER)
-def _col_grad_sums(dy, x, g, r0, r1, j0, j1, r2, mean, rstd, dws, dbs):
-    """Add per-column sum(dy*xhat), sum(dy) of rows ``r0:r1`` to ``dws``, ``dbs``: one row per
+def _col_grad_sums(dy, x, g, r0, r1, j0, j1, r2, mean, rstd, w, bias, act, dws, dbs):
+    """Add per-column sum(dz*xhat), sum(dz) of rows ``r0:r1`` to ``dws``, ``dbs``: one row per
     sweep into partials in the statistics dtype, added to the float64 sums every ``_COL_BLOCK`` rows."""
+    p = _slab_param(g, w)
     mc = _col_expand(mean, g, j0, j1, r2)
     rc = _col_expand(rstd, g, j0, j1, r2)
+    wc = _col_param(w, p, j0, j1, r2)
+    tc = _col_param(bias, p, j0, j1, r2)
     pw = _acc_zeros(mean[g, 0], j1 - j0)
     pb = _acc_zeros(mean[g, 0], j1 - j0)
     for r in range(r0, r1):
         xs = x[g, r, j0:j1]
         ds = dy[g, r, j0:j1]
         for k in range(xs.shape[0]):
-            d = _load(ds[k])
-            pw[k] += d * ((_load(xs[k]) - mc[k]) * rc[k])
+            xh = (_load(xs[k]) - mc[k]) * rc[k]
+            d = _act_grad(_load(ds[k]), xh * wc[k] + tc[k], act)
+            pw[k] += d * xh
             pb[k] += d
         if (r + 1 - r0) % _COL_BLOCK == 0 or r + 1 == r1:
             _flush(pw, dws)
@@ -463,13 +594,14 @@ def _col_grad_sums(dy, x, g, r0, r1, j0, j1, r2, mean, rstd, dws, dbs):
 
 
 @njit(**_HELPER)
-def _col_dx(dy, x, dx, g, r0, r1, j0, j1, r2, mean, rstd, w, c1, c2):
+def _col_dx(dy, x, dx, g, r0, r1, j0, j1, r2, mean, rstd, w, bias, act, c1, c2):
     p = _slab_param(g, w)
     mc = _col_expand(mean, g, j0, j1, r2)
     a = _col_expand(rstd, g, j0, j1, r2)
     bc = _col_expand(c2, g, j0, j1, r2)
     cc = _col_expand(c1, g, j0, j1, r2)
     wc = _col_param(w, p, j0, j1, r2)
+    tc = _col_param(bias, p, j0, j1, r2)
     for k in range(j1 - j0):
         bc[k] *= a[k] * a[k]
         cc[k] *= a[k]
@@ -479,7 +611,8 @@ def _col_dx(dy, x, dx, g, r0, r1, j0, j1, r2, mean, rstd, w, c1, c2):
         ds = dy[g, r, j0:j1]
         out = dx[g, r, j0:j1]
         for k in range(xs.shape[0]):
-            _store(out, k, a[k] * _load(ds[k]) - bc[k] * (_load(xs[k]) - mc[k]) - cc[k])
+            xc = _load(xs[k]) - mc[k]
+            _store(out, k, a[k] * _act_grad(_load(ds[k]), xc * a[k] + tc[k], act) - bc[k] * xc - cc[k])
 
 
 @njit(**_HELPER)
@@ -521,7 +654,7 @@ def forward_seg(x, y, w, bias, mean, rstd, var, eps, rms, nlanes, plan):
                 _seg_sums(x, g, 0, R1, b0, b1, rms, s, ss)
                 for b in range(b0, b1):
                     mean[g, b], var[g, b], rstd[g, b] = _finish(s[b - b0], ss[b - b0], n, _seg_shift(x, g, b, rms), eps, rms)
-                _seg_apply(x, y, g, 0, R1, b0, b1, mean, rstd, w, bias)
+                _seg_apply(x, y, g, 0, R1, b0, b1, mean, rstd, w, bias, _ACT)
         return
     ps = _zeros((G, nrc, B), 0.0)
     pss = _zeros((G, nrc, B), 0.0)
@@ -542,7 +675,7 @@ def forward_seg(x, y, w, bias, mean, rstd, var, eps, rms, nlanes, plan):
         for u in range(hi - 1, lo - 1, -1):
             g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
             for g in range(g0, g1):
-                _seg_apply(x, y, g, r0, r1, b0, b1, mean, rstd, w, bias)
+                _seg_apply(x, y, g, r0, r1, b0, b1, mean, rstd, w, bias, _ACT)
 
 
 def forward_col(x, y, w, bias, mean, rstd, var, r2, eps, rms, nlanes, plan):
@@ -566,7 +699,7 @@ def forward_col(x, y, w, bias, mean, rstd, var, r2, eps, rms, nlanes, plan):
                 fss = _fold(ss, r2)
                 for b in range(b0, b1):
                     mean[g, b], var[g, b], rstd[g, b] = _finish(fs[b - b0], fss[b - b0], n, sh[(b - b0) * r2], eps, rms)
-                _col_apply(x, y, g, 0, R1, j0, j1, r2, mean, rstd, w, bias)
+                _col_apply(x, y, g, 0, R1, j0, j1, r2, mean, rstd, w, bias, _ACT)
         return
     ps = _zeros((G, nrc, W), 0.0)
     pss = _zeros((G, nrc, W), 0.0)
@@ -599,7 +732,7 @@ def forward_col(x, y, w, bias, mean, rstd, var, r2, eps, rms, nlanes, plan):
         for u in range(hi - 1, lo - 1, -1):
             g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
             for g in range(g0, g1):
-                _col_apply(x, y, g, r0, r1, b0 * r2, b1 * r2, r2, mean, rstd, w, bias)
+                _col_apply(x, y, g, r0, r1, b0 * r2, b1 * r2, r2, mean, rstd, w, bias, _ACT)
 
 
 def apply_seg(x, y, w, bias, mean, rstd, plan):
@@ -608,7 +741,7 @@ def apply_seg(x, y, w, bias, mean, rstd, plan):
     for u in prange(_units(plan, G)):
         g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
         for g in range(g0, g1):
-            _seg_apply(x, y, g, r0, r1, b0, b1, mean, rstd, w, bias)
+            _seg_apply(x, y, g, r0, r1, b0, b1, mean, rstd, w, bias, _ACT)
 
 
 def apply_col(x, y, w, bias, mean, rstd, r2, plan):
@@ -617,10 +750,10 @@ def apply_col(x, y, w, bias, mean, rstd, r2, plan):
     for u in prange(_units(plan, G)):
         g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
         for g in range(g0, g1):
-            _col_apply(x, y, g, r0, r1, b0 * r2, b1 * r2, r2, mean, rstd, w, bias)
+            _col_apply(x, y, g, r0, r1, b0 * r2, b1 * r2, r2, mean, rstd, w, bias, _ACT)
 
 
-def backward_seg(dy, x, dx, mean, rstd, w, dwl, dbl, rms, batch_stats, want_dx, nlanes, plan):
+def backward_seg(dy, x, dx, mean, rstd, w, bias, dwl, dbl, rms, batch_stats, want_dx, nlanes, plan):
     """Gradients on the seg view. ``dwl``/``dbl`` (lanes, P, K1, B, K2) receive per-lane partial sums.
 
     Pass 1 computes both group reductions and the parameter partials; pass 2 computes dx, from cache
@@ -642,12 +775,12 @@ def backward_seg(dy, x, dx, mean, rstd, w, dwl, dbl, rms, batch_stats, want_dx, 
         for u in range(lo, hi):
             g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
             for g in range(g0, g1):
-                _seg_grad_sums(dy, x, g, r0, r1, b0, b1, mean, rstd, w, ps[g, rc, b0:b1], pss[g, rc, b0:b1], dwt, dbt)
+                _seg_grad_sums(dy, x, g, r0, r1, b0, b1, mean, rstd, w, bias, _ACT, ps[g, rc, b0:b1], pss[g, rc, b0:b1], dwt, dbt)
                 if fused:
                     for b in range(b0, b1):
                         c1[g, b] = 0.0 if rms else ps[g, 0, b] / n
                         c2[g, b] = pss[g, 0, b] / n
-                    _seg_dx(dy, x, dx, g, 0, R1, b0, b1, mean, rstd, w, c1, c2)
+                    _seg_dx(dy, x, dx, g, 0, R1, b0, b1, mean, rstd, w, bias, _ACT, c1, c2)
             _flush_params(dwt, dwl[lane], g0, g1, b0, b1)
             _flush_params(dbt, dbl[lane], g0, g1, b0, b1)
     if fused or not want_dx:
@@ -663,10 +796,10 @@ def backward_seg(dy, x, dx, mean, rstd, w, dwl, dbl, rms, batch_stats, want_dx, 
         for u in range(hi - 1, lo - 1, -1):
             g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
             for g in range(g0, g1):
-                _seg_dx(dy, x, dx, g, r0, r1, b0, b1, mean, rstd, w, c1, c2)
+                _seg_dx(dy, x, dx, g, r0, r1, b0, b1, mean, rstd, w, bias, _ACT, c1, c2)
 
 
-def backward_col(dy, x, dx, mean, rstd, w, dwl, dbl, r2, rms, batch_stats, want_dx, nlanes, plan):
+def backward_col(dy, x, dx, mean, rstd, w, bias, dwl, dbl, r2, rms, batch_stats, want_dx, nlanes, plan):
     """``backward_seg`` for the col view; ``dwl``/``dbl`` are (lanes, P, W)."""
     G, R1, W = x.shape
     B = W // r2
@@ -688,7 +821,7 @@ def backward_col(dy, x, dx, mean, rstd, w, dwl, dbl, r2, rms, batch_stats, want_
                 p = _slab_param(g, w)
                 dws = np.zeros(j1 - j0)
                 dbs = np.zeros(j1 - j0)
-                _col_grad_sums(dy, x, g, r0, r1, j0, j1, r2, mean, rstd, dws, dbs)
+                _col_grad_sums(dy, x, g, r0, r1, j0, j1, r2, mean, rstd, w, bias, _ACT, dws, dbs)
                 wc = _col_param(w, p, j0, j1, r2)
                 for j in range(j0, j1):
                     wv = np.float64(wc[j - j0])
@@ -700,7 +833,7 @@ def backward_col(dy, x, dx, mean, rstd, w, dwl, dbl, r2, rms, batch_stats, want_
                     for b in range(b0, b1):
                         c1[g, b] = 0.0 if rms else ps[g, 0, b] / n
                         c2[g, b] = pss[g, 0, b] / n
-                    _col_dx(dy, x, dx, g, 0, R1, j0, j1, r2, mean, rstd, w, c1, c2)
+                    _col_dx(dy, x, dx, g, 0, R1, j0, j1, r2, mean, rstd, w, bias, _ACT, c1, c2)
     if fused or not want_dx:
         return
     if batch_stats:
@@ -714,25 +847,34 @@ def backward_col(dy, x, dx, mean, rstd, w, dwl, dbl, r2, rms, batch_stats, want_
         for u in range(hi - 1, lo - 1, -1):
             g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
             for g in range(g0, g1):
-                _col_dx(dy, x, dx, g, r0, r1, b0 * r2, b1 * r2, r2, mean, rstd, w, c1, c2)
+                _col_dx(dy, x, dx, g, r0, r1, b0 * r2, b1 * r2, r2, mean, rstd, w, bias, _ACT, c1, c2)
 
 
-def _renamed(fn, suffix: str):
-    """A copy of ``fn`` under another name, so the on-disk cache keeps both compilations apart."""
-    copy = pytypes.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + suffix, fn.__defaults__, fn.__closure__)
+_ACT = None  # the activation a driver is compiled for: each compilation sees its own (``_variant``)
+
+
+def _variant(fn, suffix: str, act: int | None):
+    """A copy of ``fn`` under another name (so the on-disk cache keeps compilations apart) that sees
+    ``_ACT = act``: numba freezes globals, and the activation helpers take it as a literal."""
+    scope = dict(fn.__globals__, _ACT=act)
+    copy = pytypes.FunctionType(fn.__code__, scope, fn.__name__ + suffix, fn.__defaults__, fn.__closure__)
     copy.__qualname__ = fn.__qualname__ + suffix
     copy.__module__ = fn.__module__
     return copy
 
 
-def _compile(fn):
-    """(parallel, serial) dispatchers of one driver; compiled lazily on first call, cached on disk."""
-    par = njit(parallel=True, **_DRIVER)(fn)
-    ser = njit(parallel=False, **_DRIVER)(_renamed(fn, "_serial"))
+def _compile(fn, activation: str | None):
+    """(parallel, serial) dispatchers of one driver and activation; compiled lazily on first call,
+    cached on disk."""
+    act = None if activation is None else ACTIVATION_CODES[activation]
+    suffix = "" if activation is None else "_" + activation
+    par = njit(parallel=True, **_DRIVER)(_variant(fn, suffix, act))
+    ser = njit(parallel=False, **_DRIVER)(_variant(fn, suffix + "_serial", act))
     return par, ser
 
 
+# name -> activation (None or a key of ACTIVATION_CODES) -> (parallel, serial)
 DRIVERS = {
-    fn.__name__: _compile(fn)
+    fn.__name__: {a: _compile(fn, a) for a in (None, *ACTIVATION_CODES)}
     for fn in (forward_seg, forward_col, apply_seg, apply_col, backward_seg, backward_col)
 }

@@ -6,6 +6,8 @@
 * Threads follow ``torch.get_num_threads()``. With one thread (DataLoader workers), for small
   tensors, and in a process forked after kernels ran in parallel, the serial compilation runs, so the
   OpenMP layer is never entered where it would oversubscribe or is not fork-safe.
+* The activation epilogue (``activation=``) is fused: the forward applies it to the affine output, the
+  backward recomputes that output from ``x`` and takes the activation's derivative in the same loops.
 * Importing this module compiles nothing: each driver compiles on its first call per dtype and the
   machine code is cached on disk (numba ``cache=True``) for later processes.
 """
@@ -22,8 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._numba_kernels import DRIVERS
-from .contract import Grads, Stats
+from ._numba_kernels import ACTIVATION_CODES, DRIVERS
+from .contract import ACTIVATIONS, Grads, Stats
 
 NATIVE = (torch.float32, torch.float64, torch.bfloat16)
 WIDENED = (torch.float16,)
@@ -180,9 +182,12 @@ def _pshape(x5: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[int
     return tuple(t.shape) if t is not None else (x5.shape[1], 1, x5.shape[3], 1)
 
 
-def _driver(name: str, threads: int):
+def _driver(name: str, threads: int, activation: str | None = None):
+    """The compiled driver for ``threads`` (parallel or serial) with the activation epilogue."""
     global _parallel_pid
-    par, ser = DRIVERS[name]
+    if activation is not None and activation not in ACTIVATION_CODES:
+        raise ValueError(f"unknown activation {activation!r}; choose one of {ACTIVATIONS}")
+    par, ser = DRIVERS[name][activation]
     if threads == 1:
         return ser
     if _parallel_pid is None:
@@ -219,8 +224,7 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 class CpuBackend:
     name = "cpu"
-    # No fused activation epilogue: the core composes the activation around these kernels.
-    activations: tuple[str, ...] = ()
+    activations: tuple[str, ...] = ACTIVATIONS
 
     def supports(self, x5: Tensor, weight: Tensor | None) -> bool:
         return (
@@ -232,7 +236,8 @@ class CpuBackend:
         )
 
     def forward(
-        self, x5: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool
+        self, x5: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool,
+        activation: str | None = None,
     ) -> tuple[Tensor, Stats]:
         xs = _widen(x5)
         acc = _acc(xs.dtype)
@@ -247,13 +252,14 @@ class CpuBackend:
         data = (_arr(xs, v.data_shape), ya, w, b, mean, rstd, var)
         flags = (float(eps), rms, _lanes(v, pl, threads), pl)
         if v.col:
-            _driver("forward_col", threads)(*data, v.r2, *flags)
+            _driver("forward_col", threads, activation)(*data, v.r2, *flags)
         else:
-            _driver("forward_seg", threads)(*data, *flags)
+            _driver("forward_seg", threads, activation)(*data, *flags)
         return _narrow(y, x5.dtype), Stats(*(torch.from_numpy(a) for a in stats))
 
     def normalize(
-        self, x5: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None
+        self, x5: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None,
+        activation: str | None = None,
     ) -> Tensor:
         xs = _widen(x5)
         acc = _acc(xs.dtype)
@@ -267,9 +273,9 @@ class CpuBackend:
             _np(mean, acc).reshape(v.g, v.b), _np(rstd, acc).reshape(v.g, v.b),
         )
         if v.col:
-            _driver("apply_col", threads)(*data, v.r2, pl)
+            _driver("apply_col", threads, activation)(*data, v.r2, pl)
         else:
-            _driver("apply_seg", threads)(*data, pl)
+            _driver("apply_seg", threads, activation)(*data, pl)
         return _narrow(y, x5.dtype)
 
     def backward(
@@ -283,7 +289,10 @@ class CpuBackend:
         rms: bool,
         batch_stats: bool,
         output_mask: tuple[bool, bool, bool],
+        bias: Tensor | None = None,
+        activation: str | None = None,
     ) -> Grads:
+        """The contract's backward; ``bias`` is needed only with an ``activation``."""
         xs, dys = _widen(x5), _widen(dy5).contiguous()
         acc = _acc(xs.dtype)
         threads = threads_for(xs.numel())
@@ -298,13 +307,13 @@ class CpuBackend:
         args = (
             _arr(dys, v.data_shape), xa, dxa,
             _np(mean, acc).reshape(v.g, v.b), _np(rstd, acc).reshape(v.g, v.b), _param(weight, v, pshape, acc, 1.0),
-            lanes[0], lanes[1],
+            _param(bias, v, pshape, acc, 0.0), lanes[0], lanes[1],
         )
         flags = (rms, batch_stats, want_dx, nlanes, pl)
         if v.col:
-            _driver("backward_col", threads)(*args, v.r2, *flags)
+            _driver("backward_col", threads, activation)(*args, v.r2, *flags)
         else:
-            _driver("backward_seg", threads)(*args, *flags)
+            _driver("backward_seg", threads, activation)(*args, *flags)
         return Grads(
             _narrow(dx, x5.dtype) if want_dx else None,
             _param_grad(lanes[0], v, pshape, acc) if output_mask[1] else None,
