@@ -56,7 +56,6 @@ def _inputs(shape, dtype, channels_last, device="cpu"):
     return [t.to(dtype).requires_grad_() for t in (x, w, b)]
 
 
-
 def _backend_dtype_activation():
     """Every backend x dtype x activation. The cpu backend compiles its kernels once per dtype and
     activation (several seconds per driver from a cold cache): float32 runs by default, float64 and
