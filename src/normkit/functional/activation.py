@@ -11,12 +11,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as TF
 
-from ..kernels.contract import ACTIVATIONS
-
-
-def check(activation: str | None) -> None:
-    if activation is not None and activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; choose one of {ACTIVATIONS} or None")
+from ..kernels.contract import check_activation as check
 
 
 def apply(activation: str | None, z: Tensor, inplace: bool = False) -> Tensor:

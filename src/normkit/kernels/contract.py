@@ -24,6 +24,12 @@ REDUCED_DIMS = (2, 4)
 ACTIVATIONS = ("relu", "silu", "gelu")
 
 
+def check_activation(activation: str | None) -> None:
+    """Reject a name outside ``ACTIVATIONS`` (None: no activation) with one message for every caller."""
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose one of {ACTIVATIONS} or None")
+
+
 class Stats(NamedTuple):
     mean: Tensor
     rstd: Tensor

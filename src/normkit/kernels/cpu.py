@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._numba_kernels import ACTIVATION_CODES, DRIVERS
-from .contract import ACTIVATIONS, Grads, Stats
+from ._numba_kernels import DRIVERS
+from .contract import ACTIVATIONS, Grads, Stats, check_activation
 
 NATIVE = (torch.float32, torch.float64, torch.bfloat16)
 WIDENED = (torch.float16,)
@@ -185,8 +185,7 @@ def _pshape(x5: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[int
 def _driver(name: str, threads: int, activation: str | None = None):
     """The compiled driver for ``threads`` (parallel or serial) with the activation epilogue."""
     global _parallel_pid
-    if activation is not None and activation not in ACTIVATION_CODES:
-        raise ValueError(f"unknown activation {activation!r}; choose one of {ACTIVATIONS}")
+    check_activation(activation)
     par, ser = DRIVERS[name][activation]
     if threads == 1:
         return ser

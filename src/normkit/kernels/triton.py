@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import _triton_kernels as kern
 from ._triton_plan import MAX_FUSED, MAX_TILE, Tile, cdiv, choose_tile, finalize_blocks, split, warps_for
-from .contract import ACTIVATIONS, Grads, Stats
+from .contract import ACTIVATIONS, Grads, Stats, check_activation
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CPU_PROGRAMS = 4
@@ -52,8 +52,7 @@ def _cuda_programs(index: int) -> int:
 
 
 def _activation_code(activation: str | None) -> int:
-    if activation not in kern.ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; choose one of {tuple(kern.ACTIVATIONS)}")
+    check_activation(activation)
     return kern.ACTIVATIONS[activation]
 
 
