@@ -570,14 +570,12 @@ def _col_apply(x, y, g, r0, r1, j0, j1, r2, mean, rstd, w, bias, act):
 
 
 @njit(**_HELPER)
-def _col_grad_sums(dy, x, g, r0, r1, j0, j1, r2, mean, rstd, w, bias, act, dws, dbs):
+def _col_grad_sums(dy, x, g, r0, r1, j0, j1, r2, mean, rstd, wc, tc, act, dws, dbs):
     """Add per-column sum(dz*xhat), sum(dz) of rows ``r0:r1`` to ``dws``, ``dbs``: one row per
-    sweep into partials in the statistics dtype, added to the float64 sums every ``_COL_BLOCK`` rows."""
-    p = _slab_param(g, w)
+    sweep into partials in the statistics dtype, added to the float64 sums every ``_COL_BLOCK`` rows.
+    ``wc``, ``tc``: weight and bias of columns ``j0:j1`` (``_col_param``)."""
     mc = _col_expand(mean, g, j0, j1, r2)
     rc = _col_expand(rstd, g, j0, j1, r2)
-    wc = _col_param(w, p, j0, j1, r2)
-    tc = _col_param(bias, p, j0, j1, r2)
     pw = _acc_zeros(mean[g, 0], j1 - j0)
     pb = _acc_zeros(mean[g, 0], j1 - j0)
     for r in range(r0, r1):
@@ -821,8 +819,8 @@ def backward_col(dy, x, dx, mean, rstd, w, bias, dwl, dbl, r2, rms, batch_stats,
                 p = _slab_param(g, w)
                 dws = np.zeros(j1 - j0)
                 dbs = np.zeros(j1 - j0)
-                _col_grad_sums(dy, x, g, r0, r1, j0, j1, r2, mean, rstd, w, bias, _ACT, dws, dbs)
                 wc = _col_param(w, p, j0, j1, r2)
+                _col_grad_sums(dy, x, g, r0, r1, j0, j1, r2, mean, rstd, wc, _col_param(bias, p, j0, j1, r2), _ACT, dws, dbs)
                 for j in range(j0, j1):
                     wv = np.float64(wc[j - j0])
                     ps[g, rc, j // r2] += wv * dbs[j - j0]
