@@ -200,3 +200,27 @@ def test_backward_of_offset_data_matches_float64(backend, norm, shape, cl):
     g = backend.backward(dy, x5, st.mean, st.rstd, w, pshape, False, True, (True, False, False))
     err = (g.dx.double() - grads_t[0]).abs().max() / grads_t[0].abs().max()
     assert err < 4e-5, f"dx relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("buffers", [torch.float32, torch.bfloat16, None], ids=["fp32", "bf16", "absent"])
+@pytest.mark.parametrize("q", [1, 3])
+def test_update_running_blends_the_mean_over_q(backend, buffers, q):
+    """r = (1 - m) r + m s per channel, s the mean over Q (InstanceNorm) and the variance unbiased by
+    ``var_scale``; absent buffers are skipped, buffers in another dtype than the statistics are blended
+    through the statistics' dtype, NaN statistics reach the buffers."""
+    p, b = 2, 5
+    mean, var = torch.randn(q, p, b), torch.rand(q, p, b)
+    mean[0, 1, 2] = float("nan")
+    rm = None if buffers is None else torch.randn(p * b).to(buffers)
+    rv = None if buffers is None else torch.rand(p * b).to(buffers)
+    before = None if rm is None else (rm.double(), rv.double())
+    backend.update_running(rm, rv, mean, var, 0.3, 1.25)
+    if before is None:
+        return
+    want_m = 0.7 * before[0] + 0.3 * mean.double().mean(0).reshape(-1)
+    want_v = 0.7 * before[1] + 0.3 * 1.25 * var.double().mean(0).reshape(-1)
+    tol = dict(rtol=1e-6, atol=1e-6) if buffers == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(rm.double(), want_m, equal_nan=True, **tol)
+    torch.testing.assert_close(rv.double(), want_v, **tol)
+    assert rm.isnan().sum() == 1 and rm.isnan()[1 * b + 2]

@@ -18,8 +18,8 @@ from torch import Tensor
 from .functional import _layout as L
 from .functional import batch_norm
 from .functional._core import normalize_fixed
-from .functional.norms import _bessel, _update_running
-from .kernels.contract import stats_dtype
+from .functional.norms import _bessel
+from .kernels.contract import blend_running, stats_dtype
 from .nn._base import NormBase
 
 
@@ -62,9 +62,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         mean = mean64.to(acc).view(1, 1, c)
         rstd = torch.rsqrt(var64 + eps).to(acc).view(1, 1, c)
         if running_mean is not None:
-            _update_running(running_mean, mean64, momentum)
+            blend_running(running_mean, mean64, momentum)
         if running_var is not None:
-            _update_running(running_var, var64, momentum, _bessel(total))
+            blend_running(running_var, var64, momentum, _bessel(total))
         w, b = L.param_view(weight, shape, False, False), L.param_view(bias, shape, False, False)
         y = normalize_fixed(xc, shape, mean, rstd, w, b)
         ctx.save_for_backward(xc, mean, rstd, weight)

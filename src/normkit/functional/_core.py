@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..selection import resolve
 from ..kernels import load
+from ..kernels import contract
 from ..kernels.contract import Backend, stat_shape, stats_dtype
 from . import activation as act
 
@@ -274,4 +275,20 @@ def normalize_fixed(
     return op(x, list(shape), mean, rstd, weight, bias, activation)
 
 
-__all__ = ["normalize_batch", "normalize_fixed", "stat_shape"]
+def update_running(
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    mean: Tensor,
+    var: Tensor,
+    momentum: float,
+    var_scale: float,
+) -> None:
+    """Blend batch statistics (Q, P, B), averaged over Q, into per-channel running buffers in place
+    (see ``Backend.update_running``). The backend of the statistics does it: on the CPU one kernel
+    instead of four small torch ops, which cost more than the kernels' gap to torch on mid-size
+    tensors. Under torch.compile, torch ops that the compiler can trace."""
+    blend = contract.update_running if torch.compiler.is_compiling() else resolve(mean, None).update_running
+    blend(running_mean, running_var, mean, var, momentum, var_scale)
+
+
+__all__ = ["normalize_batch", "normalize_fixed", "stat_shape", "update_running"]

@@ -16,7 +16,7 @@ from ..kernels.contract import stats_dtype
 from . import _layout as L
 from . import activation as A
 from . import masked as M
-from ._core import normalize_batch, normalize_fixed
+from ._core import normalize_batch, normalize_fixed, update_running
 
 
 def _scalar_name(dtype: torch.dtype) -> str:
@@ -41,16 +41,6 @@ def _verify_batch_size(size: Sequence[int]) -> None:
 def _verify_spatial_size(size: torch.Size) -> None:
     if math.prod(size[2:]) == 1:
         raise ValueError(f"Expected more than 1 spatial element when training, got input size {size}")
-
-
-@torch.no_grad()
-def _update_running(running: Tensor, batch: Tensor, momentum: float, scale: float = 1.0) -> None:
-    """running = (1 - momentum) * running + momentum * scale * batch: two in-place kernels when the
-    dtypes agree (on a GPU each small kernel costs microseconds), else through batch's dtype."""
-    if running.dtype == batch.dtype:
-        running.mul_(1.0 - momentum).add_(batch, alpha=momentum * scale)
-    else:
-        running.copy_((batch * (momentum * scale) + running.to(batch.dtype) * (1.0 - momentum)).to(running.dtype))
 
 
 def _bessel(count: float) -> float:
@@ -126,10 +116,8 @@ def batch_norm(
         y = M.batch_norm(input, mask, running_mean, running_var, weight, bias, momentum, eps)
         return A.apply(activation, y)
     y, mean, var = _batch_view(input, lambda x, cl: (L.per_channel_view(x, cl), False, False), weight, bias, eps, activation)
-    if running_mean is not None:
-        _update_running(running_mean, mean.view(c), momentum)
-    if running_var is not None:
-        _update_running(running_var, var.view(c), momentum, _bessel(input.numel() // c))
+    if running_mean is not None or running_var is not None:
+        update_running(running_mean, running_var, mean, var, momentum, _bessel(input.numel() // c))
     return y
 
 
@@ -168,10 +156,8 @@ def instance_norm(
         y = M.instance_norm(input, mask, running_mean, running_var, weight, bias, momentum, eps)
         return A.apply(activation, y)
     y, mean, var = _batch_view(input, lambda x, cl: (L.per_instance_view(x, cl), False, False), weight, bias, eps, activation)
-    if running_mean is not None:
-        _update_running(running_mean, mean.view(n, c).mean(0), momentum)
-    if running_var is not None:
-        _update_running(running_var, var.view(n, c).mean(0), momentum, _bessel(L.spatial(input)))
+    if running_mean is not None or running_var is not None:
+        update_running(running_mean, running_var, mean, var, momentum, _bessel(L.spatial(input)))
     return y
 
 

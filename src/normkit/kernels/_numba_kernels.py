@@ -848,6 +848,18 @@ def backward_col(dy, x, dx, mean, rstd, w, bias, dwl, dbl, r2, rms, batch_stats,
                 _col_dx(dy, x, dx, g, r0, r1, b0 * r2, b1 * r2, r2, mean, rstd, w, bias, _ACT, c1, c2)
 
 
+@njit(cache=True, nogil=True, error_model="numpy")
+def running_update(running, per_q, keep, take):
+    """``running = keep * running + take * mean_q(per_q)`` per channel, in float64 and rounded once:
+    the running-statistics update (a few hundred channels, serial)."""
+    q = per_q.shape[0]
+    for c in range(running.shape[0]):
+        s = 0.0
+        for i in range(q):
+            s += per_q[i, c]
+        running[c] = keep * running[c] + take * (s / q)
+
+
 _ACT = None  # the activation a driver is compiled for: each compilation sees its own (``_variant``)
 
 

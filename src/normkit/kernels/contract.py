@@ -62,6 +62,28 @@ def param_reduce_dims(param_shape: tuple[int, ...] | torch.Size) -> tuple[int, .
     return tuple(dims)
 
 
+def blend_running(running: Tensor, batch: Tensor, momentum: float, scale: float = 1.0) -> None:
+    """running = (1 - momentum) * running + momentum * scale * batch: two in-place kernels when the
+    dtypes agree (on a GPU each small kernel costs microseconds), else through batch's dtype. A
+    ``with`` block, not the ``no_grad`` decorator: the decorator costs more than both kernels."""
+    with torch.no_grad():
+        if running.dtype == batch.dtype:
+            running.mul_(1.0 - momentum).add_(batch, alpha=momentum * scale)
+        else:
+            running.copy_((batch * (momentum * scale) + running.to(batch.dtype) * (1.0 - momentum)).to(running.dtype))
+
+
+def update_running(
+    running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor, momentum: float,
+    var_scale: float,
+) -> None:
+    """``Backend.update_running`` in torch ops, for any device and dtype: every backend may use it."""
+    for running, stat, scale in ((running_mean, mean, 1.0), (running_var, var, var_scale)):
+        if running is not None:
+            per_q = stat.reshape(-1, running.numel())
+            blend_running(running, per_q[0] if per_q.shape[0] == 1 else per_q.mean(0), momentum, scale)
+
+
 class Backend(Protocol):
     """What the core calls. Tensors are 5-D views of contiguous tensors (see module doc)."""
 
@@ -83,6 +105,14 @@ class Backend(Protocol):
         self, x5: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None
     ) -> Tensor:
         """Apply given statistics (BatchNorm in eval mode)."""
+
+    def update_running(
+        self, running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor,
+        momentum: float, var_scale: float,
+    ) -> None:
+        """Blend batch statistics ``(Q, P, B)``, averaged over ``Q``, into running buffers of ``P*B``
+        elements in place: ``r = (1 - momentum) * r + momentum * s``, ``s = var * var_scale`` for the
+        variance (torch's unbiasing factor). A None buffer is left out."""
 
     def backward(
         self,

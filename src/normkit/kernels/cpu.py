@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._numba_kernels import DRIVERS
-from .contract import ACTIVATIONS, Grads, Stats, check_activation
+from ._numba_kernels import DRIVERS, running_update
+from .contract import ACTIVATIONS, Grads, Stats, check_activation, update_running
 
 NATIVE = (torch.float32, torch.float64, torch.bfloat16)
 WIDENED = (torch.float16,)
@@ -277,6 +277,20 @@ class CpuBackend:
             _driver("apply_seg", threads, activation)(*data, pl)
         return _narrow(y, x5.dtype)
 
+    def update_running(
+        self, running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor,
+        momentum: float, var_scale: float,
+    ) -> None:
+        """One serial kernel per buffer where the buffer can be written as an array; torch ops
+        otherwise (another dtype, a buffer that requires grad)."""
+        if not (_blendable(running_mean, mean) and _blendable(running_var, var)):
+            update_running(running_mean, running_var, mean, var, momentum, var_scale)
+            return
+        for running, stat, scale in ((running_mean, mean, 1.0), (running_var, var, var_scale)):
+            if running is not None:
+                n = running.numel()
+                running_update(running.numpy(), stat.numpy(force=True).reshape(-1, n), 1.0 - momentum, momentum * scale)
+
     def backward(
         self,
         dy5: Tensor,
@@ -318,6 +332,13 @@ class CpuBackend:
             _param_grad(lanes[0], v, pshape, acc) if output_mask[1] else None,
             _param_grad(lanes[1], v, pshape, acc) if output_mask[2] else None,
         )
+
+
+def _blendable(running: Tensor | None, stat: Tensor) -> bool:
+    return running is None or (
+        running.dtype == stat.dtype and running.device.type == "cpu" and running.is_contiguous()
+        and not running.requires_grad
+    )
 
 
 def _lanes(v: View, pl: tuple[int, ...], threads: int) -> int:

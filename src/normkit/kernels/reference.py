@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from .contract import REDUCED_DIMS, Grads, Stats, param_reduce_dims, stats_dtype
+from .contract import REDUCED_DIMS, Grads, Stats, param_reduce_dims, stats_dtype, update_running
 
 _SLAB = 1 << 20  # elements of one slab's temporary: recycled from the heap, mostly in cache
 
@@ -164,6 +164,7 @@ def _affine(
 class ReferenceBackend:
     name = "reference"
     activations: tuple[str, ...] = ()
+    update_running = staticmethod(update_running)
 
     def supports(self, x5: Tensor, weight: Tensor | None) -> bool:
         return True

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import _triton_kernels as kern
 from ._triton_plan import MAX_FUSED, MAX_TILE, Tile, cdiv, choose_tile, finalize_blocks, split, warps_for
-from .contract import ACTIVATIONS, Grads, Stats, check_activation
+from .contract import ACTIVATIONS, Grads, Stats, check_activation, update_running
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CPU_PROGRAMS = 4
@@ -71,6 +71,7 @@ def _spans(*params: Tensor | None) -> tuple[bool, bool]:
 class TritonBackend:
     name = "triton"
     activations: tuple[str, ...] = ACTIVATIONS
+    update_running = staticmethod(update_running)  # a few hundred elements: torch's kernels serve
 
     def __init__(
         self,

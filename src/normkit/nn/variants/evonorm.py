@@ -23,8 +23,8 @@ from torch.nn import Module, Parameter, init
 from ...functional import _layout as L
 from ...functional._core import normalize_fixed
 from ...functional.masked import moments, normalize_with
-from ...functional.norms import _bessel, _update_running, _verify_batch_size
-from ...kernels.contract import stats_dtype
+from ...functional.norms import _bessel, _verify_batch_size
+from ...kernels.contract import blend_running, stats_dtype
 from .._base import check_dims
 from .groups import auto_groups
 
@@ -112,7 +112,7 @@ class EvoNormB0(_EvoNorm):
         _verify_batch_size(input.size())
         _, var, _ = moments(xc.view(L.per_channel_view(input, cl)))
         var = var.view(-1)
-        _update_running(self.running_var, var.detach(), self.momentum, _bessel(input.numel() // self.num_features))
+        blend_running(self.running_var, var.detach(), self.momentum, _bessel(input.numel() // self.num_features))
         return var
 
     def forward(self, input: Tensor) -> Tensor:

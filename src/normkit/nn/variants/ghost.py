@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ...functional import _layout as L
 from ...functional._core import normalize_batch
-from ...functional.norms import _update_running
+from ...kernels.contract import blend_running
 from ..batchnorm import _BatchNorm
 
 
@@ -87,8 +87,8 @@ class GhostBatchNorm(_BatchNorm):
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
             n = input.shape[0]
-            _update_running(self.running_mean, torch.cat(means).sum(0) / n, factor)
-            _update_running(self.running_var, torch.cat(variances).sum(0) / n, factor)
+            blend_running(self.running_mean, torch.cat(means).sum(0) / n, factor)
+            blend_running(self.running_var, torch.cat(variances).sum(0) / n, factor)
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     def extra_repr(self) -> str:

@@ -20,7 +20,8 @@ from torch.nn import Parameter
 
 from ...functional import _layout as L
 from ...functional.masked import moments, normalize_with
-from ...functional.norms import _bessel, _update_running, _verify_batch_size
+from ...functional.norms import _bessel, _verify_batch_size
+from ...kernels.contract import blend_running
 from .._base import NormBase, check_dims
 
 
@@ -70,8 +71,8 @@ class _SwitchableNorm(NormBase):
             if self.training and self.track_running_stats:
                 self.num_batches_tracked.add_(1)
                 factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-                _update_running(self.running_mean, mean_bn.detach().view(-1), factor)
-                _update_running(self.running_var, var_bn.detach().view(-1), factor, _bessel(count))
+                blend_running(self.running_mean, mean_bn.detach().view(-1), factor)
+                blend_running(self.running_var, var_bn.detach().view(-1), factor, _bessel(count))
             return mean_bn, var_bn
         return self.running_mean.to(mean_in.dtype).view(1, -1), self.running_var.to(var_in.dtype).view(1, -1)
 
