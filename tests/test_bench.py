@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from normkit.cli import main
 
 RESULT_KEYS = {
     "norm", "shape", "layout", "mode", "dtype", "torch_ms", "normkit_ms", "speedup",
-    "torch_gbps", "normkit_gbps", "pct_copy", "megabytes",
+    "torch_gbps", "normkit_gbps", "pct_copy", "megabytes", "torch_faults", "normkit_faults",
 }
 
 
@@ -40,6 +41,7 @@ def test_bench_writes_results_and_summary(tmp_path, capsys):
     for r in results:
         assert set(r) == RESULT_KEYS
         assert r["torch_ms"] > 0 and r["normkit_ms"] > 0
+        assert r["torch_faults"] >= 0 and r["normkit_faults"] >= 0
     for dtype in ("fp32", "bf16"):
         summary = meta["summary"][dtype]
         assert {"geomean_speedup_fwd", "geomean_speedup_fwd_bwd", "min_speedup", "slower_than_torch",
@@ -120,3 +122,11 @@ def test_cold_timing_flushes_the_cache_before_every_call(tmp_path, monkeypatch):
 def test_cold_timing_does_not_combine_with_graph_replay():
     with pytest.raises(SystemExit, match="--cold"):
         main(["bench", "--quick", "--device", "cuda", "--cuda-graph", "--cold"])
+
+
+def test_faults_per_call_counts_fresh_pages():
+    """An output above glibc's mmap threshold is fresh pages on every call: 64 MB, 16,384 pages of 4 KB
+    (fewer where the kernel backs it with huge pages, still more than a few)."""
+    cpu = torch.device("cpu")
+    assert bench.faults_per_call(lambda: torch.empty(16 << 20).fill_(1.0), cpu) > 16
+    assert math.isnan(bench.faults_per_call(lambda: None, torch.device("meta")))

@@ -7,7 +7,9 @@ time, effective bandwidth (forward moves 2 bytes of tensor per byte of input: re
 forward+backward 5: plus read x, dy and write dx), the speed-up over torch.nn, and the share of
 the bandwidth of a large in-place copy measured in the same run. A copy into a new tensor is
 measured too: outputs above the allocator's mmap threshold (32 MB with glibc) are fresh pages every
-call, and the page faults can cost more than the copy itself. ``--cold`` flushes the caches before
+call, and the page faults can cost more than the copy itself; below it, whether an output reuses
+pages or faults in fresh ones depends on the heap's state, so each side's minor page faults per call
+are reported with its time (CPU). ``--cold`` flushes the caches before
 every timed call (then warms the code on a small input), as a training step finds its activations:
 back-to-back calls on tensors that fit in the last-level cache measure the cache, not the memory.
 """
@@ -71,6 +73,8 @@ class Result:
     normkit_gbps: float
     pct_copy: float
     megabytes: float
+    torch_faults: float
+    normkit_faults: float
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -129,6 +133,21 @@ def measure_cold(
             torch.cuda.synchronize(flush.device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def faults_per_call(fn: Callable[[], object], device: torch.device, calls: int = 5) -> float:
+    """Minor page faults per call of ``fn`` in the heap state the timing left (NaN off the CPU, or
+    where the platform does not count them)."""
+    try:
+        import resource
+    except ImportError:
+        return math.nan
+    if device.type != "cpu":
+        return math.nan
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
 
 
 def graphed(fn: Callable[[], object]) -> Callable[[], object]:
@@ -236,11 +255,12 @@ def run_case(
         for i, fn in enumerate(fns):
             t = measure(fn, min_time) if flush is None else measure_cold(fn, min_time, flush, warms[i])
             best[i] = min(best[i], t)
+    faults = [faults_per_call(fn, device) for fn in fns]
     nbytes = x.numel() * x.element_size()
     moved = TRAFFIC[mode] * nbytes / 1e9
     return Result(
         norm, list(shape), layout, mode, dtype, best[0] * 1e3, best[1] * 1e3, best[0] / best[1],
-        moved / best[0], moved / best[1], 100 * moved / best[1] / copy_gbps, nbytes / 2**20,
+        moved / best[0], moved / best[1], 100 * moved / best[1] / copy_gbps, nbytes / 2**20, *faults,
     )
 
 
@@ -288,14 +308,14 @@ def _table(results: list[Result], meta: dict[str, object]) -> None:
                   f"large copy {meta['copy_gbps']:.1f} GB/s in place (= 100% copy), "
                   f"{meta['copy_into_new_gbps']:.1f} GB/s into a new tensor")
     for col in ("norm", "shape", "layout", "mode", "dtype", "torch ms", "normkit ms", "speedup",
-                "torch GB/s", "normkit GB/s", "% copy"):
-        table.add_column(col, justify="right" if col[0].isdigit() or "ms" in col or "GB" in col or col in ("speedup", "% copy") else "left")
+                "torch GB/s", "normkit GB/s", "% copy", "faults/call"):
+        table.add_column(col, justify="left" if col in ("norm", "shape", "layout", "mode", "dtype") else "right")
     for r in results:
         style = "red" if r.speedup < 1.0 else None
         table.add_row(r.norm, "x".join(map(str, r.shape)), r.layout, r.mode, r.dtype, f"{r.torch_ms:.3f}",
                       f"{r.normkit_ms:.3f}", f"{r.speedup:.2f}x", f"{r.torch_gbps:.1f}", f"{r.normkit_gbps:.1f}",
-                      f"{r.pct_copy:.0f}", style=style)
-    console = Console(width=160)
+                      f"{r.pct_copy:.0f}", f"{r.torch_faults:.0f} / {r.normkit_faults:.0f}", style=style)
+    console = Console(width=180)
     console.print(table)
     for dtype, s in meta["summary"].items():
         fwd, bwd, low = (
