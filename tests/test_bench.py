@@ -130,3 +130,13 @@ def test_faults_per_call_counts_fresh_pages():
     cpu = torch.device("cpu")
     assert bench.faults_per_call(lambda: torch.empty(16 << 20).fill_(1.0), cpu) > 16
     assert math.isnan(bench.faults_per_call(lambda: None, torch.device("meta")))
+
+
+@pytest.mark.slow
+def test_kernel_ab_compares_a_revision_with_the_tree():
+    """The A/B tool loads the kernels of a git revision beside the working tree's (compiles them again)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_ab.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--small", "--rounds", "1", "--min-time", "0.01"], check=True, capture_output=True, text=True
+    )
+    assert "tree / rev" in out.stdout and "layer 4x64 contiguous backward" in out.stdout

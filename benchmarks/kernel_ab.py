@@ -1,0 +1,137 @@
+"""A/B two versions of the CPU kernels in one process: the working tree's against a git revision's.
+
+On a shared 2-core VM one benchmark case moves by 20-50% between runs, more than most kernel changes
+gain. This loads ``_numba_kernels.py`` as of ``--rev`` beside the working tree's, swaps the cpu
+backend's drivers between calls, and times both versions in alternation from a flushed cache
+(``normkit.bench.measure_cold``), each case the median of ``--rounds``. The Python path around the
+kernels is the same for both, so the ratio is the kernels'.
+
+Run: ``.venv/bin/python benchmarks/kernel_ab.py --rev HEAD [--dtype bf16] [--small]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from normkit.bench import DTYPES, measure_cold
+from normkit.functional import _layout as L
+from normkit.kernels import _numba_kernels, cpu
+
+KERNELS = "src/normkit/kernels/_numba_kernels.py"
+# (norm, shape, channels_last); GroupNorm with 32 groups, LayerNorm over the last dim.
+CASES = [
+    ("batch", (8, 256, 32, 32), False), ("batch", (8, 256, 32, 32), True), ("group", (8, 256, 32, 32), False),
+    ("group", (8, 256, 32, 32), True), ("layer", (8, 512, 768), False),
+]
+SMALL = [("batch", (2, 64, 8, 8), True), ("group", (2, 64, 8, 8), False), ("layer", (4, 64), False)]
+
+
+def load_revision(rev: str, where: Path):
+    """The kernels module as of ``rev``, imported under its own name (its own numba cache)."""
+    root = Path(subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True).stdout.strip())
+    source = subprocess.run(["git", "show", f"{rev}:{KERNELS}"], cwd=root, capture_output=True, text=True, check=True).stdout
+    path = where / "kernels_at_revision.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("kernels_at_revision", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _view(norm: str, t: torch.Tensor, cl: bool) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The 5-D view and parameter shape the functional layer would build."""
+    if norm == "batch":
+        shape, spans = L.per_channel_view(t, cl), (False, False)
+    elif norm == "group":
+        shape, spans = L.per_group_view(t, 32, cl), (not cl, cl)
+    else:
+        shape, spans = L.trailing_view(t, t.shape[-1]), (True, False)
+    _, p, r1, b, r2 = shape
+    return L.dense(t)[0].reshape(shape), (p, r1 if spans[0] else 1, b, r2 if spans[1] else 1)
+
+
+def _tensor(shape: tuple[int, ...], cl: bool, dtype: torch.dtype) -> torch.Tensor:
+    t = torch.randn(shape).to(dtype)
+    return t.to(memory_format=torch.channels_last) if cl and t.dim() == 4 else t
+
+
+def operations(norm: str, shape: tuple[int, ...], cl: bool, dtype: torch.dtype) -> dict[str, tuple[Callable, Callable]]:
+    """op -> (call on the case, the same call on a small input that warms the code after a flush)."""
+    be = cpu.CpuBackend()
+    small_shape = (2, *shape[1:2], *(min(s, 4) for s in shape[2:])) if len(shape) > 2 else (2, shape[-1])
+    (x5, ps), (s5, _) = _view(norm, _tensor(shape, cl, dtype), cl), _view(norm, _tensor(small_shape, cl, dtype), cl)
+    w, b = torch.rand(ps) + 0.5, torch.randn(ps)
+    dy, dys = torch.randn_like(x5), torch.randn_like(s5)
+    _, st = be.forward(x5, w, b, 1e-5, False)
+    _, sts = be.forward(s5, w, b, 1e-5, False)
+    mask = (True, True, True)
+    ops = {
+        "forward": (lambda: be.forward(x5, w, b, 1e-5, False), lambda: be.forward(s5, w, b, 1e-5, False)),
+        "backward": (lambda: be.backward(dy, x5, st.mean, st.rstd, w, ps, False, True, mask),
+                     lambda: be.backward(dys, s5, sts.mean, sts.rstd, w, ps, False, True, mask)),
+    }
+    if norm == "batch":
+        ops["normalize"] = (lambda: be.normalize(x5, st.mean, st.rstd, w, b), lambda: be.normalize(s5, sts.mean, sts.rstd, w, b))
+    return ops
+
+
+def compare(old, cases, dtype: torch.dtype, rounds: int, min_time: float) -> list[tuple[str, float, float]]:
+    """(case, revision ms, working tree ms), alternating the two drivers round by round, the first of
+    each round swapped every round."""
+    flush = torch.empty(64 << 20)
+    versions = (old.DRIVERS, _numba_kernels.DRIVERS)
+    rows = []
+    try:
+        for norm, shape, cl in cases:
+            for op, (call, warm) in operations(norm, shape, cl, dtype).items():
+                times: tuple[list[float], list[float]] = ([], [])
+                for drivers in versions:  # compile both before timing
+                    cpu.DRIVERS = drivers
+                    call()
+                for i in range(rounds):
+                    pairs = list(zip(versions, times))
+                    for drivers, out in pairs if i % 2 == 0 else pairs[::-1]:  # ABBA: no order bias
+                        cpu.DRIVERS = drivers
+                        out.append(measure_cold(call, min_time, flush, warm) * 1e3)
+                layout = "channels_last" if cl else "nchw" if len(shape) > 3 else "contiguous"
+                name = f"{norm} {'x'.join(map(str, shape))} {layout} {op}"
+                rows.append((name, statistics.median(times[0]), statistics.median(times[1])))
+    finally:
+        cpu.DRIVERS = _numba_kernels.DRIVERS
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rev", default="HEAD", help="git revision to compare the working tree with")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp64"))
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--min-time", type=float, default=0.3, help="seconds per measurement")
+    parser.add_argument("--small", action="store_true", help="tiny shapes (a smoke run)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as where:
+        old = load_revision(args.rev, Path(where))
+        rows = compare(old, SMALL if args.small else CASES, DTYPES[args.dtype], args.rounds, args.min_time)
+    table = Table(title=f"cpu kernels, {args.dtype}, caches flushed, median of {args.rounds}: {args.rev} vs working tree")
+    for col in ("case", f"{args.rev} ms", "tree ms", "tree / rev"):
+        table.add_column(col, justify="left" if col == "case" else "right")
+    for name, then, now in rows:
+        table.add_row(name, f"{then:.3f}", f"{now:.3f}", f"{now / then:.3f}", style="red" if now > 1.05 * then else None)
+    Console(width=140).print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
