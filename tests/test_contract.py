@@ -208,16 +208,19 @@ def test_backward_of_offset_data_matches_float64(backend, norm, shape, cl):
 def test_update_running_blends_the_mean_over_q(backend, buffers, q):
     """r = (1 - m) r + m s per channel, s the mean over Q (InstanceNorm) and the variance unbiased by
     ``var_scale``; absent buffers are skipped, buffers in another dtype than the statistics are blended
-    through the statistics' dtype, NaN statistics reach the buffers."""
+    through the statistics' dtype, NaN statistics reach the buffers, and the buffers' version counters
+    move as with any in-place op."""
     p, b = 2, 5
     mean, var = torch.randn(q, p, b), torch.rand(q, p, b)
     mean[0, 1, 2] = float("nan")
     rm = None if buffers is None else torch.randn(p * b).to(buffers)
     rv = None if buffers is None else torch.rand(p * b).to(buffers)
     before = None if rm is None else (rm.double(), rv.double())
+    versions = None if rm is None else (rm._version, rv._version)
     backend.update_running(rm, rv, mean, var, 0.3, 1.25)
     if before is None:
         return
+    assert rm._version > versions[0] and rv._version > versions[1], "an in-place update bumps the version"
     want_m = 0.7 * before[0] + 0.3 * mean.double().mean(0).reshape(-1)
     want_v = 0.7 * before[1] + 0.3 * 1.25 * var.double().mean(0).reshape(-1)
     tol = dict(rtol=1e-6, atol=1e-6) if buffers == torch.float32 else dict(rtol=1e-2, atol=1e-2)

@@ -140,3 +140,30 @@ def test_matches_torch_nn(name, opts, shape, layout, dtype, device):
         for (bname, buf), other in zip(ours.named_buffers(), theirs.buffers()):
             _assert_close(buf, other, dtype, f"{bname} after step {step}")
     assert ours.state_dict().keys() == theirs.state_dict().keys()
+
+
+
+@pytest.mark.parametrize("cls", ["BatchNorm2d", "InstanceNorm2d"])
+def test_eval_backward_after_a_training_step_uses_the_forward_statistics(cls):
+    """An eval-mode forward, a training step that updates the running buffers in place, then the first
+    output's backward: no error (torch.nn raises none either) and the gradients of the forward that
+    ran, the same as without the step in between. (torch.nn differentiates with the updated buffers.)"""
+    opts = {"track_running_stats": True, "affine": True} if cls == "InstanceNorm2d" else {}
+    grads = []
+    for step_between in (False, True):
+        torch.manual_seed(0)
+        layer = getattr(nk, cls)(4, **opts)
+        with torch.no_grad():
+            layer.running_mean.fill_(0.5)
+            layer.running_var.fill_(2.0)
+        x = torch.randn(2, 4, 3, 3, requires_grad=True)
+        layer.eval()
+        y = layer(x)
+        if step_between:
+            layer.train()
+            layer(torch.randn(2, 4, 3, 3) * 3 + 1)
+            assert not torch.equal(layer.running_var, torch.full((4,), 2.0))
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
+        grads.append((x.grad, layer.weight.grad, layer.bias.grad))
+    for without, with_step in zip(*grads):
+        torch.testing.assert_close(with_step, without, rtol=0, atol=0)

@@ -20,8 +20,7 @@ import torch
 from torch import Tensor
 
 from ..selection import resolve
-from ..kernels import load
-from ..kernels import contract
+from ..kernels import contract, load
 from ..kernels.contract import Backend, stat_shape, stats_dtype
 from . import activation as act
 

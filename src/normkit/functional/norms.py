@@ -49,8 +49,10 @@ def _bessel(count: float) -> float:
 
 
 def _fixed_stats(running_mean: Tensor, running_var: Tensor, eps: float, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Statistics of an eval-mode call. The mean is a copy: the backward uses the statistics of the
+    forward, and a training step in between updates the running buffers in place (torch.nn allows it)."""
     c = running_mean.numel()
-    mean = running_mean.to(acc).reshape(1, 1, c)
+    mean = running_mean.to(acc, copy=True).reshape(1, 1, c)
     rstd = torch.rsqrt(running_var.to(acc).reshape(1, 1, c) + eps)
     return mean, rstd
 

@@ -282,7 +282,8 @@ class CpuBackend:
         momentum: float, var_scale: float,
     ) -> None:
         """One serial kernel per buffer where the buffer can be written as an array; torch ops
-        otherwise (another dtype, a buffer that requires grad)."""
+        otherwise (another dtype, a buffer that requires grad). The write bumps the buffer's version
+        counter, as an in-place torch op would: a graph that saved the buffer then refuses to use it."""
         if not (_blendable(running_mean, mean) and _blendable(running_var, var)):
             update_running(running_mean, running_var, mean, var, momentum, var_scale)
             return
@@ -290,6 +291,7 @@ class CpuBackend:
             if running is not None:
                 n = running.numel()
                 running_update(running.numpy(), stat.numpy(force=True).reshape(-1, n), 1.0 - momentum, momentum * scale)
+                torch.autograd.graph.increment_version(running)
 
     def backward(
         self,
