@@ -203,7 +203,7 @@ def test_backward_of_offset_data_matches_float64(backend, norm, shape, cl):
 
 
 @pytest.mark.parametrize("backend", _backends())
-@pytest.mark.parametrize("buffers", [torch.float32, torch.bfloat16, None], ids=["fp32", "bf16", "absent"])
+@pytest.mark.parametrize("buffers", [torch.float32, torch.bfloat16, torch.float16, None], ids=["fp32", "bf16", "fp16", "absent"])
 @pytest.mark.parametrize("q", [1, 3])
 def test_update_running_blends_the_mean_over_q(backend, buffers, q):
     """r = (1 - m) r + m s per channel, s the mean over Q (InstanceNorm) and the variance unbiased by

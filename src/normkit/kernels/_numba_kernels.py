@@ -850,14 +850,15 @@ def backward_col(dy, x, dx, mean, rstd, w, bias, dwl, dbl, r2, rms, batch_stats,
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def running_update(running, per_q, keep, take):
-    """``running = keep * running + take * mean_q(per_q)`` per channel, in float64 and rounded once:
-    the running-statistics update (a few hundred channels, serial)."""
+    """``running = keep * running + take * mean_q(per_q)`` per channel, in float64, then rounded to
+    the buffer's dtype (bfloat16 buffers arrive as their bits): the running-statistics update (a few
+    hundred channels, serial)."""
     q = per_q.shape[0]
     for c in range(running.shape[0]):
         s = 0.0
         for i in range(q):
             s += per_q[i, c]
-        running[c] = keep * running[c] + take * (s / q)
+        _store(running, c, keep * _load(running[c]) + take * (s / q))
 
 
 _ACT = None  # the activation a driver is compiled for: each compilation sees its own (``_variant``)

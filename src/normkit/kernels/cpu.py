@@ -281,8 +281,8 @@ class CpuBackend:
         self, running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor,
         momentum: float, var_scale: float,
     ) -> None:
-        """One serial kernel per buffer where the buffer can be written as an array; torch ops
-        otherwise (another dtype, a buffer that requires grad). The write bumps the buffer's version
+        """One serial kernel per buffer where the buffer can be written as an array (bfloat16 as its
+        bits); torch ops otherwise (float16, a buffer that requires grad). The write bumps the buffer's version
         counter, as an in-place torch op would: a graph that saved the buffer then refuses to use it."""
         if not (_blendable(running_mean, mean) and _blendable(running_var, var)):
             update_running(running_mean, running_var, mean, var, momentum, var_scale)
@@ -290,7 +290,7 @@ class CpuBackend:
         for running, stat, scale in ((running_mean, mean, 1.0), (running_var, var, var_scale)):
             if running is not None:
                 n = running.numel()
-                running_update(running.numpy(), stat.numpy(force=True).reshape(-1, n), 1.0 - momentum, momentum * scale)
+                running_update(_arr(running, (n,)), stat.numpy(force=True).reshape(-1, n), 1.0 - momentum, momentum * scale)
                 torch.autograd.graph.increment_version(running)
 
     def backward(
@@ -337,9 +337,10 @@ class CpuBackend:
 
 
 def _blendable(running: Tensor | None, stat: Tensor) -> bool:
+    """A buffer the update kernel writes: the statistics' dtype, or bfloat16 (a bf16 model's buffers)."""
     return running is None or (
-        running.dtype == stat.dtype and running.device.type == "cpu" and running.is_contiguous()
-        and not running.requires_grad
+        (running.dtype == stat.dtype or running.dtype == torch.bfloat16 and stat.dtype == torch.float32)
+        and running.device.type == "cpu" and running.is_contiguous() and not running.requires_grad
     )
 
 
