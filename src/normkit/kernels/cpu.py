@@ -282,8 +282,9 @@ class CpuBackend:
         momentum: float, var_scale: float,
     ) -> None:
         """One serial kernel per buffer where the buffer can be written as an array (bfloat16 as its
-        bits); torch ops otherwise (float16, a buffer that requires grad). The write bumps the buffer's version
-        counter, as an in-place torch op would: a graph that saved the buffer then refuses to use it."""
+        bits); torch ops otherwise (float16, a buffer that requires grad). The write bumps the
+        buffer's version counter, as an in-place torch op would: a graph that saved the buffer then
+        refuses to use it."""
         if not (_blendable(running_mean, mean) and _blendable(running_var, var)):
             update_running(running_mean, running_var, mean, var, momentum, var_scale)
             return
@@ -339,7 +340,7 @@ class CpuBackend:
 def _blendable(running: Tensor | None, stat: Tensor) -> bool:
     """A buffer the update kernel writes: the statistics' dtype, or bfloat16 (a bf16 model's buffers)."""
     return running is None or (
-        (running.dtype == stat.dtype or running.dtype == torch.bfloat16 and stat.dtype == torch.float32)
+        (running.dtype == stat.dtype or (running.dtype == torch.bfloat16 and stat.dtype == torch.float32))
         and running.device.type == "cpu" and running.is_contiguous() and not running.requires_grad
     )
 
