@@ -50,16 +50,16 @@ def load_revision(rev: str, where: Path):
     return module
 
 
-def _view(norm: str, t: torch.Tensor, cl: bool) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """The 5-D view and parameter shape the functional layer would build."""
+def _view(norm: str, t: torch.Tensor, cl: bool) -> tuple[torch.Tensor, list[int], tuple[bool, bool]]:
+    """The 5-D view the functional layer would build, its shape, and which of R1/R2 the affine
+    parameters span (``L.param_view``)."""
     if norm == "batch":
         shape, spans = L.per_channel_view(t, cl), (False, False)
     elif norm == "group":
         shape, spans = L.per_group_view(t, 32, cl), (not cl, cl)
     else:
         shape, spans = L.trailing_view(t, t.shape[-1]), (True, False)
-    _, p, r1, b, r2 = shape
-    return L.dense(t)[0].reshape(shape), (p, r1 if spans[0] else 1, b, r2 if spans[1] else 1)
+    return L.dense(t)[0].reshape(shape), shape, spans
 
 
 def _tensor(shape: tuple[int, ...], cl: bool, dtype: torch.dtype) -> torch.Tensor:
@@ -71,8 +71,12 @@ def operations(norm: str, shape: tuple[int, ...], cl: bool, dtype: torch.dtype) 
     """op -> (call on the case, the same call on a small input that warms the code after a flush)."""
     be = cpu.CpuBackend()
     small_shape = (2, *shape[1:2], *(min(s, 4) for s in shape[2:])) if len(shape) > 2 else (2, shape[-1])
-    (x5, ps), (s5, _) = _view(norm, _tensor(shape, cl, dtype), cl), _view(norm, _tensor(small_shape, cl, dtype), cl)
-    w, b = torch.rand(ps) + 0.5, torch.randn(ps)
+    x5, shape5, spans = _view(norm, _tensor(shape, cl, dtype), cl)
+    s5, _, _ = _view(norm, _tensor(small_shape, cl, dtype), cl)
+    features = shape[-1] if norm == "layer" else shape[1]
+    w = L.param_view(torch.rand(features) + 0.5, shape5, *spans)
+    b = L.param_view(torch.randn(features), shape5, *spans)
+    ps = tuple(w.shape)
     dy, dys = torch.randn_like(x5), torch.randn_like(s5)
     _, st = be.forward(x5, w, b, 1e-5, False)
     _, sts = be.forward(s5, w, b, 1e-5, False)
