@@ -51,10 +51,6 @@ _HELPER = dict(_DRIVER, inline="always")
 # Elements per float32 partial sum: short enough that the partial keeps float64-level accuracy.
 _BLOCK = 256
 _COL_BLOCK = 64
-# The column apply loop walks whole rows shorter than this several at a time, as one run
-# (``_col_rows``). Measured (benchmarks/kernel_ab.py): the apply of 256-column rows 7-17% faster;
-# the same runs in the sums and dx loops (per-column arrays of 16-40 KB) were no faster or slower.
-_COL_RUN = 2048
 
 
 @intrinsic
@@ -486,35 +482,11 @@ def _seg_dx(dy, x, dx, g, r0, r1, b0, b1, mean, rstd, w, bias, act, c1, c2):
 def _col_shift(x, g, j0, j1, r2, rms):
     sh = np.zeros(j1 - j0)
     if not rms:
-        for j in range(j0, j1):
-            sh[j - j0] = _load(x[g, 0, (j // r2) * r2])
+        for b in range(j0 // r2, j1 // r2):
+            v = _load(x[g, 0, b * r2])
+            for i in range(r2):
+                sh[b * r2 + i - j0] = v
     return sh
-
-
-@njit(**_HELPER)
-def _col_rows(r0, r1, j0, j1, w):
-    """Rows walked as one run: whole rows are contiguous, and a loop over a short row spends a
-    large share of its time starting (rows of 1 KB: ~10% of a memory-bound pass)."""
-    if j0 != 0 or j1 != w:
-        return 1
-    return max(1, min(r1 - r0, _COL_RUN // w))
-
-
-@njit(**_HELPER)
-def _col_run(rb, r1, m, j0, j1, w):
-    """Start (in the slab's flat data) and length of the run of up to ``m`` rows from row ``rb``."""
-    return rb * w + j0, (min(m, r1 - rb) - 1) * w + j1 - j0
-
-
-@njit(**_HELPER)
-def _tile(v, m):
-    """Per-column values repeated for the ``m`` rows of a run."""
-    n = v.shape[0]
-    out = np.empty(n * m, dtype=v.dtype)
-    for i in range(m):
-        for k in range(n):
-            out[i * n + k] = v[k]
-    return out
 
 
 @njit(**_HELPER)
@@ -568,9 +540,13 @@ def _col_sums_wide(x, g, r0, r1, j0, j1, sh, s, ss):
 
 @njit(**_HELPER)
 def _col_expand(v, g, j0, j1, r2):
+    """Per-group values ``v[g]`` of columns ``j0:j1`` (whole groups), one per column. The column
+    helpers loop over groups and their ``r2`` columns: with an integer division per column a unit's
+    setup took twice as long (4.1 against 2.2 µs for 256 columns)."""
     out = np.empty(j1 - j0, dtype=v.dtype)
-    for j in range(j0, j1):
-        out[j - j0] = v[g, j // r2]
+    for b in range(j0 // r2, j1 // r2):
+        for i in range(r2):
+            out[b * r2 + i - j0] = v[g, b]
     return out
 
 
@@ -578,27 +554,26 @@ def _col_expand(v, g, j0, j1, r2):
 def _col_param(w, p, j0, j1, r2):
     """Columns ``j0:j1`` of parameter row ``p`` (P, 1, B, K2), K2 in {1, r2}."""
     out = np.empty(j1 - j0, dtype=w.dtype)
-    for j in range(j0, j1):
-        out[j - j0] = w[p, 0, j // r2, j % w.shape[3]]
+    last = w.shape[3] - 1
+    for b in range(j0 // r2, j1 // r2):
+        for i in range(r2):
+            out[b * r2 + i - j0] = w[p, 0, b, min(i, last)]
     return out
 
 
 @njit(**_HELPER)
 def _col_apply(x, y, g, r0, r1, j0, j1, r2, mean, rstd, w, bias, act):
     p = _slab_param(g, w)
-    m = _col_rows(r0, r1, j0, j1, x.shape[2])
+    mc = _col_expand(mean, g, j0, j1, r2)
     sc = _col_expand(rstd, g, j0, j1, r2)
     wc = _col_param(w, p, j0, j1, r2)
     for k in range(j1 - j0):
         sc[k] *= wc[k]
-    mc, sc, t = _tile(_col_expand(mean, g, j0, j1, r2), m), _tile(sc, m), _tile(_col_param(bias, p, j0, j1, r2), m)
-    xf = x[g].reshape(-1)
-    yf = y[g].reshape(-1)
-    for rb in range(r0, r1, m):
-        e0, n = _col_run(rb, r1, m, j0, j1, x.shape[2])
-        xs = xf[e0:e0 + n]
-        ys = yf[e0:e0 + n]
-        for k in range(n):
+    t = _col_param(bias, p, j0, j1, r2)
+    for r in range(r0, r1):
+        xs = x[g, r, j0:j1]
+        ys = y[g, r, j0:j1]
+        for k in range(xs.shape[0]):
             _store(ys, k, _act((_load(xs[k]) - mc[k]) * sc[k] + t[k], act))
 
 
@@ -650,8 +625,9 @@ def _col_dx(dy, x, dx, g, r0, r1, j0, j1, r2, mean, rstd, w, bias, act, c1, c2):
 def _fold(v, r2):
     """Sum consecutive runs of ``r2`` columns: per-column sums -> per-group sums."""
     out = np.zeros(v.shape[0] // r2)
-    for j in range(v.shape[0]):
-        out[j // r2] += v[j]
+    for b in range(out.shape[0]):
+        for i in range(r2):
+            out[b] += v[b * r2 + i]
     return out
 
 
@@ -854,12 +830,13 @@ def backward_col(dy, x, dx, mean, rstd, w, bias, dwl, dbl, r2, rms, batch_stats,
                 dbs = np.zeros(j1 - j0)
                 wc = _col_param(w, p, j0, j1, r2)
                 _col_grad_sums(dy, x, g, r0, r1, j0, j1, r2, mean, rstd, wc, _col_param(bias, p, j0, j1, r2), _ACT, dws, dbs)
-                for j in range(j0, j1):
-                    wv = np.float64(wc[j - j0])
-                    ps[g, rc, j // r2] += wv * dbs[j - j0]
-                    pss[g, rc, j // r2] += wv * dws[j - j0]
-                    dwl[lane, p, j] += dws[j - j0]
-                    dbl[lane, p, j] += dbs[j - j0]
+                for b in range(b0, b1):
+                    for j in range(b * r2, (b + 1) * r2):
+                        wv = np.float64(wc[j - j0])
+                        ps[g, rc, b] += wv * dbs[j - j0]
+                        pss[g, rc, b] += wv * dws[j - j0]
+                        dwl[lane, p, j] += dws[j - j0]
+                        dbl[lane, p, j] += dbs[j - j0]
                 if fused:
                     for b in range(b0, b1):
                         c1[g, b] = 0.0 if rms else ps[g, 0, b] / n
