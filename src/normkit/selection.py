@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import contextvars
 import os
 from collections.abc import Iterator
@@ -44,12 +45,17 @@ def backend(name: str) -> Iterator[None]:
         _override.reset(token)
 
 
+@functools.cache
+def _candidates(name: str, device: str) -> tuple[Backend, ...]:
+    """The loadable backends that ``name`` tries on ``device``, in order (the reference follows)."""
+    names = kernels.AUTO_ORDER.get(device, ()) if name == "auto" else (name,)
+    return tuple(impl for impl in map(kernels.try_load, names) if impl is not None)
+
+
 def resolve(x5: Tensor, weight: Tensor | None) -> Backend:
-    """The backend that serves this call; unsupported cases fall back to the reference."""
-    name = get_backend()
-    candidates = kernels.AUTO_ORDER.get(x5.device.type, ()) if name == "auto" else (name,)
-    for candidate in candidates:
-        impl = kernels.try_load(candidate)
-        if impl is not None and impl.supports(x5, weight):
+    """The backend that serves this call; unsupported cases fall back to the reference. Runs on
+    every call: the candidates are looked up once per backend name and device type."""
+    for impl in _candidates(_override.get() or _default, "cpu" if x5.is_cpu else x5.device.type):
+        if impl.supports(x5, weight):
             return impl
     return kernels.load("reference")

@@ -47,14 +47,14 @@ def _batch(
     x: Tensor, shape: Shape5, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, rms: bool,
     activation: Optional[str],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    x5 = x.view(shape)
+    x5 = x.view(*shape)
     backend = resolve(x5, weight)
     if _fuses(backend, activation):
         y, st = backend.forward(x5, weight, bias, eps, rms, activation=activation)
     else:
         y, st = backend.forward(x5, weight, bias, eps, rms)
         y = act.apply(activation, y, inplace=True)
-    return y.view(x.shape), st.mean, st.rstd, st.var
+    return y.view_as(x), st.mean, st.rstd, st.var
 
 
 _norm_batch = torch.library.custom_op("normkit::norm_batch", _batch, mutates_args=())
@@ -69,12 +69,12 @@ def _fixed(
     x: Tensor, shape: Shape5, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     activation: Optional[str],
 ) -> Tensor:
-    x5 = x.view(shape)
+    x5 = x.view(*shape)
     backend = resolve(x5, weight)
     if _fuses(backend, activation):
-        return backend.normalize(x5, mean, rstd, weight, bias, activation=activation).view(x.shape)
+        return backend.normalize(x5, mean, rstd, weight, bias, activation=activation).view_as(x)
     y = backend.normalize(x5, mean, rstd, weight, bias)
-    return act.apply(activation, y, inplace=True).view(x.shape)
+    return act.apply(activation, y, inplace=True).view_as(x)
 
 
 _norm_fixed = torch.library.custom_op("normkit::norm_fixed", _fixed, mutates_args=())
@@ -99,9 +99,9 @@ def _backward(
     output_mask: list[bool],
     activation: Optional[str],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    x5 = x.view(shape)
+    x5 = x.view(*shape)
     backend = resolve(x5, weight)
-    dy5 = dy.contiguous().view(shape)
+    dy5 = dy.contiguous().view(*shape)
     args = (x5, mean, rstd, weight, tuple(param_shape), rms, batch_stats, tuple(output_mask))
     if _fuses(backend, activation):
         grads = backend.backward(dy5, *args, bias=bias, activation=activation)
@@ -109,7 +109,7 @@ def _backward(
         if activation is not None:
             dy5 = act.backward(activation, backend.normalize(x5, mean, rstd, weight, bias), dy5)
         grads = backend.backward(dy5, *args)
-    dx = x.new_empty(0) if grads.dx is None else grads.dx.view(x.shape)
+    dx = x.new_empty(0) if grads.dx is None else grads.dx.view_as(x)
     return dx, _or_empty(grads.dweight, x), _or_empty(grads.dbias, x)
 
 
@@ -234,14 +234,17 @@ _EagerBatch = _eager_function("_EagerBatch", _batch, _setup_batch, _backward_bat
 _EagerFixed = _eager_function("_EagerFixed", _fixed, _setup_fixed, _backward_fixed)
 
 
+def records_graph(*inputs: Optional[Tensor]) -> bool:
+    """Whether autograd records a call on ``inputs``, so that a backward may follow."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+
+
 def _pick(op, eager, impl, *inputs: Optional[Tensor]):
     """The custom op under torch.compile; in eager mode the autograd.Function when a gradient is
     wanted and the bare implementation when none is (each layer of dispatch costs microseconds)."""
     if torch.compiler.is_compiling():
         return op
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        return eager
-    return impl
+    return eager if records_graph(*inputs) else impl
 
 
 def normalize_batch(
@@ -290,4 +293,4 @@ def update_running(
     blend(running_mean, running_var, mean, var, momentum, var_scale)
 
 
-__all__ = ["normalize_batch", "normalize_fixed", "stat_shape", "update_running"]
+__all__ = ["normalize_batch", "normalize_fixed", "records_graph", "stat_shape", "update_running"]

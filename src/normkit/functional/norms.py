@@ -16,7 +16,7 @@ from ..kernels.contract import stats_dtype
 from . import _layout as L
 from . import activation as A
 from . import masked as M
-from ._core import normalize_batch, normalize_fixed, update_running
+from ._core import normalize_batch, normalize_fixed, records_graph, update_running
 
 
 def _scalar_name(dtype: torch.dtype) -> str:
@@ -48,13 +48,17 @@ def _bessel(count: float) -> float:
     return count / (count - 1) if count > 1 else float("nan")
 
 
-def _fixed_stats(running_mean: Tensor, running_var: Tensor, eps: float, acc: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Statistics of an eval-mode call. The mean is a copy: the backward uses the statistics of the
-    forward, and a training step in between updates the running buffers in place (torch.nn allows it)."""
+def _fixed_stats(
+    running_mean: Tensor, running_var: Tensor, eps: float, acc: torch.dtype, copy: bool
+) -> tuple[Tensor, Tensor]:
+    """Statistics of an eval-mode call. With ``copy`` (a backward may follow) the mean is a copy:
+    the backward uses the statistics of the forward, and a training step in between updates the
+    running buffers in place (torch.nn allows it). Few torch ops: each costs microseconds, more
+    than the kernel on small inputs."""
     c = running_mean.numel()
-    mean = running_mean.to(acc, copy=True).reshape(1, 1, c)
-    rstd = torch.rsqrt(running_var.to(acc).reshape(1, 1, c) + eps)
-    return mean, rstd
+    mean = running_mean.to(acc, copy=True) if copy or running_mean.dtype != acc else running_mean
+    var = running_var if running_var.dtype == acc else running_var.to(acc)
+    return mean.reshape(1, 1, c), var.add(eps).rsqrt_().reshape(1, 1, c)
 
 
 def _per_channel_eval(
@@ -62,7 +66,8 @@ def _per_channel_eval(
 ) -> Tensor:
     xc, perm = L.dense(x)
     shape = L.per_channel_view(x, perm is not None)
-    mean, rstd = _fixed_stats(running_mean, running_var, eps, stats_dtype(x.dtype))
+    acc, copy = stats_dtype(x.dtype), records_graph(x, weight, bias)
+    mean, rstd = _fixed_stats(running_mean, running_var, eps, acc, copy)
     pw, pb = L.param_view(weight, shape, False, False), L.param_view(bias, shape, False, False)
     return L.restore(normalize_fixed(xc, shape, mean, rstd, pw, pb, activation), perm)
 

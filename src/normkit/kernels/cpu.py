@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -29,6 +30,7 @@ from .contract import ACTIVATIONS, Grads, Stats, check_activation, update_runnin
 
 NATIVE = (torch.float32, torch.float64, torch.bfloat16)
 WIDENED = (torch.float16,)
+SUPPORTED = NATIVE + WIDENED
 # A unit of work whose data stays cached between its statistics and its output (a core's L2 and
 # its share of the last level) is read from memory once. Measured from memory on a 2-core EPYC
 # (512 KB L2): fused units of up to 1.5 MB were 5-12% faster than the same work in row chunks and
@@ -42,6 +44,8 @@ SERIAL_BELOW = 1 << 15
 COL_MAX_RUN = 32
 
 _parallel_pid: int | None = None
+# The thread count last given to numba from each thread: setting it costs microseconds a call.
+_numba_threads = threading.local()
 
 
 class Plan(NamedTuple):
@@ -194,7 +198,9 @@ def _driver(name: str, threads: int, activation: str | None = None):
         return ser
     if _parallel_pid is None:
         _parallel_pid = os.getpid()
-    numba.set_num_threads(threads)
+    if getattr(_numba_threads, "n", 0) != threads:  # numba's count is per calling thread
+        numba.set_num_threads(threads)
+        _numba_threads.n = threads
     return par
 
 
@@ -230,11 +236,11 @@ class CpuBackend:
 
     def supports(self, x5: Tensor, weight: Tensor | None) -> bool:
         return (
-            x5.device.type == "cpu"
-            and x5.dtype in NATIVE + WIDENED
+            x5.is_cpu
+            and x5.dtype in SUPPORTED
             and x5.numel() > 0
             and x5.is_contiguous()
-            and (weight is None or weight.device.type == "cpu")
+            and (weight is None or weight.is_cpu)
         )
 
     def forward(
