@@ -132,7 +132,9 @@ def _(dy, x, shape, mean, rstd, weight, bias, param_shape, rms, batch_stats, out
 
 
 def _param_grad(g: Tensor, p: Optional[Tensor], needed: bool) -> Optional[Tensor]:
-    return g.to(p.dtype) if needed and p is not None else None
+    if not needed or p is None:
+        return None
+    return g if g.dtype == p.dtype else g.to(p.dtype)
 
 
 def _grads_via_op(ctx, dy: Tensor, batch_stats: bool) -> tuple[Optional[Tensor], ...]:

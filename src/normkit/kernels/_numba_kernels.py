@@ -871,6 +871,25 @@ def running_update(running, per_q, keep, take):
         _store(running, c, keep * _load(running[c]) + take * (s / q))
 
 
+@njit(cache=True, nogil=True, error_model="numpy")
+def lane_sum(lanes, out):
+    """``out[i, j] = sum over lanes l and k < F of lanes[i, l, j * F + k]``, ``F`` the partials per
+    output (1, or a group's columns in the column loops): dweight and dbias from the backward's
+    per-lane float64 partials in one call, rounded once to ``out``'s dtype."""
+    n_out, n_lanes, n = lanes.shape
+    m = out.shape[1]
+    f = n // m
+    for i in range(n_out):
+        for j in range(m):
+            s = 0.0
+            for k in range(j * f, j * f + f):
+                t = 0.0
+                for lane in range(n_lanes):
+                    t += lanes[i, lane, k]
+                s += t
+            out[i, j] = s
+
+
 _ACT = None  # the activation a driver is compiled for: each compilation sees its own (``_variant``)
 
 

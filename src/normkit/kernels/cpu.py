@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._numba_kernels import DRIVERS, running_update
+from ._numba_kernels import DRIVERS, lane_sum, running_update
 from .contract import ACTIVATIONS, Grads, Stats, check_activation, update_running
 
 NATIVE = (torch.float32, torch.float64, torch.bfloat16)
@@ -72,8 +72,9 @@ class View(NamedTuple):
 
     @property
     def col(self) -> bool:
-        """Per-column loops: several short groups side by side in each row (channels_last)."""
-        return self.b > 1 and self.r2 < COL_MAX_RUN and self.k1 == 1
+        """Per-column loops: several short groups side by side in each row (channels_last), when there
+        are rows enough to pay for expanding the per-group values to columns."""
+        return self.b > 1 and self.r2 < COL_MAX_RUN and self.k1 == 1 and self.r1 >= col_rows(self.r2)
 
     @property
     def param_shape(self) -> tuple[int, int, int, int]:
@@ -82,6 +83,13 @@ class View(NamedTuple):
     @property
     def data_shape(self) -> tuple[int, ...]:
         return (self.g, self.r1, self.b * self.r2) if self.col else (self.g, self.r1, self.b, self.r2)
+
+
+def col_rows(r2: int) -> int:
+    """The fewest rows a unit of the column loops should own: below that the per-unit expansion of
+    per-group values to columns costs more than the segment loops' short inner loops (measured
+    serially for groups of 1-16 columns and 2-32 rows: the crossover lies near 2 * r2 rows)."""
+    return max(4, 2 * r2)
 
 
 def threads_for(numel: int) -> int:
@@ -112,6 +120,8 @@ def plan(v: View, itemsize: int, threads: int, fuse: bool = True) -> Plan:
         gchunk = max(1, min(units // want, UNIT_BYTES // (group_bytes * bchunk)))
         return Plan(gchunk, 1, v.r1, nbc, bchunk)
     nrc = min(v.r1, max(math.ceil(want / units), math.ceil(group_bytes * bchunk / CACHE_BYTES)))
+    if v.col:
+        nrc = min(nrc, max(1, v.r1 // col_rows(v.r2)))
     rchunk = math.ceil(v.r1 / nrc)
     return Plan(1, math.ceil(v.r1 / rchunk), rchunk, nbc, bchunk)
 
@@ -339,10 +349,11 @@ class CpuBackend:
             _driver("backward_col", threads, activation)(*args, v.r2, *flags)
         else:
             _driver("backward_seg", threads, activation)(*args, *flags)
+        dweight, dbias = _param_grads(lanes, pshape, acc) if output_mask[1] or output_mask[2] else (None, None)
         return Grads(
             _narrow(dx, x5.dtype) if want_dx else None,
-            _param_grad(lanes[0], v, pshape, acc) if output_mask[1] else None,
-            _param_grad(lanes[1], v, pshape, acc) if output_mask[2] else None,
+            dweight if output_mask[1] else None,
+            dbias if output_mask[2] else None,
         )
 
 
@@ -360,11 +371,9 @@ def _lanes(v: View, pl: tuple[int, ...], threads: int) -> int:
     return min(threads, math.ceil(v.g / gchunk) * nrc * nbc)
 
 
-def _param_grad(lanes: np.ndarray, v: View, pshape: tuple[int, ...], acc: torch.dtype) -> Tensor:
-    """One parameter's gradient from its per-lane float64 partials."""
-    s = lanes.sum(0)
-    if v.col:
-        s = s.reshape(v.p, 1, v.b, v.r2)
-        if v.k2 == 1:
-            s = s.sum(3, keepdims=True)
-    return torch.from_numpy(s.astype(_NP[acc]).reshape(pshape))
+def _param_grads(lanes: np.ndarray, pshape: tuple[int, ...], acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """dweight and dbias from their per-lane float64 partials ``(2, lanes, ...)``: one kernel call (a
+    numpy reduction costs several microseconds each)."""
+    out = np.empty((2, *pshape), _NP[acc])
+    lane_sum(lanes.reshape(2, lanes.shape[1], -1), out.reshape(2, -1))
+    return torch.from_numpy(out[0]), torch.from_numpy(out[1])
