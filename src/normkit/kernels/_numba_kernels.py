@@ -307,15 +307,22 @@ def _seg_sums(x, g, r0, r1, b0, b1, rms, s, ss):
     """Add shifted sums of rows ``r0:r1`` and groups ``b0:b1`` of slab ``g`` to ``s``, ``ss``.
 
     Blocks of ``_BLOCK`` elements are summed in float32 (float64 input: float64) and added in
-    float64; a group whose float32 squares overflow is summed again in float64."""
+    float64; a group whose float32 squares overflow is summed again in float64. With one group per
+    row (``B = 1``) the rows are one contiguous run, summed as one: short rows (GroupNorm NCHW on 7x7
+    planes, whose per-channel weights keep the rows apart) would each pay a block loop."""
+    B, R2 = x.shape[2], x.shape[3]
+    runs = 1 if B == 1 else r1 - r0
+    run = (r1 - r0) * R2 if B == 1 else R2
+    slab = x[g].reshape(x.shape[1] * B * R2)
     for b in range(b0, b1):
         z = _zero(x[g, 0, b, 0])
         sh = z if rms else _load(x[g, 0, b, 0]) + z
         a = 0.0
         aa = 0.0
-        for r in range(r0, r1):
-            seg = x[g, r, b]
-            for k0 in range(0, seg.shape[0], _BLOCK):
+        for i in range(runs):
+            start = ((r0 + i) * B + b) * R2
+            seg = slab[start:start + run]
+            for k0 in range(0, run, _BLOCK):
                 blk = seg[k0:k0 + _BLOCK]
                 ba = z
                 baa = z
