@@ -264,8 +264,8 @@ class CpuBackend:
         v, pl = _view_plan(x5, pshape, threads)
         y, ya = _empty(xs, v.data_shape)
         q, p, _, nb, _ = x5.shape
-        stats = [np.empty((q, p, nb), _NP[acc]) for _ in range(3)]
-        mean, rstd, var = (a.reshape(v.g, v.b) for a in stats)
+        stats = np.empty((3, q, p, nb), _NP[acc])  # one allocation; each statistic its own tensor below
+        mean, rstd, var = stats.reshape(3, v.g, v.b)
         w, b = _param(weight, v, pshape, acc, 1.0), _param(bias, v, pshape, acc, 0.0)
         data = (_arr(xs, v.data_shape), ya, w, b, mean, rstd, var)
         flags = (float(eps), rms, _lanes(v, pl, threads), pl)
@@ -273,7 +273,7 @@ class CpuBackend:
             _driver("forward_col", threads, activation)(*data, v.r2, *flags)
         else:
             _driver("forward_seg", threads, activation)(*data, *flags)
-        return _narrow(y, x5.dtype), Stats(*(torch.from_numpy(a) for a in stats))
+        return _narrow(y, x5.dtype), Stats(torch.from_numpy(stats[0]), torch.from_numpy(stats[1]), torch.from_numpy(stats[2]))
 
     def normalize(
         self, x5: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None,
