@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import contextvars
+import functools
 import os
 from collections.abc import Iterator
 
