@@ -31,6 +31,9 @@ VIEWS = {
     "instance": ((3, 24, 17, 19), lambda x, cl: (L.per_instance_view(x, cl), False, False), (False, True)),
     "group": ((3, 48, 13, 15), lambda x, cl: (L.per_group_view(x, 6, cl), not cl, cl), (False, True)),
     "group-wide": ((2, 256, 9, 9), lambda x, cl: (L.per_group_view(x, 4, cl), not cl, cl), (False, True)),
+    # few rows: NCHW 4x4 planes take the segment loops; channels-last units keep whole slabs
+    "batch-small-planes": ((2, 40, 4, 4), lambda x, cl: (L.per_channel_view(x, cl), False, False), (False, True)),
+    "group-few-rows": ((2, 64, 4, 6), lambda x, cl: (L.per_group_view(x, 8, cl), not cl, cl), (False, True)),
     "layer": ((64, 33, 96), lambda x, cl: (L.trailing_view(x, 96), True, False), (False,)),
     "layer-long": ((2, 3 * 2**16), lambda x, cl: (L.trailing_view(x, 3 * 2**16), True, False), (False,)),
     "rms": ((50, 37, 64), lambda x, cl: (L.trailing_view(x, 64), True, False), (False,)),
@@ -254,6 +257,18 @@ def test_numerics_bound_on_cpu(monkeypatch, split_name, layer, case, layout):
         assert err == 0.0, f"constant input must normalize to exactly beta, max error {err}"
     else:
         assert err <= bound, f"max error {err:.3g} > bound {bound:.3g}"
+
+
+def test_column_loops_need_rows(monkeypatch):
+    """Column loops only for views, and in units, of at least ``col_rows(R2)`` rows: with fewer, the
+    per-unit expansion of per-group values to columns costs more than the segment loops."""
+    monkeypatch.setattr(cpu, "SERIAL_BELOW", 0)
+    assert cpu.col_rows(1) == 4 and cpu.col_rows(8) == 16
+    few = torch.empty(1, 1, 2, 40, 16)  # BatchNorm NCHW, 2 x 40 x 4 x 4
+    assert not cpu._view_plan(few, (1, 1, 40, 1), 2)[0].col
+    enough = torch.empty(2, 1, 24, 8, 8)  # GroupNorm(8) channels-last, 2 x 64 x 4 x 6
+    v, (_, nrc, rchunk, _, _) = cpu._view_plan(enough, (1, 1, 8, 8), 2)
+    assert v.col and (nrc == 1 or rchunk >= cpu.col_rows(8))
 
 
 def test_auto_picks_cpu_and_falls_back():
