@@ -6,6 +6,7 @@ moment leaves only complete results behind and the next invocation runs only wha
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -51,19 +52,25 @@ class Cache:
 
 
 def execute(config: dict) -> tuple[dict, dict, float]:
-    """Run one job in this process: one thread, the config's backend, the owning study's ``run``."""
+    """Run one job in this process: one thread, the config's backend, the owning study's ``run``. Both
+    settings are restored afterwards: an inline run must not leave its caller single-threaded."""
     import torch
 
     import normkit
 
     from .studies import STUDIES
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    if config["backend"] != "torch":
-        normkit.set_backend(config["backend"])
-    start = time.perf_counter()
-    result = STUDIES[config["study"]].run(config)
-    return config, result, time.perf_counter() - start
+    try:
+        with contextlib.ExitStack() as scope:
+            if config["backend"] != "torch":
+                scope.enter_context(normkit.backend(config["backend"]))
+            start = time.perf_counter()
+            result = STUDIES[config["study"]].run(config)
+            return config, result, time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _init_worker() -> None:
