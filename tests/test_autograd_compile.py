@@ -11,6 +11,7 @@ import normkit
 import normkit.functional as F
 import normkit.nn as nk
 from normkit.functional import _core
+from normkit.kernels.contract import ACTIVATIONS
 
 D = dict(dtype=torch.float64)
 RM, RV = torch.randn(4, **D), torch.rand(4, **D) + 0.5
@@ -38,12 +39,24 @@ def _inputs(name, shape):
     return tuple(t.requires_grad_() for t in (x, w, b))
 
 
-@pytest.mark.parametrize("name", list(FUNCS))
-def test_gradcheck_and_gradgradcheck(name):
+def _gradcheck_cases():
+    """Every function on the default backend; those with a fused activation there only in the slow run
+    (float64 with an activation compiles the cpu kernels once more per activation) and on the reference
+    backend in the default run, which checks the core's autograd around the activation."""
+    for name in FUNCS:
+        fused = "-" in name and name.rsplit("-", 1)[1] in ACTIVATIONS
+        yield pytest.param(name, "auto", id=name, marks=[pytest.mark.slow] if fused else [])
+        if fused:
+            yield pytest.param(name, "reference", id=f"{name}-reference")
+
+
+@pytest.mark.parametrize("name,backend", list(_gradcheck_cases()))
+def test_gradcheck_and_gradgradcheck(name, backend):
     fn, shape = FUNCS[name]
     inputs = _inputs(name, shape)
-    assert gradcheck(fn, inputs)
-    assert gradgradcheck(fn, inputs)
+    with normkit.backend(backend):
+        assert gradcheck(fn, inputs)
+        assert gradgradcheck(fn, inputs)
 
 
 @pytest.mark.parametrize("activation", [None, "silu"])

@@ -41,14 +41,16 @@ VIEWS = {
 RMS = {"rms"}
 
 # Work splits: the default; parallel; parallel with a tiny cache budget (row chunks, two passes);
-# segment loops only (no column loops); serial.
+# segment loops only (no column loops); serial; serial in row chunks.
 SPLITS = {
     "default": {},
     "parallel": {"SERIAL_BELOW": 0},
     "rowchunks": {"SERIAL_BELOW": 0, "CACHE_BYTES": 2048},
     "segonly": {"SERIAL_BELOW": 0, "COL_MAX_RUN": 0},
     "serial": {"SERIAL_BELOW": 1 << 62},
+    "serial-rowchunks": {"SERIAL_BELOW": 1 << 62, "CACHE_BYTES": 2048},
 }
+SERIAL_SPLITS = ("serial", "serial-rowchunks")
 
 
 @pytest.fixture(params=list(SPLITS))
@@ -56,6 +58,17 @@ def split(request, monkeypatch):
     for name, value in SPLITS[request.param].items():
         monkeypatch.setattr(cpu, name, value)
     return request.param
+
+
+def _split_dtypes(dtypes):
+    """(split, dtype) pairs. The parallel and the serial drivers are one source compiled twice (a
+    minute or more per dtype and activation from a cold cache): the default run checks the parallel
+    ones in float32, every dtype on the serial ones in both fused and row-chunked plans; the slow run
+    checks the parallel ones in every dtype."""
+    for split_name in SPLITS:
+        for dtype in dtypes:
+            slow = split_name not in SERIAL_SPLITS and dtype != torch.float32
+            yield pytest.param(split_name, dtype, id=f"{split_name}-{dtype}", marks=[pytest.mark.slow] if slow else [])
 
 
 def _make(view: str, cl: bool, dtype: torch.dtype, affine: bool = True):
@@ -85,7 +98,8 @@ def _cases():
             yield pytest.param(view, cl, id=f"{view}-{'cl' if cl else 'cf'}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("split,dtype", list(_split_dtypes([torch.float32, torch.float64, torch.bfloat16])),
+                         indirect=["split"])
 @pytest.mark.parametrize("view,cl", list(_cases()))
 def test_every_split_matches_reference(split, view, cl, dtype):
     x5, w, b, pshape = _make(view, cl, dtype)
@@ -110,20 +124,18 @@ def test_every_split_matches_reference(split, view, cl, dtype):
 
 
 def _activation_cases():
-    """Every activation through every view on the default split; SiLU through every split as well (the
-    activation code is the same in every loop, the split only changes which loops run). Each split
-    compiles the drivers once more from a cold cache: beyond the default and the two-pass row chunks,
-    the splits run in the slow run."""
+    """Every activation through every view and split. The activation code is the same in every loop
+    (the split only changes which loops run), and each activation compiles the drivers once more from
+    a cold cache: the default run takes the serial splits (fused and row-chunked passes), the slow run
+    the parallel ones."""
     for case in _cases():
         view, cl = case.values
         for split_name in SPLITS:
             for activation in ("relu", "silu", "gelu"):
-                if activation == "silu" or split_name == "default":
-                    slow = split_name not in ("default", "rowchunks")
-                    yield pytest.param(
-                        split_name, view, cl, activation, id=f"{split_name}-{case.id}-{activation}",
-                        marks=[pytest.mark.slow] if slow else [],
-                    )
+                yield pytest.param(
+                    split_name, view, cl, activation, id=f"{split_name}-{case.id}-{activation}",
+                    marks=[] if split_name in SERIAL_SPLITS else [pytest.mark.slow],
+                )
 
 
 @pytest.mark.parametrize("split,view,cl,activation", list(_activation_cases()), indirect=["split"])
@@ -159,7 +171,7 @@ def test_fused_activation_keeps_nan_and_rejects_unknown_names():
         CPU.forward(x5, w, b, 1e-5, False, activation="tanh")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("split,dtype", list(_split_dtypes([torch.float32, torch.bfloat16])), indirect=["split"])
 @pytest.mark.parametrize("view,cl", list(_cases()))
 def test_squares_beyond_float32_fall_back_to_float64(split, view, cl, dtype):
     """Inputs of scale 1e20: the float32 block sums of squares overflow and every split and loop

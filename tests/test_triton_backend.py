@@ -9,8 +9,6 @@ Shapes there are small: the interpreter runs every program in Python.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -103,13 +101,12 @@ if not INTERPRETING:
                 kinds.add((tile.fused, tile.flat))
         assert kinds == {(True, True), (True, False), (False, True), (False, False)}
 
-    def test_kernels_under_the_interpreter():
-        env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
-        contract = os.path.join(os.path.dirname(__file__), "test_contract.py")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning",
-               __file__, contract, "-k", "triton"]
-        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-4000:]
+    def test_kernels_under_the_interpreter(pytestconfig):
+        """This file's interpreter checks and the contract grid for triton, in the child process that
+        ``conftest.pytest_collection_finish`` started when this test was selected."""
+        run = pytestconfig.interpreter_run
+        out, _ = run.communicate(timeout=900)
+        assert run.returncode == 0, out[-12000:]
 
     cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
     CUDA_TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (5e-2, 5e-2), torch.float16: (1e-2, 1e-2)}

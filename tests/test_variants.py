@@ -380,9 +380,13 @@ def test_adain_matches_paper(backend, style_batch, channels_last):
 # ------------------------------------------------------------------- norm + activation, frozen BN
 
 
+# float64 with a fused activation compiles the cpu kernels once per activation, which nothing else in
+# the default run needs: the cpu backend runs these in the slow run (the kernels' fused activations are
+# checked in float32 by test_cpu_backend and test_activation).
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=pytest.mark.slow)], indirect=True)
 @pytest.mark.parametrize("act,ref_act", [("relu", TF.relu), ("silu", TF.silu), ("gelu", TF.gelu), (None, lambda t: t)])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_norm_act_is_norm_then_activation(act, ref_act, channels_last):
+def test_norm_act_is_norm_then_activation(backend, act, ref_act, channels_last):
     bn = nn.BatchNorm2d(4, dtype=torch.float64)
     m = load_copy(randomized(bn), nk.BatchNormAct2d(4, act_layer=act, dtype=torch.float64))
     x = leaf(3, 4, 5, 5)
