@@ -22,5 +22,7 @@ def tiny_profile() -> Profile:
 @pytest.fixture(scope="session")
 def tiny_lab(tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("lab")
-    results = run_lab(TINY, None, out, jobs=2, console=Console(quiet=True))
+    # inline: at this size spawning workers costs more than it saves, and each worker would compile the
+    # kernels again from a cold cache (the pool is tested in test_runner)
+    run_lab(TINY, None, out, jobs=1, console=Console(quiet=True))
     return json.loads((out / "results.json").read_text()), out
