@@ -1,4 +1,5 @@
-"""``normkit`` command line: ``lab`` (re-measure the article's claims), ``bench`` (speed vs torch.nn), ``info``."""
+"""``normkit`` command line: ``lab`` (re-measure the article's claims), ``bench`` (speed vs torch.nn), ``info``,
+``precompile`` (the CPU kernels ahead of their first use)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ COMMANDS = {
     "lab": ("normkit.lab.cli", "re-measure the article's claims on real training runs and write a report"),
     "bench": ("normkit.bench", "time normkit against torch.nn on the same tensors"),
     "info": ("normkit.info", "versions, backends available and the backend in force"),
+    "precompile": ("normkit.precompile", "compile the CPU kernels now instead of on their first call"),
 }
 
 

@@ -9,7 +9,8 @@
 * The activation epilogue (``activation=``) is fused: the forward applies it to the affine output, the
   backward recomputes that output from ``x`` and takes the activation's derivative in the same loops.
 * Importing this module compiles nothing: each driver compiles on its first call per dtype and the
-  machine code is cached on disk (numba ``cache=True``) for later processes.
+  machine code is cached on disk (numba ``cache=True``) for later processes; ``precompile`` compiles
+  ahead of time (``normkit precompile``).
 """
 
 from __future__ import annotations
@@ -241,8 +242,17 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 
 class CpuBackend:
+    """``threads``: run every call on this many threads (1: the serial drivers) instead of choosing by
+    size and ``torch.get_num_threads()``."""
+
     name = "cpu"
     activations: tuple[str, ...] = ACTIVATIONS
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads
+
+    def _threads(self, numel: int) -> int:
+        return threads_for(numel) if self.threads is None else self.threads
 
     def supports(self, x5: Tensor, weight: Tensor | None) -> bool:
         return (
@@ -259,7 +269,7 @@ class CpuBackend:
     ) -> tuple[Tensor, Stats]:
         xs = _widen(x5)
         acc = _acc(xs.dtype)
-        threads = threads_for(xs.numel())
+        threads = self._threads(xs.numel())
         pshape = _pshape(x5, weight, bias)
         v, pl = _view_plan(x5, pshape, threads)
         y, ya = _empty(xs, v.data_shape)
@@ -281,7 +291,7 @@ class CpuBackend:
     ) -> Tensor:
         xs = _widen(x5)
         acc = _acc(xs.dtype)
-        threads = threads_for(xs.numel())
+        threads = self._threads(xs.numel())
         pshape = _pshape(x5, weight, bias)
         v, pl = _view_plan(x5, pshape, threads, fuse=False)
         y, ya = _empty(xs, v.data_shape)
@@ -330,7 +340,7 @@ class CpuBackend:
         """The contract's backward; ``bias`` is needed only with an ``activation``."""
         xs, dys = _widen(x5), _widen(dy5).contiguous()
         acc = _acc(xs.dtype)
-        threads = threads_for(xs.numel())
+        threads = self._threads(xs.numel())
         pshape = tuple(param_shape)
         v, pl = _view_plan(x5, pshape, threads)
         nlanes = _lanes(v, pl, threads)
@@ -377,3 +387,40 @@ def _param_grads(lanes: np.ndarray, pshape: tuple[int, ...], acc: torch.dtype) -
     out = np.empty((2, *pshape), _NP[acc])
     lane_sum(lanes.reshape(2, lanes.shape[1], -1), out.reshape(2, -1))
     return torch.from_numpy(out[0]), torch.from_numpy(out[1])
+
+
+def precompile(
+    dtypes: tuple[torch.dtype, ...] = NATIVE,
+    activations: tuple[str | None, ...] = (None, *ACTIVATIONS),
+    parallel: tuple[bool, ...] = (False, True),
+) -> list[str]:
+    """Compile every driver for these dtypes, activations and thread modes, or load it from the disk
+    cache, so that no later call waits for it (a first call compiles for 40-100 s per dtype and
+    activation): at an image's build, or beside a process that will need them. Runs each entry point
+    once on tiny tensors of both loop shapes, so the signatures are those of real calls. The parallel
+    drivers are skipped where fewer than two threads are available. Returns what was done, in order."""
+    done = []
+    for par in parallel:
+        threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS) if par else 1
+        if threads < 2 and par:
+            continue
+        backend = CpuBackend(threads)
+        for dtype in dtypes:
+            for activation in activations:
+                _exercise(backend, dtype, activation)
+                done.append(f"{'parallel' if par else 'serial'} {str(dtype).removeprefix('torch.')} {activation}")
+    return done
+
+
+def _exercise(backend: CpuBackend, dtype: torch.dtype, activation: str | None) -> None:
+    """Forward, normalize, backward and the running update once on a segment view and a column view."""
+    pshape = (1, 1, 3, 1)
+    for shape5 in ((1, 1, 2, 3, COL_MAX_RUN), (1, 1, col_rows(1), 3, 1)):
+        x5 = torch.rand(shape5).to(dtype)
+        w, b = torch.ones(pshape, dtype=dtype), torch.zeros(pshape, dtype=dtype)
+        y, st = backend.forward(x5, w, b, 1e-5, False, activation=activation)
+        backend.normalize(x5, st.mean, st.rstd, w, b, activation=activation)
+        backend.backward(y, x5, st.mean, st.rstd, w, pshape, False, True, (True, True, True), bias=b,
+                         activation=activation)
+    running = torch.zeros(3, dtype=dtype if dtype in (torch.float64, torch.bfloat16) else torch.float32)
+    backend.update_running(running, running.clone(), st.mean, st.var, 0.1, 1.0)
