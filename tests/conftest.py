@@ -40,25 +40,29 @@ def _start(cmd: list[str], **env: str) -> subprocess.Popen:
 
 
 class Precompiler(threading.Thread):
-    """Runs ``normkit precompile`` for each family in turn, one child at a time (one spare core)."""
+    """Runs ``normkit precompile`` for each family in turn, one child at a time (one spare core). Only
+    a speed-up: a family the child has not finished is compiled by the session itself."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
-        self.stopped = threading.Event()
+        self.lock = threading.Lock()
+        self.stopped = False
         self.child: subprocess.Popen | None = None
 
     def run(self) -> None:
         for dtype, activation, mode in FAMILIES:
-            if self.stopped.is_set():
-                return
-            self.child = _start([sys.executable, "-m", "normkit.cli", "precompile", "--dtypes", dtype,
-                                 "--activations", activation, "--modes", mode])
+            with self.lock:  # no child starts after stop()
+                if self.stopped:
+                    return
+                self.child = _start([sys.executable, "-m", "normkit.cli", "precompile", "--dtypes", dtype,
+                                     "--activations", activation, "--modes", mode])
             self.child.communicate()
 
     def stop(self) -> None:
-        self.stopped.set()
-        if self.child is not None and self.child.poll() is None:
-            self.child.kill()
+        with self.lock:
+            self.stopped = True
+            if self.child is not None and self.child.poll() is None:
+                self.child.kill()
 
 
 def pytest_collection_finish(session):

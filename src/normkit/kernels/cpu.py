@@ -398,11 +398,12 @@ def precompile(
     cache, so that no later call waits for it (a first call compiles for 40-100 s per dtype and
     activation): at an image's build, or beside a process that will need them. Runs each entry point
     once on tiny tensors of both loop shapes, so the signatures are those of real calls. The parallel
-    drivers are skipped where fewer than two threads are available. Returns what was done, in order."""
+    drivers are skipped where they would not run (one thread, a forked child). Returns what was done,
+    in order."""
     done = []
     for par in parallel:
-        threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS) if par else 1
-        if threads < 2 and par:
+        threads = threads_for(SERIAL_BELOW) if par else 1
+        if par and threads == 1:
             continue
         backend = CpuBackend(threads)
         for dtype in dtypes:
