@@ -3,6 +3,7 @@ edge sizes, non-finite input, adversarial numerics, backend choice and thread ha
 
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing
 import os
@@ -351,24 +352,38 @@ def test_forked_child_after_parallel_use(monkeypatch):
     _close(got, expected, 1e-6, "forked child")
 
 
-def test_precompile_covers_the_signatures_of_real_calls(monkeypatch, capsys):
-    """After ``precompile``, calls through the layers (both loop shapes, training and eval, backward)
-    compile nothing more: the drivers it ran are those calls' signatures."""
+PRECOMPILE_THEN_CALL = """
+import json, torch, normkit.functional as F, normkit.nn as nk
+from normkit.kernels import cpu
+
+def counts():
+    return [len(d[a][1].signatures) for d in cpu.DRIVERS.values() for a in (None, "silu")]
+
+list(cpu.precompile((torch.float32,), (None, "silu"), (False,)))
+before = counts()
+cpu.SERIAL_BELOW = 1 << 62
+for cl in (False, True):
+    x = torch.randn(4, 8, 6, 6, requires_grad=True)
+    x = x.contiguous(memory_format=torch.channels_last) if cl else x
+    for layer in (nk.BatchNorm2d(8), nk.GroupNorm(2, 8), nk.InstanceNorm2d(8, affine=True)):
+        layer(x).sum().backward()
+        layer.eval()(x)
+    F.group_norm(x, 2, torch.ones(8), torch.zeros(8), activation="silu").sum().backward()
+    F.layer_norm(x, (6,)).sum()
+print(json.dumps([before, counts()]))
+"""
+
+
+def test_precompile_covers_the_signatures_of_real_calls(capsys):
+    """In a fresh process (no driver compiled or loaded yet), ``precompile`` readies every serial driver
+    once, and calls through the layers (both loop shapes, training and eval, backward) compile nothing
+    more: the drivers it ran are those calls' signatures. The command prints each family."""
     from normkit.cli import main
 
+    compiled, after_calls = json.loads(_python(PRECOMPILE_THEN_CALL))
+    assert compiled == [1] * (2 * len(cpu.DRIVERS))
+    assert after_calls == compiled
     assert main(["precompile", "--dtypes", "fp32", "--activations", "none,silu", "--modes", "serial"]) == 0
     assert capsys.readouterr().out.splitlines()[0].startswith("serial float32 None: ")
-    compiled = {(n, a): len(d[a][1].signatures) for n, d in cpu.DRIVERS.items() for a in (None, "silu")}
-    assert all(compiled.values())
-    monkeypatch.setattr(cpu, "SERIAL_BELOW", 1 << 62)
-    for cl in (False, True):
-        x = torch.randn(4, 8, 6, 6, requires_grad=True)
-        x = x.contiguous(memory_format=torch.channels_last) if cl else x
-        for layer in (nk.BatchNorm2d(8), nk.GroupNorm(2, 8), nk.InstanceNorm2d(8, affine=True)):
-            layer(x).sum().backward()
-            layer.eval()(x)
-        normkit.functional.group_norm(x, 2, torch.ones(8), torch.zeros(8), activation="silu").sum().backward()
-        normkit.functional.layer_norm(x, (6,)).sum()
-    assert {(n, a): len(d[a][1].signatures) for n, d in cpu.DRIVERS.items() for a in (None, "silu")} == compiled
     with pytest.raises(SystemExit, match="unknown dtypes"):
         main(["precompile", "--dtypes", "fp8"])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections.abc import Iterator
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -393,14 +394,13 @@ def precompile(
     dtypes: tuple[torch.dtype, ...] = NATIVE,
     activations: tuple[str | None, ...] = (None, *ACTIVATIONS),
     parallel: tuple[bool, ...] = (False, True),
-) -> list[str]:
+) -> Iterator[str]:
     """Compile every driver for these dtypes, activations and thread modes, or load it from the disk
     cache, so that no later call waits for it (a first call compiles for 40-100 s per dtype and
     activation): at an image's build, or beside a process that will need them. Runs each entry point
     once on tiny tensors of both loop shapes, so the signatures are those of real calls. The parallel
-    drivers are skipped where they would not run (one thread, a forked child). Returns what was done,
-    in order."""
-    done = []
+    drivers are skipped where they would not run (one thread, a forked child). Yields each family's
+    name once it is ready."""
     for par in parallel:
         threads = threads_for(SERIAL_BELOW) if par else 1
         if par and threads == 1:
@@ -409,8 +409,7 @@ def precompile(
         for dtype in dtypes:
             for activation in activations:
                 _exercise(backend, dtype, activation)
-                done.append(f"{'parallel' if par else 'serial'} {str(dtype).removeprefix('torch.')} {activation}")
-    return done
+                yield f"{'parallel' if par else 'serial'} {str(dtype).removeprefix('torch.')} {activation}"
 
 
 def _exercise(backend: CpuBackend, dtype: torch.dtype, activation: str | None) -> None:
