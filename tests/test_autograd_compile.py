@@ -66,7 +66,8 @@ def test_custom_ops_pass_opcheck(activation):
     shape = [2, 2, 3, 1, 5]
     torch.library.opcheck(_core._norm_batch, (x.requires_grad_(), shape, w, b, 1e-5, False, activation))
     mean, rstd = torch.randn(2, 2, 1), torch.rand(2, 2, 1) + 0.5
-    torch.library.opcheck(_core._norm_fixed, (x, shape, mean, rstd, w, b, activation))
+    torch.library.opcheck(_core._norm_fixed, (x, shape, mean, rstd, w, b, activation, None))
+    torch.library.opcheck(_core._norm_fixed, (x, shape, mean.flatten(), rstd.flatten(), w, b, activation, 1e-5))
 
 
 class SmallCNN(nk.Module):

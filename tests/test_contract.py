@@ -132,6 +132,9 @@ def test_fixed_statistics_match_float64(backend, dtype, norm, shape, cl):
     y_t, *_, grads_t = _truth(x5, w, b, 0.0, False, dy, fixed=(mean, rstd))
     tol = DTYPES[dtype]
     _close(backend.normalize(x5, mean, rstd, w, b), y_t, tol, "y")
+    var, eps = torch.rand(stat, dtype=acc) + 0.5, 1e-3  # the variance, flat as BatchNorm's running buffer
+    y_v = _truth(x5, w, b, 0.0, False, dy, fixed=(mean, (var.double() + eps).rsqrt()))[0]
+    _close(backend.normalize(x5, mean.flatten(), var.flatten(), w, b, var_eps=eps), y_v, tol, "y from the variance")
     g = backend.backward(dy, x5, mean, rstd, w, pshape, False, False, (True, True, True))
     _close(g.dx, grads_t[0], 4 * tol, "dx")
     _close(g.dweight, grads_t[1], 4 * tol * math.sqrt(x5.numel()), "dweight")

@@ -181,6 +181,8 @@ else:
         stat = (x5.shape[0], x5.shape[1], x5.shape[3])
         mean, rstd = torch.randn(stat), torch.rand(stat) + 0.5
         _close(backend.normalize(x5, mean, rstd, w, b), REF.normalize(x5, mean, rstd, w, b))
+        var = torch.rand(stat) + 0.5
+        _close(backend.normalize(x5, mean, var, w, b, var_eps=1e-3), REF.normalize(x5, mean, torch.rsqrt(var + 1e-3), w, b))
         dy = torch.randn_like(x5)
         g = backend.backward(dy, x5, mean, rstd, w, pshape, False, False, (True, True, True))
         g_r = REF.backward(dy, x5, mean, rstd, w, pshape, False, False, (True, True, True))

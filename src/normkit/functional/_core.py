@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..selection import resolve
 from ..kernels import contract, load
-from ..kernels.contract import Backend, stat_shape, stats_dtype
+from ..kernels.contract import Backend, given_rstd, stat_shape, stats_dtype
 from . import activation as act
 
 Shape5 = list[int]
@@ -67,13 +67,13 @@ def _(x, shape, weight, bias, eps, rms, activation):
 
 def _fixed(
     x: Tensor, shape: Shape5, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-    activation: Optional[str],
+    activation: Optional[str], var_eps: Optional[float],
 ) -> Tensor:
     x5 = x.view(*shape)
     backend = resolve(x5, weight)
     if _fuses(backend, activation):
-        return backend.normalize(x5, mean, rstd, weight, bias, activation=activation).view_as(x)
-    y = backend.normalize(x5, mean, rstd, weight, bias)
+        return backend.normalize(x5, mean, rstd, weight, bias, activation=activation, var_eps=var_eps).view_as(x)
+    y = backend.normalize(x5, mean, rstd, weight, bias, var_eps=var_eps)
     return act.apply(activation, y, inplace=True).view_as(x)
 
 
@@ -81,7 +81,7 @@ _norm_fixed = torch.library.custom_op("normkit::norm_fixed", _fixed, mutates_arg
 
 
 @_norm_fixed.register_fake
-def _(x, shape, mean, rstd, weight, bias, activation):
+def _(x, shape, mean, rstd, weight, bias, activation, var_eps):
     return torch.empty_like(x)
 
 
@@ -192,15 +192,17 @@ def _backward_batch(ctx, dy, _dmean, _drstd, _dvar):
 
 
 def _setup_fixed(ctx, inputs, output, eager: bool = False):
-    x, shape, mean, rstd, weight, bias, activation = inputs
-    ctx.save_for_backward(x, mean, rstd, weight, bias)
+    x, shape, mean, rstd, weight, bias, activation, var_eps = inputs
+    q, p, _, b, _ = shape
+    rstd = given_rstd(x.view(shape), rstd, var_eps)  # taken now: the variance may change before backward
+    ctx.save_for_backward(x, mean.reshape(q, p, b), rstd, weight, bias)
     ctx.shape, ctx.rms, ctx.param_index, ctx.activation = shape, False, 4, activation
     ctx.eager = eager
 
 
 def _backward_fixed(ctx, dy):
     if dy is None:
-        return None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None
     if torch.is_grad_enabled():
         ref = load("reference")
 
@@ -210,7 +212,7 @@ def _backward_fixed(ctx, dy):
         dx, dw, db = _grads_via_reference(ctx, dy, forward)
     else:
         dx, dw, db = _grads_via_op(ctx, dy, batch_stats=False)
-    return dx, None, None, None, dw, db, None
+    return dx, None, None, None, dw, db, None, None
 
 
 _norm_batch.register_autograd(_backward_batch, setup_context=_setup_batch)
@@ -272,11 +274,13 @@ def normalize_fixed(
     weight: Optional[Tensor],
     bias: Optional[Tensor],
     activation: Optional[str] = None,
+    var_eps: Optional[float] = None,
 ) -> Tensor:
-    """Normalize ``x`` (contiguous) with given statistics of shape (Q, P, B)."""
+    """Normalize ``x`` (contiguous) with given statistics, Q*P*B values each (see ``Backend.normalize``;
+    with ``var_eps`` the second is the variance)."""
     act.check(activation)
     op = _pick(_norm_fixed, _EagerFixed.apply, _fixed, x, weight, bias)
-    return op(x, list(shape), mean, rstd, weight, bias, activation)
+    return op(x, list(shape), mean, rstd, weight, bias, activation, None if var_eps is None else float(var_eps))
 
 
 def update_running(

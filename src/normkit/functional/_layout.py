@@ -28,6 +28,8 @@ def restore(y: Tensor, perm: tuple[int, ...] | None) -> Tensor:
 
 def dense(x: Tensor) -> tuple[Tensor, tuple[int, ...] | None]:
     """A contiguous tensor to normalize, and the permutation to undo afterwards (channels-last)."""
+    if x.is_contiguous():  # the common case without a torch call
+        return x, None
     perm = channels_last_perm(x)
     return (x.contiguous(), None) if perm is None else (x.permute(perm), perm)
 

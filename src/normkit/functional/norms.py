@@ -48,28 +48,21 @@ def _bessel(count: float) -> float:
     return count / (count - 1) if count > 1 else float("nan")
 
 
-def _fixed_stats(
-    running_mean: Tensor, running_var: Tensor, eps: float, acc: torch.dtype, copy: bool
-) -> tuple[Tensor, Tensor]:
-    """Statistics of an eval-mode call. With ``copy`` (a backward may follow) the mean is a copy:
-    the backward uses the statistics of the forward, and a training step in between updates the
-    running buffers in place (torch.nn allows it). Few torch ops: each costs microseconds, more
-    than the kernel on small inputs."""
-    c = running_mean.numel()
-    mean = running_mean.to(acc, copy=True) if copy or running_mean.dtype != acc else running_mean
-    var = running_var if running_var.dtype == acc else running_var.to(acc)
-    return mean.reshape(1, 1, c), var.add(eps).rsqrt_().reshape(1, 1, c)
-
-
 def _per_channel_eval(
     x: Tensor, running_mean: Tensor, running_var: Tensor, weight, bias, eps: float, activation: str | None
 ) -> Tensor:
+    """Normalize with the running statistics as they are: the core takes rstd from the variance
+    (in the kernel on the CPU). When a backward may follow, the mean is a copy, as the backward uses
+    the statistics of the forward and a training step in between updates the buffers in place
+    (torch.nn allows it); the core takes rstd at once then."""
     xc, perm = L.dense(x)
     shape = L.per_channel_view(x, perm is not None)
-    acc, copy = stats_dtype(x.dtype), records_graph(x, weight, bias)
-    mean, rstd = _fixed_stats(running_mean, running_var, eps, acc, copy)
+    acc = stats_dtype(x.dtype)
+    copy = records_graph(x, weight, bias) or running_mean.dtype != acc
+    mean = running_mean.to(acc, copy=True) if copy else running_mean
+    var = running_var if running_var.dtype == acc else running_var.to(acc)
     pw, pb = L.param_view(weight, shape, False, False), L.param_view(bias, shape, False, False)
-    return L.restore(normalize_fixed(xc, shape, mean, rstd, pw, pb, activation), perm)
+    return L.restore(normalize_fixed(xc, shape, mean, var, pw, pb, activation, var_eps=eps), perm)
 
 
 def _batch_view(

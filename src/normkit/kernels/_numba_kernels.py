@@ -27,7 +27,9 @@ allows reassociation and contraction (vectorized reductions, FMA); NaN and Inf k
 Division follows IEEE (numba's numpy error model): no check for a zero divisor, which would raise
 inside a kernel and keeps loops from vectorizing.
 
-bfloat16 arrays arrive as their uint16 bits: ``_load`` widens an element to float32 exactly and
+Drivers take each tensor as its data pointer (an int) beside the view's dims ``(G, R1, B, R2, P, K1,
+K2)`` and two type tags (a scalar of the data's and of the statistics' type); bfloat16 data is read
+as its uint16 bits: ``_load`` widens an element to float32 exactly and
 ``_store`` rounds to nearest even (NaN to 0x7FC0), as torch's own conversion does.
 
 Every driver is compiled twice from the same source: with ``prange`` run in parallel, and serial
@@ -41,7 +43,7 @@ import types as pytypes
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import carray, njit, prange, types
 from numba.extending import intrinsic, overload
 
 _FAST = {"reassoc", "contract"}
@@ -67,6 +69,24 @@ def _f32_to_bits(typingctx, value):
         return builder.bitcast(args[0], ir.IntType(32))
 
     return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def _address(typingctx, addr, tag):
+    ptr = types.CPointer(tag)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(ptr))
+
+    return ptr(addr, tag), codegen
+
+
+@njit(**_HELPER)
+def _at(addr, shape, tag):
+    """The C-contiguous array of ``shape`` at address ``addr`` with elements of ``tag``'s type: the
+    drivers take the callers' tensors as data pointers, as turning a tensor into an ndarray costs
+    microseconds a call."""
+    return carray(_address(addr, tag), shape)
 
 
 def _load(v):
@@ -650,10 +670,17 @@ def _zeros(shape, like):
 # ``bchunk`` groups. With ``nrc == 1`` a unit owns whole groups and is fused.
 
 
-def forward_seg(x, y, w, bias, mean, rstd, var, eps, rms, nlanes, plan):
+def forward_seg(xp, yp, wp, bp, mp, rp, vp, dims, val, acc, eps, rms, nlanes, plan):
     """Statistics of ``x`` (G, R1, B, R2) into mean/rstd/var (G, B) and the output into ``y``; unfused,
     each of ``nlanes`` lanes (one per thread) sums its units, then writes them in reverse."""
-    G, R1, B, R2 = x.shape
+    G, R1, B, R2, P, K1, K2 = dims
+    x = _at(xp, (G, R1, B, R2), val)
+    y = _at(yp, (G, R1, B, R2), val)
+    w = _at(wp, (P, K1, B, K2), acc)
+    bias = _at(bp, (P, K1, B, K2), acc)
+    mean = _at(mp, (G, B), acc)
+    rstd = _at(rp, (G, B), acc)
+    var = _at(vp, (G, B), acc)
     n = R1 * R2
     nrc = plan[1]
     units = _units(plan, G)
@@ -692,10 +719,17 @@ def forward_seg(x, y, w, bias, mean, rstd, var, eps, rms, nlanes, plan):
                 _seg_apply(x, y, g, r0, r1, b0, b1, mean, rstd, w, bias, _ACT)
 
 
-def forward_col(x, y, w, bias, mean, rstd, var, r2, eps, rms, nlanes, plan):
+def forward_col(xp, yp, wp, bp, mp, rp, vp, dims, val, acc, eps, rms, nlanes, plan):
     """``forward_seg`` for ``x`` (G, R1, W) with groups of ``r2`` adjacent columns."""
-    G, R1, W = x.shape
-    B = W // r2
+    G, R1, B, r2, P, K1, K2 = dims
+    W = B * r2
+    x = _at(xp, (G, R1, W), val)
+    y = _at(yp, (G, R1, W), val)
+    w = _at(wp, (P, K1, B, K2), acc)
+    bias = _at(bp, (P, K1, B, K2), acc)
+    mean = _at(mp, (G, B), acc)
+    rstd = _at(rp, (G, B), acc)
+    var = _at(vp, (G, B), acc)
     n = R1 * r2
     nrc = plan[1]
     units = _units(plan, G)
@@ -749,31 +783,53 @@ def forward_col(x, y, w, bias, mean, rstd, var, r2, eps, rms, nlanes, plan):
                 _col_apply(x, y, g, r0, r1, b0 * r2, b1 * r2, r2, mean, rstd, w, bias, _ACT)
 
 
-def apply_seg(x, y, w, bias, mean, rstd, plan):
-    """Normalize with given statistics (no reductions): one pass."""
-    G, R1, B, R2 = x.shape
+def apply_seg(xp, yp, wp, bp, mp, rp, dims, val, acc, eps, from_var, plan):
+    """Normalize with given statistics (no reductions): one pass. With ``from_var`` the second
+    statistic is the variance, and rstd is taken here."""
+    G, R1, B, R2, P, K1, K2 = dims
+    x = _at(xp, (G, R1, B, R2), val)
+    y = _at(yp, (G, R1, B, R2), val)
+    w = _at(wp, (P, K1, B, K2), acc)
+    bias = _at(bp, (P, K1, B, K2), acc)
+    mean = _at(mp, (G, B), acc)
+    rstd = _rstd(_at(rp, (G, B), acc), eps, from_var)
     for u in prange(_units(plan, G)):
         g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
         for g in range(g0, g1):
             _seg_apply(x, y, g, r0, r1, b0, b1, mean, rstd, w, bias, _ACT)
 
 
-def apply_col(x, y, w, bias, mean, rstd, r2, plan):
-    G, R1, W = x.shape
-    B = W // r2
+def apply_col(xp, yp, wp, bp, mp, rp, dims, val, acc, eps, from_var, plan):
+    G, R1, B, r2, P, K1, K2 = dims
+    W = B * r2
+    x = _at(xp, (G, R1, W), val)
+    y = _at(yp, (G, R1, W), val)
+    w = _at(wp, (P, K1, B, K2), acc)
+    bias = _at(bp, (P, K1, B, K2), acc)
+    mean = _at(mp, (G, B), acc)
+    rstd = _rstd(_at(rp, (G, B), acc), eps, from_var)
     for u in prange(_units(plan, G)):
         g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
         for g in range(g0, g1):
             _col_apply(x, y, g, r0, r1, b0 * r2, b1 * r2, r2, mean, rstd, w, bias, _ACT)
 
 
-def backward_seg(dy, x, dx, mean, rstd, w, bias, dwl, dbl, rms, batch_stats, want_dx, nlanes, plan):
-    """Gradients on the seg view. ``dwl``/``dbl`` (lanes, P, K1, B, K2) receive per-lane partial sums.
+def backward_seg(dyp, xp, dxp, mp, rp, wp, bp, dwp, dbp, dims, val, acc, rms, batch_stats, want_dx, nlanes, plan):
+    """Gradients on the seg view: dx, and dweight/dbias (P, K1, B, K2).
 
-    Pass 1 computes both group reductions and the parameter partials; pass 2 computes dx, from cache
-    when a unit owns whole groups.
+    Pass 1 computes both group reductions and the parameter partials (``dwl``/``dbl``, per lane); pass
+    2 computes dx, from cache when a unit owns whole groups.
     """
-    G, R1, B, R2 = x.shape
+    G, R1, B, R2, P, K1, K2 = dims
+    dy = _at(dyp, (G, R1, B, R2), val)
+    x = _at(xp, (G, R1, B, R2), val)
+    dx = _at(dxp, (G if want_dx else 0, R1, B, R2), val)
+    mean = _at(mp, (G, B), acc)
+    rstd = _at(rp, (G, B), acc)
+    w = _at(wp, (P, K1, B, K2), acc)
+    bias = _at(bp, (P, K1, B, K2), acc)
+    lanes = _zeros((2, nlanes, P, K1, B, K2), 0.0)
+    dwl, dbl = lanes[0], lanes[1]
     n = R1 * R2
     nrc = plan[1]
     units = _units(plan, G)
@@ -797,6 +853,7 @@ def backward_seg(dy, x, dx, mean, rstd, w, bias, dwl, dbl, rms, batch_stats, wan
                     _seg_dx(dy, x, dx, g, 0, R1, b0, b1, mean, rstd, w, bias, _ACT, c1, c2)
             _flush_params(dwt, dwl[lane], g0, g1, b0, b1)
             _flush_params(dbt, dbl[lane], g0, g1, b0, b1)
+    _lane_sum(lanes.reshape(2, nlanes, P * K1 * B * K2), _at(dwp, (P * K1 * B * K2,), acc), _at(dbp, (P * K1 * B * K2,), acc))
     if fused or not want_dx:
         return
     if batch_stats:
@@ -813,10 +870,19 @@ def backward_seg(dy, x, dx, mean, rstd, w, bias, dwl, dbl, rms, batch_stats, wan
                 _seg_dx(dy, x, dx, g, r0, r1, b0, b1, mean, rstd, w, bias, _ACT, c1, c2)
 
 
-def backward_col(dy, x, dx, mean, rstd, w, bias, dwl, dbl, r2, rms, batch_stats, want_dx, nlanes, plan):
+def backward_col(dyp, xp, dxp, mp, rp, wp, bp, dwp, dbp, dims, val, acc, rms, batch_stats, want_dx, nlanes, plan):
     """``backward_seg`` for the col view; ``dwl``/``dbl`` are (lanes, P, W)."""
-    G, R1, W = x.shape
-    B = W // r2
+    G, R1, B, r2, P, K1, K2 = dims
+    W = B * r2
+    dy = _at(dyp, (G, R1, W), val)
+    x = _at(xp, (G, R1, W), val)
+    dx = _at(dxp, (G if want_dx else 0, R1, W), val)
+    mean = _at(mp, (G, B), acc)
+    rstd = _at(rp, (G, B), acc)
+    w = _at(wp, (P, K1, B, K2), acc)
+    bias = _at(bp, (P, K1, B, K2), acc)
+    lanes = _zeros((2, nlanes, P, W), 0.0)
+    dwl, dbl = lanes[0], lanes[1]
     n = R1 * r2
     nrc = plan[1]
     units = _units(plan, G)
@@ -849,6 +915,7 @@ def backward_col(dy, x, dx, mean, rstd, w, bias, dwl, dbl, r2, rms, batch_stats,
                         c1[g, b] = 0.0 if rms else ps[g, 0, b] / n
                         c2[g, b] = pss[g, 0, b] / n
                     _col_dx(dy, x, dx, g, 0, R1, j0, j1, r2, mean, rstd, w, bias, _ACT, c1, c2)
+    _lane_sum(lanes.reshape(2, nlanes, P * W), _at(dwp, (P * K1 * B * K2,), acc), _at(dbp, (P * K1 * B * K2,), acc))
     if fused or not want_dx:
         return
     if batch_stats:
@@ -866,27 +933,41 @@ def backward_col(dy, x, dx, mean, rstd, w, bias, dwl, dbl, r2, rms, batch_stats,
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def running_update(running, per_q, keep, take):
+def running_update(rp, sp, n, q, val, acc, keep, take):
     """``running = keep * running + take * mean_q(per_q)`` per channel, in float64, then rounded to
-    the buffer's dtype (bfloat16 buffers arrive as their bits): the running-statistics update (a few
-    hundred channels, serial)."""
-    q = per_q.shape[0]
-    for c in range(running.shape[0]):
+    the buffer's dtype (bfloat16 buffers arrive as their bits): the running-statistics update of
+    ``n`` channels from statistics ``per_q`` (q, n) (a few hundred channels, serial)."""
+    running = _at(rp, (n,), val)
+    per_q = _at(sp, (q, n), acc)
+    for c in range(n):
         s = 0.0
         for i in range(q):
             s += per_q[i, c]
         _store(running, c, keep * _load(running[c]) + take * (s / q))
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
-def lane_sum(lanes, out):
-    """``out[i, j] = sum over lanes l and k < F of lanes[i, l, j * F + k]``, ``F`` the partials per
-    output (1, or a group's columns in the column loops): dweight and dbias from the backward's
-    per-lane float64 partials in one call, rounded once to ``out``'s dtype."""
-    n_out, n_lanes, n = lanes.shape
-    m = out.shape[1]
+@njit(**_HELPER)
+def _rstd(stat, eps, from_var):
+    """The statistic itself, or with ``from_var`` 1/sqrt(stat + eps) of a variance."""
+    if not from_var:
+        return stat
+    r = _zeros(stat.shape, stat[0, 0])
+    for g in range(stat.shape[0]):
+        for b in range(stat.shape[1]):
+            r[g, b] = 1.0 / np.sqrt(stat[g, b] + eps)
+    return r
+
+
+@njit(**_HELPER)
+def _lane_sum(lanes, dw, db):
+    """``out_i[j] = sum over lanes l and k < F of lanes[i, l, j * F + k]`` for ``out_0, out_1 = dw, db``,
+    ``F`` the partials per output (1, or a group's columns in the column loops): dweight and dbias
+    from the backward's per-lane float64 partials, rounded once to their dtype."""
+    n_lanes, n = lanes.shape[1], lanes.shape[2]
+    m = dw.shape[0]
     f = n // m
-    for i in range(n_out):
+    for i in range(2):
+        out = dw if i == 0 else db
         for j in range(m):
             s = 0.0
             for k in range(j * f, j * f + f):
@@ -894,7 +975,7 @@ def lane_sum(lanes, out):
                 for lane in range(n_lanes):
                     t += lanes[i, lane, k]
                 s += t
-            out[i, j] = s
+            out[j] = s
 
 
 _ACT = None  # the activation a driver is compiled for: each compilation sees its own (``_variant``)

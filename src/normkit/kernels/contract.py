@@ -52,6 +52,11 @@ def stat_shape(x5: Tensor) -> tuple[int, int, int]:
     return (q, p, b)
 
 
+def given_rstd(x5: Tensor, rstd: Tensor, var_eps: float | None) -> Tensor:
+    """The rstd of ``normalize``'s arguments, shaped ``(Q, P, B)``, with torch ops (any device)."""
+    return (rstd if var_eps is None else torch.rsqrt(rstd + var_eps)).reshape(stat_shape(x5))
+
+
 def param_reduce_dims(param_shape: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
     """Dims of the 5-D view summed for dweight/dbias: always q, and r1/r2 unless the params span them."""
     dims = [0]
@@ -102,9 +107,13 @@ class Backend(Protocol):
         """Batch statistics and the normalized, affine-transformed output in x5's dtype."""
 
     def normalize(
-        self, x5: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None
+        self, x5: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None,
+        var_eps: float | None = None,
     ) -> Tensor:
-        """Apply given statistics (BatchNorm in eval mode)."""
+        """Apply given statistics (BatchNorm in eval mode): ``Q*P*B`` values each in ``(q, p, b)`` order,
+        of any shape (BatchNorm's running buffers as they are). With ``var_eps`` the second is the
+        variance and the backend takes ``rstd = 1 / sqrt(var + var_eps)``: in the kernel on the CPU,
+        where two small torch ops cost more than the kernel on small inputs."""
 
     def update_running(
         self, running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor,

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._numba_kernels import DRIVERS, lane_sum, running_update
+from ._numba_kernels import DRIVERS, running_update
 from .contract import ACTIVATIONS, Grads, Stats, check_activation, update_running
 
 NATIVE = (torch.float32, torch.float64, torch.bfloat16)
@@ -82,9 +82,6 @@ class View(NamedTuple):
     def param_shape(self) -> tuple[int, int, int, int]:
         return (self.p, self.k1, self.b, self.k2)
 
-    @property
-    def data_shape(self) -> tuple[int, ...]:
-        return (self.g, self.r1, self.b * self.r2) if self.col else (self.g, self.r1, self.b, self.r2)
 
 
 def col_rows(r2: int) -> int:
@@ -160,8 +157,8 @@ def _divisor_near(n: int, target: int) -> int:
 def _setup(
     shape5: tuple[int, ...], pshape: tuple[int, ...], itemsize: int, threads: int, fuse: bool, tuning: tuple[int, ...]
 ) -> tuple[View, tuple[int, ...]]:
-    """The view and plan of a call, computed once per shape: ``tuning`` (the module constants) is
-    part of the key, so that changing them takes effect."""
+    """The view (as the kernels' dims) and plan of a call, computed once per shape: ``tuning`` (the
+    module constants) is part of the key, so that changing them takes effect."""
     v = canonical(shape5, pshape, itemsize, threads)
     return v, tuple(plan(v, itemsize, threads, fuse))
 
@@ -171,27 +168,31 @@ def _view_plan(x5: Tensor, pshape: tuple[int, ...], threads: int, fuse: bool = T
     return _setup(tuple(x5.shape), pshape, itemsize, threads, fuse, (CACHE_BYTES, UNIT_BYTES, COL_MAX_RUN))
 
 
+# Type tags the drivers compile for: a scalar of the data's type (bfloat16 as its uint16 bits) and of
+# the statistics' type.
+_TAG = {torch.float32: np.float32(0), torch.float64: np.float64(0), torch.bfloat16: np.uint16(0)}
+
+
 @lru_cache(maxsize=64)
-def _constant(shape: tuple[int, ...], dtype: type, value: float) -> np.ndarray:
-    """Ones / zeros standing in for an absent weight / bias (never written)."""
-    return np.full(shape, value, dtype=dtype)
+def _constant(numel: int, dtype: torch.dtype, value: float) -> Tensor:
+    """Ones / zeros standing in for an absent weight / bias (never written); filled by numpy, as a
+    torch fill inside a backward would read as a gradient being zeroed."""
+    return torch.from_numpy(np.full(numel, value, dtype=_TAG[dtype].dtype))
 
 
-_NP = {torch.float32: np.float32, torch.float64: np.float64}
-
-
-def _np(t: Tensor, dtype: torch.dtype) -> np.ndarray:
-    return (t if t.dtype == dtype else t.detach().to(dtype)).numpy(force=True)
-
-
-def _param(t: Tensor | None, v: View, pshape: tuple[int, ...], acc: torch.dtype, absent: float) -> np.ndarray:
-    """A parameter in the accumulation dtype, shaped (P, K1, B, K2) for the kernels."""
+def _param(t: Tensor | None, pshape: tuple[int, ...], acc: torch.dtype, absent: float) -> Tensor:
+    """A parameter as the kernels read it: dense, ``pshape``, in the accumulation dtype. The caller
+    keeps the returned tensor alive while a kernel reads its data pointer."""
     if t is None:
-        return _constant(v.param_shape, _NP[acc], absent)
-    a = _np(t, acc)
-    if a.shape != pshape or not a.flags.c_contiguous:
-        a = np.ascontiguousarray(np.broadcast_to(a, pshape))
-    return a.reshape(v.param_shape)
+        return _constant(math.prod(pshape), acc, absent)
+    if t.dtype != acc or t.shape != pshape or not t.is_contiguous():
+        return t.detach().to(acc).expand(pshape).contiguous()
+    return t
+
+
+def _stat(t: Tensor, acc: torch.dtype) -> Tensor:
+    """Statistics as the kernels read them: dense, in the accumulation dtype."""
+    return t if t.dtype == acc and t.is_contiguous() else t.detach().to(acc).contiguous()
 
 
 def _pshape(x5: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[int, int, int, int]:
@@ -214,19 +215,6 @@ def _driver(name: str, threads: int, activation: str | None = None):
         numba.set_num_threads(threads)
         _numba_threads.n = threads
     return par
-
-
-def _arr(t: Tensor, shape: tuple[int, ...]) -> np.ndarray:
-    """The kernels' view of a tensor's data (bfloat16 as uint16 bits)."""
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy(force=True).view(np.uint16).reshape(shape)
-    return t.numpy(force=True).reshape(shape)
-
-
-def _empty(t: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, np.ndarray]:
-    """A new tensor like ``t`` and the kernels' view of it."""
-    y = torch.empty_like(t)
-    return y, _arr(y, shape)
 
 
 def _widen(t: Tensor) -> Tensor:
@@ -273,38 +261,33 @@ class CpuBackend:
         threads = self._threads(xs.numel())
         pshape = _pshape(x5, weight, bias)
         v, pl = _view_plan(x5, pshape, threads)
-        y, ya = _empty(xs, v.data_shape)
+        y = torch.empty_like(xs)
         q, p, _, nb, _ = x5.shape
-        stats = np.empty((3, q, p, nb), _NP[acc])  # one allocation; each statistic its own tensor below
-        mean, rstd, var = stats.reshape(3, v.g, v.b)
-        w, b = _param(weight, v, pshape, acc, 1.0), _param(bias, v, pshape, acc, 0.0)
-        data = (_arr(xs, v.data_shape), ya, w, b, mean, rstd, var)
-        flags = (float(eps), rms, _lanes(v, pl, threads), pl)
-        if v.col:
-            _driver("forward_col", threads, activation)(*data, v.r2, *flags)
-        else:
-            _driver("forward_seg", threads, activation)(*data, *flags)
-        return _narrow(y, x5.dtype), Stats(torch.from_numpy(stats[0]), torch.from_numpy(stats[1]), torch.from_numpy(stats[2]))
+        # three allocations: the statistics are outputs of a custom op, which may not alias each other
+        st = Stats(torch.empty((q, p, nb), dtype=acc), torch.empty((q, p, nb), dtype=acc), torch.empty((q, p, nb), dtype=acc))
+        w, b = _param(weight, pshape, acc, 1.0), _param(bias, pshape, acc, 0.0)
+        _driver("forward_col" if v.col else "forward_seg", threads, activation)(
+            xs.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(), st.mean.data_ptr(), st.rstd.data_ptr(),
+            st.var.data_ptr(), tuple(v), _TAG[xs.dtype], _TAG[acc], float(eps), rms, _lanes(v, pl, threads), pl,
+        )
+        return _narrow(y, x5.dtype), st
 
     def normalize(
         self, x5: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None,
-        activation: str | None = None,
+        activation: str | None = None, var_eps: float | None = None,
     ) -> Tensor:
         xs = _widen(x5)
         acc = _acc(xs.dtype)
         threads = self._threads(xs.numel())
         pshape = _pshape(x5, weight, bias)
         v, pl = _view_plan(x5, pshape, threads, fuse=False)
-        y, ya = _empty(xs, v.data_shape)
-        data = (
-            _arr(xs, v.data_shape), ya,
-            _param(weight, v, pshape, acc, 1.0), _param(bias, v, pshape, acc, 0.0),
-            _np(mean, acc).reshape(v.g, v.b), _np(rstd, acc).reshape(v.g, v.b),
+        y = torch.empty_like(xs)
+        w, b = _param(weight, pshape, acc, 1.0), _param(bias, pshape, acc, 0.0)
+        mean, rstd = _stat(mean, acc), _stat(rstd, acc)
+        _driver("apply_col" if v.col else "apply_seg", threads, activation)(
+            xs.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(), mean.data_ptr(), rstd.data_ptr(), tuple(v),
+            _TAG[xs.dtype], _TAG[acc], 0.0 if var_eps is None else float(var_eps), var_eps is not None, pl,
         )
-        if v.col:
-            _driver("apply_col", threads, activation)(*data, v.r2, pl)
-        else:
-            _driver("apply_seg", threads, activation)(*data, pl)
         return _narrow(y, x5.dtype)
 
     def update_running(
@@ -321,7 +304,10 @@ class CpuBackend:
         for running, stat, scale in ((running_mean, mean, 1.0), (running_var, var, var_scale)):
             if running is not None:
                 n = running.numel()
-                running_update(_arr(running, (n,)), stat.numpy(force=True).reshape(-1, n), 1.0 - momentum, momentum * scale)
+                running_update(
+                    running.data_ptr(), stat.data_ptr(), n, stat.numel() // n, _TAG[running.dtype], _TAG[stat.dtype],
+                    1.0 - momentum, momentum * scale,
+                )
                 torch.autograd.graph.increment_version(running)
 
     def backward(
@@ -344,23 +330,16 @@ class CpuBackend:
         threads = self._threads(xs.numel())
         pshape = tuple(param_shape)
         v, pl = _view_plan(x5, pshape, threads)
-        nlanes = _lanes(v, pl, threads)
         want_dx = output_mask[0]
-        xa = _arr(xs, v.data_shape)
-        dx, dxa = _empty(xs, v.data_shape) if want_dx else (None, xa[:0])
-        pcols = (v.p, v.b * v.r2) if v.col else v.param_shape
-        lanes = np.zeros((2, nlanes, *pcols))
-        args = (
-            _arr(dys, v.data_shape), xa, dxa,
-            _np(mean, acc).reshape(v.g, v.b), _np(rstd, acc).reshape(v.g, v.b), _param(weight, v, pshape, acc, 1.0),
-            _param(bias, v, pshape, acc, 0.0), lanes[0], lanes[1],
+        dx = torch.empty_like(xs) if want_dx else None
+        dweight, dbias = torch.empty(pshape, dtype=acc), torch.empty(pshape, dtype=acc)
+        w, b = _param(weight, pshape, acc, 1.0), _param(bias, pshape, acc, 0.0)
+        mean, rstd = _stat(mean, acc), _stat(rstd, acc)
+        _driver("backward_col" if v.col else "backward_seg", threads, activation)(
+            dys.data_ptr(), xs.data_ptr(), dx.data_ptr() if want_dx else 0, mean.data_ptr(), rstd.data_ptr(),
+            w.data_ptr(), b.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), tuple(v), _TAG[xs.dtype], _TAG[acc],
+            rms, batch_stats, want_dx, _lanes(v, pl, threads), pl,
         )
-        flags = (rms, batch_stats, want_dx, nlanes, pl)
-        if v.col:
-            _driver("backward_col", threads, activation)(*args, v.r2, *flags)
-        else:
-            _driver("backward_seg", threads, activation)(*args, *flags)
-        dweight, dbias = _param_grads(lanes, pshape, acc) if output_mask[1] or output_mask[2] else (None, None)
         return Grads(
             _narrow(dx, x5.dtype) if want_dx else None,
             dweight if output_mask[1] else None,
@@ -369,9 +348,11 @@ class CpuBackend:
 
 
 def _blendable(running: Tensor | None, stat: Tensor) -> bool:
-    """A buffer the update kernel writes: the statistics' dtype, or bfloat16 (a bf16 model's buffers)."""
+    """A buffer the update kernel writes: the statistics' dtype, or bfloat16 (a bf16 model's buffers),
+    from dense statistics of the kernels' own dtypes."""
     return running is None or (
         (running.dtype == stat.dtype or (running.dtype == torch.bfloat16 and stat.dtype == torch.float32))
+        and stat.dtype in (torch.float32, torch.float64) and stat.is_cpu and stat.is_contiguous()
         and running.device.type == "cpu" and running.is_contiguous() and not running.requires_grad
     )
 
@@ -380,14 +361,6 @@ def _lanes(v: View, pl: tuple[int, ...], threads: int) -> int:
     """Lanes of a pass: one per thread, at most one per unit."""
     gchunk, nrc, _, nbc, _ = pl
     return min(threads, math.ceil(v.g / gchunk) * nrc * nbc)
-
-
-def _param_grads(lanes: np.ndarray, pshape: tuple[int, ...], acc: torch.dtype) -> tuple[Tensor, Tensor]:
-    """dweight and dbias from their per-lane float64 partials ``(2, lanes, ...)``: one kernel call (a
-    numpy reduction costs several microseconds each)."""
-    out = np.empty((2, *pshape), _NP[acc])
-    lane_sum(lanes.reshape(2, lanes.shape[1], -1), out.reshape(2, -1))
-    return torch.from_numpy(out[0]), torch.from_numpy(out[1])
 
 
 def precompile(

@@ -17,7 +17,9 @@ import math
 import torch
 from torch import Tensor
 
-from .contract import REDUCED_DIMS, Grads, Stats, param_reduce_dims, stats_dtype, update_running
+from .contract import (
+    REDUCED_DIMS, Grads, Stats, given_rstd, param_reduce_dims, stat_shape, stats_dtype, update_running,
+)
 
 _SLAB = 1 << 20  # elements of one slab's temporary: recycled from the heap, mostly in cache
 
@@ -178,10 +180,11 @@ class ReferenceBackend:
         return y, Stats(*(t.reshape(q, p, b) for t in st))
 
     def normalize(
-        self, x5: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None
+        self, x5: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None,
+        var_eps: float | None = None,
     ) -> Tensor:
-        centred = x5.to(stats_dtype(x5.dtype)) - _spread(_bcast(mean), x5)
-        return _affine(centred, _bcast(rstd), weight, bias, x5.dtype, owned=True)
+        centred = x5.to(stats_dtype(x5.dtype)) - _spread(_bcast(mean.reshape(stat_shape(x5))), x5)
+        return _affine(centred, _bcast(given_rstd(x5, rstd, var_eps)), weight, bias, x5.dtype, owned=True)
 
     @torch.no_grad()
     def backward(
