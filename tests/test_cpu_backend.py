@@ -280,10 +280,11 @@ def test_column_loops_need_rows(monkeypatch):
     monkeypatch.setattr(cpu, "SERIAL_BELOW", 0)
     assert cpu.col_rows(1) == 4 and cpu.col_rows(8) == 16
     few = torch.empty(1, 1, 2, 40, 16)  # BatchNorm NCHW, 2 x 40 x 4 x 4
-    assert not cpu._view_plan(few, (1, 1, 40, 1), 2)[0].col
+    assert not cpu.launch(few, (1, 1, 40, 1), 2).view.col
     enough = torch.empty(2, 1, 24, 8, 8)  # GroupNorm(8) channels-last, 2 x 64 x 4 x 6
-    v, (_, nrc, rchunk, _, _) = cpu._view_plan(enough, (1, 1, 8, 8), 2)
-    assert v.col and (nrc == 1 or rchunk >= cpu.col_rows(8))
+    ln = cpu.launch(enough, (1, 1, 8, 8), 2)
+    _, nrc, rchunk, _, _ = ln.plan
+    assert ln.view.col and ln.loops == "col" and (nrc == 1 or rchunk >= cpu.col_rows(8))
 
 
 def test_auto_picks_cpu_and_falls_back():

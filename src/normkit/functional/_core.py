@@ -239,8 +239,14 @@ _EagerFixed = _eager_function("_EagerFixed", _fixed, _setup_fixed, _backward_fix
 
 
 def records_graph(*inputs: Optional[Tensor]) -> bool:
-    """Whether autograd records a call on ``inputs``, so that a backward may follow."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    """Whether autograd records a call on ``inputs``, so that a backward may follow. A loop, not
+    ``any`` over a generator, which costs a microsecond more on every call."""
+    if not torch.is_grad_enabled():
+        return False
+    for t in inputs:
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 def _pick(op, eager, impl, *inputs: Optional[Tensor]):

@@ -153,24 +153,44 @@ def _divisor_near(n: int, target: int) -> int:
     return n
 
 
-@lru_cache(maxsize=256)
-def _setup(
-    shape5: tuple[int, ...], pshape: tuple[int, ...], itemsize: int, threads: int, fuse: bool, tuning: tuple[int, ...]
-) -> tuple[View, tuple[int, ...]]:
-    """The view (as the kernels' dims) and plan of a call, computed once per shape: ``tuning`` (the
-    module constants) is part of the key, so that changing them takes effect."""
-    v = canonical(shape5, pshape, itemsize, threads)
-    return v, tuple(plan(v, itemsize, threads, fuse))
-
-
-def _view_plan(x5: Tensor, pshape: tuple[int, ...], threads: int, fuse: bool = True) -> tuple[View, tuple[int, ...]]:
-    itemsize = 4 if x5.dtype in WIDENED else x5.element_size()
-    return _setup(tuple(x5.shape), pshape, itemsize, threads, fuse, (CACHE_BYTES, UNIT_BYTES, COL_MAX_RUN))
-
-
 # Type tags the drivers compile for: a scalar of the data's type (bfloat16 as its uint16 bits) and of
 # the statistics' type.
 _TAG = {torch.float32: np.float32(0), torch.float64: np.float64(0), torch.bfloat16: np.uint16(0)}
+
+
+class Launch(NamedTuple):
+    """What a call passes the drivers besides its data, worked out once per shape, dtype and thread
+    count (each Python operation of a call costs microseconds; more after a kernel has evicted the
+    interpreter's data from cache)."""
+
+    view: View
+    dims: tuple[int, ...]
+    plan: tuple[int, ...]
+    lanes: int
+    loops: str  # the drivers' suffix: "col" or "seg"
+    val: np.generic  # type tags of the data and of the statistics
+    acc: np.generic
+
+
+@lru_cache(maxsize=256)
+def _setup(
+    shape5: tuple[int, ...], pshape: tuple[int, ...], dtype: torch.dtype, threads: int, fuse: bool,
+    tuning: tuple[int, ...],
+) -> Launch:
+    """``tuning`` (the module constants) is part of the key, so that changing them takes effect."""
+    kernel_dtype = torch.float32 if dtype in WIDENED else dtype
+    itemsize = kernel_dtype.itemsize
+    v = canonical(shape5, pshape, itemsize, threads)
+    pl = plan(v, itemsize, threads, fuse)
+    return Launch(
+        v, tuple(v), tuple(pl), _lanes(v, pl, threads), "col" if v.col else "seg", _TAG[kernel_dtype],
+        _TAG[_acc(kernel_dtype)],
+    )
+
+
+def launch(x5: Tensor, pshape: tuple[int, ...], threads: int, fuse: bool = True) -> Launch:
+    """How the drivers run on ``x5`` with parameters of ``pshape`` (``fuse``: see ``plan``)."""
+    return _setup(tuple(x5.shape), pshape, x5.dtype, threads, fuse, (CACHE_BYTES, UNIT_BYTES, COL_MAX_RUN))
 
 
 @lru_cache(maxsize=64)
@@ -260,15 +280,15 @@ class CpuBackend:
         acc = _acc(xs.dtype)
         threads = self._threads(xs.numel())
         pshape = _pshape(x5, weight, bias)
-        v, pl = _view_plan(x5, pshape, threads)
+        ln = launch(x5, pshape, threads)
         y = torch.empty_like(xs)
         q, p, _, nb, _ = x5.shape
         # three allocations: the statistics are outputs of a custom op, which may not alias each other
         st = Stats(torch.empty((q, p, nb), dtype=acc), torch.empty((q, p, nb), dtype=acc), torch.empty((q, p, nb), dtype=acc))
         w, b = _param(weight, pshape, acc, 1.0), _param(bias, pshape, acc, 0.0)
-        _driver("forward_col" if v.col else "forward_seg", threads, activation)(
+        _driver("forward_" + ln.loops, threads, activation)(
             xs.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(), st.mean.data_ptr(), st.rstd.data_ptr(),
-            st.var.data_ptr(), tuple(v), _TAG[xs.dtype], _TAG[acc], float(eps), rms, _lanes(v, pl, threads), pl,
+            st.var.data_ptr(), ln.dims, ln.val, ln.acc, float(eps), rms, ln.lanes, ln.plan,
         )
         return _narrow(y, x5.dtype), st
 
@@ -280,13 +300,13 @@ class CpuBackend:
         acc = _acc(xs.dtype)
         threads = self._threads(xs.numel())
         pshape = _pshape(x5, weight, bias)
-        v, pl = _view_plan(x5, pshape, threads, fuse=False)
+        ln = launch(x5, pshape, threads, fuse=False)
         y = torch.empty_like(xs)
         w, b = _param(weight, pshape, acc, 1.0), _param(bias, pshape, acc, 0.0)
         mean, rstd = _stat(mean, acc), _stat(rstd, acc)
-        _driver("apply_col" if v.col else "apply_seg", threads, activation)(
-            xs.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(), mean.data_ptr(), rstd.data_ptr(), tuple(v),
-            _TAG[xs.dtype], _TAG[acc], 0.0 if var_eps is None else float(var_eps), var_eps is not None, pl,
+        _driver("apply_" + ln.loops, threads, activation)(
+            xs.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(), mean.data_ptr(), rstd.data_ptr(), ln.dims,
+            ln.val, ln.acc, 0.0 if var_eps is None else float(var_eps), var_eps is not None, ln.plan,
         )
         return _narrow(y, x5.dtype)
 
@@ -329,16 +349,16 @@ class CpuBackend:
         acc = _acc(xs.dtype)
         threads = self._threads(xs.numel())
         pshape = tuple(param_shape)
-        v, pl = _view_plan(x5, pshape, threads)
+        ln = launch(x5, pshape, threads)
         want_dx = output_mask[0]
         dx = torch.empty_like(xs) if want_dx else None
         dweight, dbias = torch.empty(pshape, dtype=acc), torch.empty(pshape, dtype=acc)
         w, b = _param(weight, pshape, acc, 1.0), _param(bias, pshape, acc, 0.0)
         mean, rstd = _stat(mean, acc), _stat(rstd, acc)
-        _driver("backward_col" if v.col else "backward_seg", threads, activation)(
+        _driver("backward_" + ln.loops, threads, activation)(
             dys.data_ptr(), xs.data_ptr(), dx.data_ptr() if want_dx else 0, mean.data_ptr(), rstd.data_ptr(),
-            w.data_ptr(), b.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), tuple(v), _TAG[xs.dtype], _TAG[acc],
-            rms, batch_stats, want_dx, _lanes(v, pl, threads), pl,
+            w.data_ptr(), b.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), ln.dims, ln.val, ln.acc,
+            rms, batch_stats, want_dx, ln.lanes, ln.plan,
         )
         return Grads(
             _narrow(dx, x5.dtype) if want_dx else None,
@@ -353,11 +373,11 @@ def _blendable(running: Tensor | None, stat: Tensor) -> bool:
     return running is None or (
         (running.dtype == stat.dtype or (running.dtype == torch.bfloat16 and stat.dtype == torch.float32))
         and stat.dtype in (torch.float32, torch.float64) and stat.is_cpu and stat.is_contiguous()
-        and running.device.type == "cpu" and running.is_contiguous() and not running.requires_grad
+        and running.is_cpu and running.is_contiguous() and not running.requires_grad
     )
 
 
-def _lanes(v: View, pl: tuple[int, ...], threads: int) -> int:
+def _lanes(v: View, pl: Plan, threads: int) -> int:
     """Lanes of a pass: one per thread, at most one per unit."""
     gchunk, nrc, _, nbc, _ = pl
     return min(threads, math.ceil(v.g / gchunk) * nrc * nbc)
