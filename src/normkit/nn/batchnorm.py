@@ -19,18 +19,23 @@ class _BatchNorm(NormBase):
         return self._normalize(input, mask, None)
 
     def _normalize(self, input: Tensor, mask: Tensor | None, activation: str | None) -> Tensor:
-        """torch's BatchNorm forward (running-stat bookkeeping included), ending in ``activation``."""
+        """torch's BatchNorm forward (running-stat bookkeeping included), ending in ``activation``. Each
+        buffer and parameter is read once: every read goes through ``Module.__getattr__``."""
         self._check_input_dim(input)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
+        training, momentum = self.training, self.momentum
+        factor = 0.0 if momentum is None else momentum
+        if training and self.track_running_stats:
+            tracked = self.num_batches_tracked
+            if tracked is not None:
+                tracked.add_(1)
+                factor = 1.0 / float(tracked) if momentum is None else momentum
+        running_mean, running_var = self.running_mean, self.running_var
+        use_batch_stats = training or (running_mean is None and running_var is None)
+        track = not training or self.track_running_stats
         return F.batch_norm(
             input,
-            self.running_mean if track else None,
-            self.running_var if track else None,
+            running_mean if track else None,
+            running_var if track else None,
             self.weight,
             self.bias,
             use_batch_stats,
