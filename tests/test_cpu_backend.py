@@ -287,6 +287,22 @@ def test_column_loops_need_rows(monkeypatch):
     assert ln.view.col and ln.loops == "col" and (nrc == 1 or rchunk >= cpu.col_rows(8))
 
 
+def test_shapes_that_do_not_fit_the_view_are_refused():
+    """The kernels index raw memory by the view's dims: a parameter, statistic or gradient of the
+    wrong size is an error, not a read past its end."""
+    x5 = torch.randn(2, 3, 4, 5, 6)
+    w, st = torch.ones(3, 1, 5, 1), REF.forward(x5, None, None, 1e-5, False)[1]
+    for bad in (torch.ones(3, 1, 4, 1), torch.ones(2, 1, 5, 1), torch.ones(3, 2, 5, 1), torch.ones(3, 1, 5, 2)):
+        with pytest.raises(ValueError, match="do not fit the view"):
+            CPU.forward(x5, bad, None, 1e-5, False)
+    with pytest.raises(ValueError, match="statistics for 30 groups"):
+        CPU.normalize(x5, st.mean[:1], st.rstd, w, None)
+    with pytest.raises(ValueError, match="statistics for 30 groups"):
+        CPU.backward(x5, x5, st.mean, st.rstd[:, :2], w, (3, 1, 5, 1), False, True, (True, True, True))
+    with pytest.raises(ValueError, match="dy of shape"):
+        CPU.backward(x5[:1], x5, st.mean, st.rstd, w, (3, 1, 5, 1), False, True, (True, True, True))
+
+
 def test_auto_picks_cpu_and_falls_back():
     x5 = torch.randn(4, 1, 8, 3, 5)
     with normkit.backend("auto"):

@@ -177,7 +177,12 @@ def _setup(
     shape5: tuple[int, ...], pshape: tuple[int, ...], dtype: torch.dtype, threads: int, fuse: bool,
     tuning: tuple[int, ...],
 ) -> Launch:
-    """``tuning`` (the module constants) is part of the key, so that changing them takes effect."""
+    """``tuning`` (the module constants) is part of the key, so that changing them takes effect. The
+    kernels index raw memory by these dims: parameters that do not fit the view are refused here."""
+    _, p, r1, b, r2 = shape5
+    if len(pshape) != 4 or pshape[0] != p or pshape[2] != b or pshape[1] not in (1, r1) or pshape[3] not in (1, r2):
+        raise ValueError(f"parameters of shape {pshape} do not fit the view {shape5}: expected (P, K1, B, K2), "
+                         "K1 in (1, R1), K2 in (1, R2)")
     kernel_dtype = torch.float32 if dtype in WIDENED else dtype
     itemsize = kernel_dtype.itemsize
     v = canonical(shape5, pshape, itemsize, threads)
@@ -210,8 +215,10 @@ def _param(t: Tensor | None, pshape: tuple[int, ...], acc: torch.dtype, absent: 
     return t
 
 
-def _stat(t: Tensor, acc: torch.dtype) -> Tensor:
-    """Statistics as the kernels read them: dense, in the accumulation dtype."""
+def _stat(t: Tensor, acc: torch.dtype, ln: Launch) -> Tensor:
+    """Statistics as the kernels read them: one per group, dense, in the accumulation dtype."""
+    if t.numel() != ln.dims[0] * ln.dims[2]:
+        raise ValueError(f"{t.numel()} statistics for {ln.dims[0] * ln.dims[2]} groups")
     return t if t.dtype == acc and t.is_contiguous() else t.detach().to(acc).contiguous()
 
 
@@ -303,7 +310,7 @@ class CpuBackend:
         ln = launch(x5, pshape, threads, fuse=False)
         y = torch.empty_like(xs)
         w, b = _param(weight, pshape, acc, 1.0), _param(bias, pshape, acc, 0.0)
-        mean, rstd = _stat(mean, acc), _stat(rstd, acc)
+        mean, rstd = _stat(mean, acc, ln), _stat(rstd, acc, ln)
         _driver("apply_" + ln.loops, threads, activation)(
             xs.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(), mean.data_ptr(), rstd.data_ptr(), ln.dims,
             ln.val, ln.acc, 0.0 if var_eps is None else float(var_eps), var_eps is not None, ln.plan,
@@ -345,6 +352,8 @@ class CpuBackend:
         activation: str | None = None,
     ) -> Grads:
         """The contract's backward; ``bias`` is needed only with an ``activation``."""
+        if dy5.shape != x5.shape:
+            raise ValueError(f"dy of shape {tuple(dy5.shape)} for x of shape {tuple(x5.shape)}")
         xs, dys = _widen(x5), _widen(dy5).contiguous()
         acc = _acc(xs.dtype)
         threads = self._threads(xs.numel())
@@ -354,7 +363,7 @@ class CpuBackend:
         dx = torch.empty_like(xs) if want_dx else None
         dweight, dbias = torch.empty(pshape, dtype=acc), torch.empty(pshape, dtype=acc)
         w, b = _param(weight, pshape, acc, 1.0), _param(bias, pshape, acc, 0.0)
-        mean, rstd = _stat(mean, acc), _stat(rstd, acc)
+        mean, rstd = _stat(mean, acc, ln), _stat(rstd, acc, ln)
         _driver("backward_" + ln.loops, threads, activation)(
             dys.data_ptr(), xs.data_ptr(), dx.data_ptr() if want_dx else 0, mean.data_ptr(), rstd.data_ptr(),
             w.data_ptr(), b.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), ln.dims, ln.val, ln.acc,
