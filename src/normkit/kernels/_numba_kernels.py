@@ -73,6 +73,7 @@ def _f32_to_bits(typingctx, value):
 
 @intrinsic
 def _address(typingctx, addr, tag):
+    """The int ``addr`` as a pointer to elements of ``tag``'s type (for ``carray``)."""
     ptr = types.CPointer(tag)
 
     def codegen(context, builder, signature, args):

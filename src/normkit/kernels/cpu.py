@@ -78,10 +78,6 @@ class View(NamedTuple):
         are rows enough to pay for expanding the per-group values to columns."""
         return self.b > 1 and self.r2 < COL_MAX_RUN and self.k1 == 1 and self.r1 >= col_rows(self.r2)
 
-    @property
-    def param_shape(self) -> tuple[int, int, int, int]:
-        return (self.p, self.k1, self.b, self.k2)
-
 
 
 def col_rows(r2: int) -> int:
