@@ -194,7 +194,7 @@ def _backward_batch(ctx, dy, _dmean, _drstd, _dvar):
 def _setup_fixed(ctx, inputs, output, eager: bool = False):
     x, shape, mean, rstd, weight, bias, activation, var_eps = inputs
     q, p, _, b, _ = shape
-    rstd = given_rstd(x.view(shape), rstd, var_eps)  # taken now: the variance may change before backward
+    rstd = given_rstd((q, p, b), rstd, var_eps)  # taken now: the variance may change before backward
     ctx.save_for_backward(x, mean.reshape(q, p, b), rstd, weight, bias)
     ctx.shape, ctx.rms, ctx.param_index, ctx.activation = shape, False, 4, activation
     ctx.eager = eager

@@ -90,6 +90,31 @@ def _at(addr, shape, tag):
     return carray(_address(addr, tag), shape)
 
 
+@njit(**_HELPER)
+def _seg_at(addr, dims, tag):
+    """Data of the seg loops at ``addr``: (G, R1, B, R2) of the dims ``(G, R1, B, R2, P, K1, K2)``."""
+    return _at(addr, (dims[0], dims[1], dims[2], dims[3]), tag)
+
+
+@njit(**_HELPER)
+def _col_at(addr, dims, tag):
+    """Data of the column loops at ``addr``: (G, R1, B * R2)."""
+    return _at(addr, (dims[0], dims[1], dims[2] * dims[3]), tag)
+
+
+@njit(**_HELPER)
+def _params_at(wp, bp, dims, tag):
+    """Weight and bias at ``wp``, ``bp``: (P, K1, B, K2) each."""
+    shape = (dims[4], dims[5], dims[2], dims[6])
+    return _at(wp, shape, tag), _at(bp, shape, tag)
+
+
+@njit(**_HELPER)
+def _stat_at(addr, dims, tag):
+    """One statistic per group at ``addr``: (G, B)."""
+    return _at(addr, (dims[0], dims[2]), tag)
+
+
 def _load(v):
     """An element as a float: bfloat16 bits (uint16) widen to float32, floats pass through."""
 
@@ -674,14 +699,10 @@ def _zeros(shape, like):
 def forward_seg(xp, yp, wp, bp, mp, rp, vp, dims, val, acc, eps, rms, nlanes, plan):
     """Statistics of ``x`` (G, R1, B, R2) into mean/rstd/var (G, B) and the output into ``y``; unfused,
     each of ``nlanes`` lanes (one per thread) sums its units, then writes them in reverse."""
-    G, R1, B, R2, P, K1, K2 = dims
-    x = _at(xp, (G, R1, B, R2), val)
-    y = _at(yp, (G, R1, B, R2), val)
-    w = _at(wp, (P, K1, B, K2), acc)
-    bias = _at(bp, (P, K1, B, K2), acc)
-    mean = _at(mp, (G, B), acc)
-    rstd = _at(rp, (G, B), acc)
-    var = _at(vp, (G, B), acc)
+    G, R1, B, R2 = dims[:4]
+    x, y = _seg_at(xp, dims, val), _seg_at(yp, dims, val)
+    w, bias = _params_at(wp, bp, dims, acc)
+    mean, rstd, var = _stat_at(mp, dims, acc), _stat_at(rp, dims, acc), _stat_at(vp, dims, acc)
     n = R1 * R2
     nrc = plan[1]
     units = _units(plan, G)
@@ -722,15 +743,11 @@ def forward_seg(xp, yp, wp, bp, mp, rp, vp, dims, val, acc, eps, rms, nlanes, pl
 
 def forward_col(xp, yp, wp, bp, mp, rp, vp, dims, val, acc, eps, rms, nlanes, plan):
     """``forward_seg`` for ``x`` (G, R1, W) with groups of ``r2`` adjacent columns."""
-    G, R1, B, r2, P, K1, K2 = dims
+    G, R1, B, r2 = dims[:4]
     W = B * r2
-    x = _at(xp, (G, R1, W), val)
-    y = _at(yp, (G, R1, W), val)
-    w = _at(wp, (P, K1, B, K2), acc)
-    bias = _at(bp, (P, K1, B, K2), acc)
-    mean = _at(mp, (G, B), acc)
-    rstd = _at(rp, (G, B), acc)
-    var = _at(vp, (G, B), acc)
+    x, y = _col_at(xp, dims, val), _col_at(yp, dims, val)
+    w, bias = _params_at(wp, bp, dims, acc)
+    mean, rstd, var = _stat_at(mp, dims, acc), _stat_at(rp, dims, acc), _stat_at(vp, dims, acc)
     n = R1 * r2
     nrc = plan[1]
     units = _units(plan, G)
@@ -787,13 +804,10 @@ def forward_col(xp, yp, wp, bp, mp, rp, vp, dims, val, acc, eps, rms, nlanes, pl
 def apply_seg(xp, yp, wp, bp, mp, rp, dims, val, acc, eps, from_var, plan):
     """Normalize with given statistics (no reductions): one pass. With ``from_var`` the second
     statistic is the variance, and rstd is taken here."""
-    G, R1, B, R2, P, K1, K2 = dims
-    x = _at(xp, (G, R1, B, R2), val)
-    y = _at(yp, (G, R1, B, R2), val)
-    w = _at(wp, (P, K1, B, K2), acc)
-    bias = _at(bp, (P, K1, B, K2), acc)
-    mean = _at(mp, (G, B), acc)
-    rstd = _rstd(_at(rp, (G, B), acc), eps, from_var)
+    G, R1, B = dims[:3]
+    x, y = _seg_at(xp, dims, val), _seg_at(yp, dims, val)
+    w, bias = _params_at(wp, bp, dims, acc)
+    mean, rstd = _stat_at(mp, dims, acc), _rstd(_stat_at(rp, dims, acc), eps, from_var)
     for u in prange(_units(plan, G)):
         g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
         for g in range(g0, g1):
@@ -801,14 +815,10 @@ def apply_seg(xp, yp, wp, bp, mp, rp, dims, val, acc, eps, from_var, plan):
 
 
 def apply_col(xp, yp, wp, bp, mp, rp, dims, val, acc, eps, from_var, plan):
-    G, R1, B, r2, P, K1, K2 = dims
-    W = B * r2
-    x = _at(xp, (G, R1, W), val)
-    y = _at(yp, (G, R1, W), val)
-    w = _at(wp, (P, K1, B, K2), acc)
-    bias = _at(bp, (P, K1, B, K2), acc)
-    mean = _at(mp, (G, B), acc)
-    rstd = _rstd(_at(rp, (G, B), acc), eps, from_var)
+    G, R1, B, r2 = dims[:4]
+    x, y = _col_at(xp, dims, val), _col_at(yp, dims, val)
+    w, bias = _params_at(wp, bp, dims, acc)
+    mean, rstd = _stat_at(mp, dims, acc), _rstd(_stat_at(rp, dims, acc), eps, from_var)
     for u in prange(_units(plan, G)):
         g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
         for g in range(g0, g1):
@@ -822,13 +832,10 @@ def backward_seg(dyp, xp, dxp, mp, rp, wp, bp, dwp, dbp, dims, val, acc, rms, ba
     2 computes dx, from cache when a unit owns whole groups.
     """
     G, R1, B, R2, P, K1, K2 = dims
-    dy = _at(dyp, (G, R1, B, R2), val)
-    x = _at(xp, (G, R1, B, R2), val)
-    dx = _at(dxp, (G if want_dx else 0, R1, B, R2), val)
-    mean = _at(mp, (G, B), acc)
-    rstd = _at(rp, (G, B), acc)
-    w = _at(wp, (P, K1, B, K2), acc)
-    bias = _at(bp, (P, K1, B, K2), acc)
+    dy, x = _seg_at(dyp, dims, val), _seg_at(xp, dims, val)
+    dx = _seg_at(dxp, dims, val)[: G if want_dx else 0]  # without dx: an empty view of address 0
+    mean, rstd = _stat_at(mp, dims, acc), _stat_at(rp, dims, acc)
+    w, bias = _params_at(wp, bp, dims, acc)
     lanes = _zeros((2, nlanes, P, K1, B, K2), 0.0)
     dwl, dbl = lanes[0], lanes[1]
     n = R1 * R2
@@ -854,7 +861,7 @@ def backward_seg(dyp, xp, dxp, mp, rp, wp, bp, dwp, dbp, dims, val, acc, rms, ba
                     _seg_dx(dy, x, dx, g, 0, R1, b0, b1, mean, rstd, w, bias, _ACT, c1, c2)
             _flush_params(dwt, dwl[lane], g0, g1, b0, b1)
             _flush_params(dbt, dbl[lane], g0, g1, b0, b1)
-    _lane_sum(lanes.reshape(2, nlanes, P * K1 * B * K2), _at(dwp, (P * K1 * B * K2,), acc), _at(dbp, (P * K1 * B * K2,), acc))
+    _lane_sum(lanes.reshape(2, nlanes, -1), _params_at(dwp, dbp, dims, acc))
     if fused or not want_dx:
         return
     if batch_stats:
@@ -873,15 +880,12 @@ def backward_seg(dyp, xp, dxp, mp, rp, wp, bp, dwp, dbp, dims, val, acc, rms, ba
 
 def backward_col(dyp, xp, dxp, mp, rp, wp, bp, dwp, dbp, dims, val, acc, rms, batch_stats, want_dx, nlanes, plan):
     """``backward_seg`` for the col view; ``dwl``/``dbl`` are (lanes, P, W)."""
-    G, R1, B, r2, P, K1, K2 = dims
+    G, R1, B, r2, P = dims[:5]
     W = B * r2
-    dy = _at(dyp, (G, R1, W), val)
-    x = _at(xp, (G, R1, W), val)
-    dx = _at(dxp, (G if want_dx else 0, R1, W), val)
-    mean = _at(mp, (G, B), acc)
-    rstd = _at(rp, (G, B), acc)
-    w = _at(wp, (P, K1, B, K2), acc)
-    bias = _at(bp, (P, K1, B, K2), acc)
+    dy, x = _col_at(dyp, dims, val), _col_at(xp, dims, val)
+    dx = _col_at(dxp, dims, val)[: G if want_dx else 0]  # without dx: an empty view of address 0
+    mean, rstd = _stat_at(mp, dims, acc), _stat_at(rp, dims, acc)
+    w, bias = _params_at(wp, bp, dims, acc)
     lanes = _zeros((2, nlanes, P, W), 0.0)
     dwl, dbl = lanes[0], lanes[1]
     n = R1 * r2
@@ -916,7 +920,7 @@ def backward_col(dyp, xp, dxp, mp, rp, wp, bp, dwp, dbp, dims, val, acc, rms, ba
                         c1[g, b] = 0.0 if rms else ps[g, 0, b] / n
                         c2[g, b] = pss[g, 0, b] / n
                     _col_dx(dy, x, dx, g, 0, R1, j0, j1, r2, mean, rstd, w, bias, _ACT, c1, c2)
-    _lane_sum(lanes.reshape(2, nlanes, P * W), _at(dwp, (P * K1 * B * K2,), acc), _at(dbp, (P * K1 * B * K2,), acc))
+    _lane_sum(lanes.reshape(2, nlanes, -1), _params_at(dwp, dbp, dims, acc))
     if fused or not want_dx:
         return
     if batch_stats:
@@ -960,11 +964,13 @@ def _rstd(stat, eps, from_var):
 
 
 @njit(**_HELPER)
-def _lane_sum(lanes, dw, db):
-    """``out_i[j] = sum over lanes l and k < F of lanes[i, l, j * F + k]`` for ``out_0, out_1 = dw, db``,
-    ``F`` the partials per output (1, or a group's columns in the column loops): dweight and dbias
-    from the backward's per-lane float64 partials, rounded once to their dtype."""
+def _lane_sum(lanes, grads):
+    """``out_i[j] = sum over lanes l and k < F of lanes[i, l, j * F + k]`` for ``out_0, out_1 = grads``
+    (dweight, dbias) taken flat, ``F`` the partials per output (1, or a group's columns in the column
+    loops): dweight and dbias from the backward's per-lane float64 partials, rounded once to their
+    dtype."""
     n_lanes, n = lanes.shape[1], lanes.shape[2]
+    dw, db = grads[0].reshape(grads[0].size), grads[1].reshape(grads[1].size)
     m = dw.shape[0]
     f = n // m
     for i in range(2):

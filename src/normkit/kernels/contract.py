@@ -52,9 +52,10 @@ def stat_shape(x5: Tensor) -> tuple[int, int, int]:
     return (q, p, b)
 
 
-def given_rstd(x5: Tensor, rstd: Tensor, var_eps: float | None) -> Tensor:
-    """The rstd of ``normalize``'s arguments, shaped ``(Q, P, B)``, with torch ops (any device)."""
-    return (rstd if var_eps is None else torch.rsqrt(rstd + var_eps)).reshape(stat_shape(x5))
+def given_rstd(shape: tuple[int, int, int], rstd: Tensor, var_eps: float | None) -> Tensor:
+    """The rstd of ``normalize``'s arguments, with torch ops (any device), in the statistics' ``shape``
+    ``(Q, P, B)``."""
+    return (rstd if var_eps is None else torch.rsqrt(rstd + var_eps)).reshape(shape)
 
 
 def param_reduce_dims(param_shape: tuple[int, ...] | torch.Size) -> tuple[int, ...]:

@@ -184,7 +184,7 @@ class ReferenceBackend:
         var_eps: float | None = None,
     ) -> Tensor:
         centred = x5.to(stats_dtype(x5.dtype)) - _spread(_bcast(mean.reshape(stat_shape(x5))), x5)
-        return _affine(centred, _bcast(given_rstd(x5, rstd, var_eps)), weight, bias, x5.dtype, owned=True)
+        return _affine(centred, _bcast(given_rstd(stat_shape(x5), rstd, var_eps)), weight, bias, x5.dtype, owned=True)
 
     @torch.no_grad()
     def backward(

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import _triton_kernels as kern
 from ._triton_plan import MAX_FUSED, MAX_TILE, Tile, cdiv, choose_tile, finalize_blocks, split, warps_for
-from .contract import ACTIVATIONS, Grads, Stats, check_activation, given_rstd, update_running
+from .contract import ACTIVATIONS, Grads, Stats, check_activation, given_rstd, stat_shape, update_running
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CPU_PROGRAMS = 4
@@ -138,7 +138,7 @@ class TritonBackend:
         var_eps: float | None = None,
     ) -> Tensor:
         y = torch.empty_like(x5)
-        mean, rstd = mean.contiguous(), given_rstd(x5, rstd, var_eps).contiguous()
+        mean, rstd = mean.contiguous(), given_rstd(stat_shape(x5), rstd, var_eps).contiguous()
         with _device(x5):
             self._apply(x5, y, weight, bias, mean, rstd, mean, 0.0, self.tile(x5), False, False, activation)
         return y
