@@ -14,6 +14,7 @@ an autograd.Function with the same context and backward when one is.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -113,7 +114,17 @@ def _backward(
     return dx, _or_empty(grads.dweight, x), _or_empty(grads.dbias, x)
 
 
-_norm_backward = torch.library.custom_op("normkit::norm_backward", _backward, mutates_args=())
+@functools.wraps(_backward)
+def _backward_apart(*args, **kwargs) -> tuple[Tensor, Tensor, Tensor]:
+    """The op's outputs may not share storage, but a backend may return dweight and dbias as two rows
+    of one buffer (finished by one reduction): the op alone pays for copying them apart."""
+    dx, dw, db = _backward(*args, **kwargs)
+    if dw.numel() and db.numel() and dw.untyped_storage().data_ptr() == db.untyped_storage().data_ptr():
+        db = db.clone()
+    return dx, dw, db
+
+
+_norm_backward = torch.library.custom_op("normkit::norm_backward", _backward_apart, mutates_args=())
 
 
 def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
