@@ -16,7 +16,7 @@ import normkit.nn as nk
 from normkit import kernels
 from normkit.functional import _layout as L
 from normkit.functional import activation as composed
-from normkit.kernels import cpu
+from normkit.kernels import _numba_kernels, cpu
 from normkit.numerics import CASES, LAYERS, applies, max_error
 from normkit.selection import resolve
 
@@ -287,6 +287,28 @@ def test_column_loops_need_rows(monkeypatch):
     assert ln.view.col and ln.loops == "col" and (nrc == 1 or rchunk >= cpu.col_rows(8))
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+@pytest.mark.parametrize(
+    "shape5", [(1, 1, 32, 512, 49), (1, 1, 8, 256, 1024), (1, 1, 4096, 64, 1), (64, 1, 1, 1, 768), (2, 1, 1, 1, 5),
+               (1, 1, 3, 7, 5), (8, 1, 64, 8, 32), (32, 1, 96, 32, 2), (3, 1, 5, 7, 1)],
+)
+def test_output_units_run_through_memory_in_order(monkeypatch, shape5, threads):
+    """The output-only pass (given statistics) cuts the view into runs of consecutive memory: taken
+    in order, the units cover every (slab, row, group) once, each starting where the last one ended,
+    so each thread's share of them is one contiguous block."""
+    monkeypatch.setattr(cpu, "SERIAL_BELOW", 0)
+    q, p, r1, b, r2 = shape5
+    ln = cpu.launch(torch.empty(shape5), (p, 1, b, 1), threads, apply=True)
+    g_total, r_total, b_total = ln.view.g, ln.view.r1, ln.view.b
+    covered = []
+    for u in range(_numba_kernels._units(ln.plan, g_total)):
+        g0, g1, _, r0, r1_, b0, b1 = _numba_kernels._unit(u, ln.plan, g_total, r_total, b_total)
+        covered += [(g * r_total + r) * b_total + c for g in range(g0, g1) for r in range(r0, r1_) for c in range(b0, b1)]
+    assert covered == list(range(g_total * r_total * b_total))
+    if ln.loops == "seg":  # column units keep a minimum of rows (test_column_loops_need_rows)
+        assert _numba_kernels._units(ln.plan, g_total) >= min(threads, g_total * r_total * b_total)
+
+
 def test_shapes_that_do_not_fit_the_view_are_refused():
     """The kernels index raw memory by the view's dims: a parameter, statistic or gradient of the
     wrong size is an error, not a read past its end."""
@@ -373,7 +395,7 @@ def test_forked_child_after_parallel_use(monkeypatch):
 
 PRECOMPILE_THEN_CALL = """
 import json, torch, normkit.functional as F, normkit.nn as nk
-from normkit.kernels import cpu
+from normkit.kernels import _numba_kernels, cpu
 
 def counts():
     return [len(d[a][1].signatures) for d in cpu.DRIVERS.values() for a in (None, "silu")]

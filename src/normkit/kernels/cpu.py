@@ -97,9 +97,9 @@ def threads_for(numel: int) -> int:
     return n
 
 
-def plan(v: View, itemsize: int, threads: int, fuse: bool = True) -> Plan:
-    """Cut the view into units: whole groups when they fit in cache and give every thread work
-    (``fuse``: statistics and output in one read), otherwise row chunks as well."""
+def plan(v: View, itemsize: int, threads: int) -> Plan:
+    """Cut the view into units for a pass with reductions: whole groups when they fit in cache and
+    give every thread work (statistics and output in one read), otherwise row chunks as well."""
     group_bytes = max(1, v.r1 * v.r2 * itemsize)
     want = 4 * threads if threads > 1 else 1
     if v.col:  # units of partial rows run several times slower than whole rows: split rows only
@@ -110,8 +110,8 @@ def plan(v: View, itemsize: int, threads: int, fuse: bool = True) -> Plan:
     nbc = math.ceil(v.b / bchunk)
     bchunk = math.ceil(v.b / nbc)
     units = v.g * nbc
-    enough = units >= (min(want, 2 * threads) if fuse else want)
-    if v.r1 == 1 or (enough and (not fuse or group_bytes * bchunk <= CACHE_BYTES)):
+    enough = units >= min(want, 2 * threads)
+    if v.r1 == 1 or (enough and group_bytes * bchunk <= CACHE_BYTES):
         gchunk = max(1, min(units // want, UNIT_BYTES // (group_bytes * bchunk)))
         return Plan(gchunk, 1, v.r1, nbc, bchunk)
     nrc = min(v.r1, max(math.ceil(want / units), math.ceil(group_bytes * bchunk / CACHE_BYTES)))
@@ -119,6 +119,24 @@ def plan(v: View, itemsize: int, threads: int, fuse: bool = True) -> Plan:
         nrc = min(nrc, max(1, v.r1 // col_rows(v.r2)))
     rchunk = math.ceil(v.r1 / nrc)
     return Plan(1, math.ceil(v.r1 / rchunk), rchunk, nbc, bchunk)
+
+
+def apply_plan(v: View, threads: int) -> Plan:
+    """Units for the output alone (no reductions): runs of consecutive memory, slabs first, then rows,
+    then groups, so each thread streams one contiguous block. Cutting by groups as the reductions do
+    makes every unit a strided run of short pieces: BatchNorm NCHW eval on 32x512x7x7 took 186 µs with
+    the caches flushed, 73 µs in row units."""
+    want = 4 * threads if threads > 1 else 1
+    if v.g >= want or v.r1 == 1 and v.b == 1:
+        return Plan(math.ceil(v.g / want), 1, v.r1, 1, v.b)
+    nrc = min(v.r1, math.ceil(want / v.g))
+    if v.col:
+        nrc = min(nrc, max(1, v.r1 // col_rows(v.r2)))
+    rchunk = math.ceil(v.r1 / nrc)
+    nrc = math.ceil(v.r1 / rchunk)
+    nbc = 1 if v.col or rchunk > 1 else min(v.b, math.ceil(want / (v.g * nrc)))
+    bchunk = math.ceil(v.b / nbc)
+    return Plan(1, nrc, rchunk, math.ceil(v.b / bchunk), bchunk)
 
 
 def canonical(shape5: tuple[int, ...], pshape: tuple[int, ...], itemsize: int, threads: int) -> View:
@@ -170,7 +188,7 @@ class Launch(NamedTuple):
 
 @lru_cache(maxsize=256)
 def _setup(
-    shape5: tuple[int, ...], pshape: tuple[int, ...], dtype: torch.dtype, threads: int, fuse: bool,
+    shape5: tuple[int, ...], pshape: tuple[int, ...], dtype: torch.dtype, threads: int, apply: bool,
     tuning: tuple[int, ...],
 ) -> Launch:
     """``tuning`` (the module constants) is part of the key, so that changing them takes effect. The
@@ -182,16 +200,17 @@ def _setup(
     kernel_dtype = torch.float32 if dtype in WIDENED else dtype
     itemsize = kernel_dtype.itemsize
     v = canonical(shape5, pshape, itemsize, threads)
-    pl = plan(v, itemsize, threads, fuse)
+    pl = apply_plan(v, threads) if apply else plan(v, itemsize, threads)
     return Launch(
         v, tuple(v), tuple(pl), _lanes(v, pl, threads), "col" if v.col else "seg", _TAG[kernel_dtype],
         _TAG[_acc(kernel_dtype)],
     )
 
 
-def launch(x5: Tensor, pshape: tuple[int, ...], threads: int, fuse: bool = True) -> Launch:
-    """How the drivers run on ``x5`` with parameters of ``pshape`` (``fuse``: see ``plan``)."""
-    return _setup(tuple(x5.shape), pshape, x5.dtype, threads, fuse, (CACHE_BYTES, UNIT_BYTES, COL_MAX_RUN))
+def launch(x5: Tensor, pshape: tuple[int, ...], threads: int, apply: bool = False) -> Launch:
+    """How the drivers run on ``x5`` with parameters of ``pshape``; ``apply``: the output alone, from
+    given statistics."""
+    return _setup(tuple(x5.shape), pshape, x5.dtype, threads, apply, (CACHE_BYTES, UNIT_BYTES, COL_MAX_RUN))
 
 
 @lru_cache(maxsize=64)
@@ -304,7 +323,7 @@ class CpuBackend:
         acc = _acc(xs.dtype)
         threads = self._threads(xs.numel())
         pshape = _pshape(x5, weight, bias)
-        ln = launch(x5, pshape, threads, fuse=False)
+        ln = launch(x5, pshape, threads, apply=True)
         y = torch.empty_like(xs)
         w, b = _param(weight, pshape, acc, 1.0), _param(bias, pshape, acc, 0.0)
         mean, rstd = _stat(mean, acc, ln), _stat(rstd, acc, ln)
