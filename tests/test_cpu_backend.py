@@ -16,7 +16,7 @@ import normkit.nn as nk
 from normkit import kernels
 from normkit.functional import _layout as L
 from normkit.functional import activation as composed
-from normkit.kernels import _numba_kernels, cpu
+from normkit.kernels import _numba_kernels, _pages, cpu
 from normkit.numerics import CASES, LAYERS, applies, max_error
 from normkit.selection import resolve
 
@@ -309,6 +309,31 @@ def test_output_units_run_through_memory_in_order(monkeypatch, shape5, threads):
         assert _numba_kernels._units(ln.plan, g_total) >= min(threads, g_total * r_total * b_total)
 
 
+def test_large_outputs_ask_for_huge_pages(monkeypatch):
+    """y, dx and normalize's output of 4 MB and more are advised into huge pages over the whole 2 MB
+    pages inside them, before they are written; smaller ones are left alone; results are unchanged."""
+    advised = []
+    monkeypatch.setattr(_pages, "madvise", lambda addr, length, advice: advised.append((addr, length, advice)) or 0)
+    x5 = torch.randn(1, 1, 8, 64, 2560) + 3.0  # 5.2 MB
+    w, b = torch.rand(1, 1, 64, 1) + 0.5, torch.randn(1, 1, 64, 1)
+    y, st = CPU.forward(x5, w, b, 1e-5, False)
+    g = CPU.backward(torch.ones_like(x5), x5, st.mean, st.rstd, w, (1, 1, 64, 1), False, True, (True, True, True))
+    y_fixed = CPU.normalize(x5, st.mean, st.rstd, w, b)
+    assert len(advised) == 3
+    for out, (addr, length, advice) in zip((y, g.dx, y_fixed), advised):
+        start, end = out.data_ptr(), out.data_ptr() + out.numel() * out.element_size()
+        assert advice == _pages.MADV_HUGEPAGE and addr % _pages.HUGE_PAGE == 0 and length % _pages.HUGE_PAGE == 0
+        assert start <= addr < addr + length <= end and end - start - length < 2 * _pages.HUGE_PAGE
+    y_r, st_r = REF.forward(x5, w, b, 1e-5, False)
+    _close(y, y_r, 1e-5, "y")
+    _close(y_fixed, y_r, 1e-5, "normalize")
+    _close(g.dx, REF.backward(torch.ones_like(x5), x5, st_r.mean, st_r.rstd, w, (1, 1, 64, 1), False, True,
+                              (True, True, True)).dx, 1e-4, "dx")
+    advised.clear()
+    CPU.forward(x5[:, :, :1, :, :1000].contiguous(), w, b, 1e-5, False)
+    assert advised == []
+
+
 def test_shapes_that_do_not_fit_the_view_are_refused():
     """The kernels index raw memory by the view's dims: a parameter, statistic or gradient of the
     wrong size is an error, not a read past its end."""
@@ -395,7 +420,7 @@ def test_forked_child_after_parallel_use(monkeypatch):
 
 PRECOMPILE_THEN_CALL = """
 import json, torch, normkit.functional as F, normkit.nn as nk
-from normkit.kernels import _numba_kernels, cpu
+from normkit.kernels import _numba_kernels, _pages, cpu
 
 def counts():
     return [len(d[a][1].signatures) for d in cpu.DRIVERS.values() for a in (None, "silu")]

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import _pages as pages
 from ._numba_kernels import DRIVERS, running_update
 from .contract import ACTIVATIONS, Grads, Stats, check_activation, update_running
 
@@ -303,7 +304,7 @@ class CpuBackend:
         threads = self._threads(xs.numel())
         pshape = _pshape(x5, weight, bias)
         ln = launch(x5, pshape, threads)
-        y = torch.empty_like(xs)
+        y = pages.empty_like(xs)
         q, p, _, nb, _ = x5.shape
         # three allocations: the statistics are outputs of a custom op, which may not alias each other.
         # Sizes as separate arguments: a shape tuple costs a microsecond more per allocation.
@@ -324,7 +325,7 @@ class CpuBackend:
         threads = self._threads(xs.numel())
         pshape = _pshape(x5, weight, bias)
         ln = launch(x5, pshape, threads, apply=True)
-        y = torch.empty_like(xs)
+        y = pages.empty_like(xs)
         w, b = _param(weight, pshape, acc, 1.0), _param(bias, pshape, acc, 0.0)
         mean, rstd = _stat(mean, acc, ln), _stat(rstd, acc, ln)
         _driver("apply_" + ln.loops, threads, activation)(
@@ -376,7 +377,7 @@ class CpuBackend:
         pshape = tuple(param_shape)
         ln = launch(x5, pshape, threads)
         want_dx = output_mask[0]
-        dx = torch.empty_like(xs) if want_dx else None
+        dx = pages.empty_like(xs) if want_dx else None
         dweight, dbias = torch.empty(*pshape, dtype=acc), torch.empty(*pshape, dtype=acc)
         w, b = _param(weight, pshape, acc, 1.0), _param(bias, pshape, acc, 0.0)
         mean, rstd = _stat(mean, acc, ln), _stat(rstd, acc, ln)

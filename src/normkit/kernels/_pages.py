@@ -1,0 +1,57 @@
+"""Outputs backed by huge pages on Linux.
+
+An output larger than glibc's mmap threshold (32 MB at most) is fresh memory on every call, and the
+kernel faults it in 4 KB at a time as the first write touches it: on a 2-core VM a 98 MB output took
+26 ms to write, against 5.3 ms in 2 MB pages (512 times fewer faults). torch does the same for every
+allocation when ``THP_MEM_ALLOC_ENABLE=1`` is set before it starts; here it applies to the backend's
+own outputs whatever the environment. The hint is ``madvise(MADV_HUGEPAGE)`` on the 2 MB-aligned
+interior of the new tensor, before anything is written there: the tensor stays an ordinary torch
+allocation, and as the whole interior is written at once, no memory is held beyond what it uses.
+Where transparent huge pages are off, or the call fails, nothing changes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+import torch
+from torch import Tensor
+
+HUGE_PAGE = 1 << 21
+MADV_HUGEPAGE = 14  # Linux's value (<sys/mman.h>); other systems number their advice differently
+# Outputs below this are mostly reused heap memory, already faulted in.
+MIN_BYTES = 2 * HUGE_PAGE
+
+
+def _madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+madvise = _madvise()
+
+
+def hint(t: Tensor) -> Tensor:
+    """Ask for huge pages under ``t``'s whole 2 MB pages (a fresh tensor, not yet written); ``t``."""
+    nbytes = t.numel() * t.element_size()
+    if madvise is None or nbytes < MIN_BYTES:
+        return t
+    start = t.data_ptr()
+    lo = -(-start // HUGE_PAGE) * HUGE_PAGE
+    hi = (start + nbytes) // HUGE_PAGE * HUGE_PAGE
+    if hi > lo:
+        madvise(lo, hi - lo, MADV_HUGEPAGE)
+    return t
+
+
+def empty_like(t: Tensor) -> Tensor:
+    """``torch.empty_like(t)``, in huge pages where it is large enough to profit."""
+    return hint(torch.empty_like(t))
