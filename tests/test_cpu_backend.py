@@ -46,10 +46,10 @@ RMS = {"rms"}
 SPLITS = {
     "default": {},
     "parallel": {"SERIAL_BELOW": 0},
-    "rowchunks": {"SERIAL_BELOW": 0, "CACHE_BYTES": 2048},
+    "rowchunks": {"SERIAL_BELOW": 0, "CACHE_BYTES": 2048, "COL_CACHE_BYTES": 2048},
     "segonly": {"SERIAL_BELOW": 0, "COL_MAX_RUN": 0},
     "serial": {"SERIAL_BELOW": 1 << 62},
-    "serial-rowchunks": {"SERIAL_BELOW": 1 << 62, "CACHE_BYTES": 2048},
+    "serial-rowchunks": {"SERIAL_BELOW": 1 << 62, "CACHE_BYTES": 2048, "COL_CACHE_BYTES": 2048},
 }
 SERIAL_SPLITS = ("serial", "serial-rowchunks")
 
