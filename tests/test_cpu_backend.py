@@ -297,7 +297,7 @@ def test_output_units_run_through_memory_in_order(monkeypatch, shape5, threads):
     in order, the units cover every (slab, row, group) once, each starting where the last one ended,
     so each thread's share of them is one contiguous block."""
     monkeypatch.setattr(cpu, "SERIAL_BELOW", 0)
-    q, p, r1, b, r2 = shape5
+    _, p, _, b, _ = shape5
     ln = cpu.launch(torch.empty(shape5), (p, 1, b, 1), threads, apply=True)
     g_total, r_total, b_total = ln.view.g, ln.view.r1, ln.view.b
     covered = []
@@ -420,7 +420,7 @@ def test_forked_child_after_parallel_use(monkeypatch):
 
 PRECOMPILE_THEN_CALL = """
 import json, torch, normkit.functional as F, normkit.nn as nk
-from normkit.kernels import _numba_kernels, _pages, cpu
+from normkit.kernels import cpu
 
 def counts():
     return [len(d[a][1].signatures) for d in cpu.DRIVERS.values() for a in (None, "silu")]
