@@ -334,6 +334,18 @@ def test_large_outputs_ask_for_huge_pages(monkeypatch):
     assert advised == []
 
 
+def test_float16_copies_ask_for_huge_pages_too(monkeypatch):
+    """float16 runs on a float32 copy and is rounded back: both copies are large outputs as well."""
+    advised = []
+    monkeypatch.setattr(_pages, "madvise", lambda addr, length, advice: advised.append(length) or 0)
+    x5 = (torch.randn(1, 1, 8, 64, 4096) + 3.0).half()  # 4.2 MB in float16, 8.4 MB widened
+    w, b = torch.rand(1, 1, 64, 1) + 0.5, torch.randn(1, 1, 64, 1)
+    y, _ = CPU.forward(x5, w, b, 1e-5, False)
+    assert len(advised) == 3 and y.dtype == torch.float16
+    y_r, _ = REF.forward(x5, w, b, 1e-5, False)
+    _close(y.float(), y_r.float(), TOL[torch.float16], "y")
+
+
 def test_shapes_that_do_not_fit_the_view_are_refused():
     """The kernels index raw memory by the view's dims: a parameter, statistic or gradient of the
     wrong size is an error, not a read past its end."""

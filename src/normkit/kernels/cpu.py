@@ -266,12 +266,14 @@ def _driver(name: str, threads: int, activation: str | None = None):
 
 
 def _widen(t: Tensor) -> Tensor:
-    """A tensor the kernels can read: float32 for float16."""
-    return t.detach().float() if t.dtype in WIDENED else t
+    """A tensor the kernels can read: float32 for float16 (a contiguous copy, in huge pages if large)."""
+    if t.dtype not in WIDENED:
+        return t
+    return pages.hint(torch.empty(t.shape, dtype=torch.float32)).copy_(t.detach())
 
 
 def _narrow(y: Tensor, dtype: torch.dtype) -> Tensor:
-    return y if y.dtype == dtype else y.to(dtype)
+    return y if y.dtype == dtype else pages.hint(torch.empty(y.shape, dtype=dtype)).copy_(y)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
