@@ -52,6 +52,6 @@ def hint(t: Tensor) -> Tensor:
     return t
 
 
-def empty_like(t: Tensor) -> Tensor:
-    """``torch.empty_like(t)``, in huge pages where it is large enough to profit."""
-    return hint(torch.empty_like(t))
+def empty_like(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """A contiguous ``torch.empty_like(t, dtype=dtype)``, in huge pages where it is large enough to profit."""
+    return hint(torch.empty_like(t, dtype=dtype, memory_format=torch.contiguous_format))

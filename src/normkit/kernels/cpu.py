@@ -269,11 +269,11 @@ def _widen(t: Tensor) -> Tensor:
     """A tensor the kernels can read: float32 for float16 (a contiguous copy, in huge pages if large)."""
     if t.dtype not in WIDENED:
         return t
-    return pages.hint(torch.empty(t.shape, dtype=torch.float32)).copy_(t.detach())
+    return pages.empty_like(t, torch.float32).copy_(t.detach())
 
 
 def _narrow(y: Tensor, dtype: torch.dtype) -> Tensor:
-    return y if y.dtype == dtype else pages.hint(torch.empty(y.shape, dtype=dtype)).copy_(y)
+    return y if y.dtype == dtype else pages.empty_like(y, dtype).copy_(y)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
