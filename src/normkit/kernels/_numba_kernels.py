@@ -344,13 +344,21 @@ def _slab_param(g, w):
 
 
 @njit(**_HELPER)
+def _flat(x, g):
+    """Slab ``g`` of ``x`` (G, R1, B, R2) as one run: a view without reference counting (``reshape``
+    calls into a C helper and counts references on every slab)."""
+    n = x.shape[1] * x.shape[2] * x.shape[3]
+    return _at(x.ctypes.data + g * n * x.itemsize, (n,), x[0, 0, 0, 0])
+
+
+@njit(**_HELPER)
 def _seg_shift(x, g, b, rms):
     return 0.0 if rms else np.float64(_load(x[g, 0, b, 0]))
 
 
 @njit(**_HELPER)
-def _seg_sums(x, g, r0, r1, b0, b1, rms, s, ss):
-    """Add shifted sums of rows ``r0:r1`` and groups ``b0:b1`` of slab ``g`` to ``s``, ``ss``.
+def _seg_group_sums(x, g, r0, r1, b, rms):
+    """Shifted sums (float64) of rows ``r0:r1`` of group ``b`` in slab ``g``.
 
     Blocks of ``_BLOCK`` elements are summed in float32 (float64 input: float64) and added in
     float64; a group whose float32 squares overflow is summed again in float64. With one group per
@@ -359,27 +367,34 @@ def _seg_sums(x, g, r0, r1, b0, b1, rms, s, ss):
     B, R2 = x.shape[2], x.shape[3]
     runs = 1 if B == 1 else r1 - r0
     run = (r1 - r0) * R2 if B == 1 else R2
-    slab = x[g].reshape(x.shape[1] * B * R2)
+    slab = _flat(x, g)
+    z = _zero(x[g, 0, b, 0])
+    sh = z if rms else _load(x[g, 0, b, 0]) + z
+    a = 0.0
+    aa = 0.0
+    for i in range(runs):
+        start = ((r0 + i) * B + b) * R2
+        seg = slab[start:start + run]
+        for k0 in range(0, run, _BLOCK):
+            blk = seg[k0:k0 + _BLOCK]
+            ba = z
+            baa = z
+            for k in range(blk.shape[0]):
+                d = _load(blk[k]) - sh
+                ba += d
+                baa += d * d
+            a += np.float64(ba)
+            aa += np.float64(baa)
+    if not np.isfinite(aa):
+        return _seg_sums_wide(x, g, r0, r1, b, rms)
+    return a, aa
+
+
+@njit(**_HELPER)
+def _seg_sums(x, g, r0, r1, b0, b1, rms, s, ss):
+    """Add the shifted sums of rows ``r0:r1`` and groups ``b0:b1`` of slab ``g`` to ``s``, ``ss``."""
     for b in range(b0, b1):
-        z = _zero(x[g, 0, b, 0])
-        sh = z if rms else _load(x[g, 0, b, 0]) + z
-        a = 0.0
-        aa = 0.0
-        for i in range(runs):
-            start = ((r0 + i) * B + b) * R2
-            seg = slab[start:start + run]
-            for k0 in range(0, run, _BLOCK):
-                blk = seg[k0:k0 + _BLOCK]
-                ba = z
-                baa = z
-                for k in range(blk.shape[0]):
-                    d = _load(blk[k]) - sh
-                    ba += d
-                    baa += d * d
-                a += np.float64(ba)
-                aa += np.float64(baa)
-        if not np.isfinite(aa):
-            a, aa = _seg_sums_wide(x, g, r0, r1, b, rms)
+        a, aa = _seg_group_sums(x, g, r0, r1, b, rms)
         s[b - b0] += a
         ss[b - b0] += aa
 
@@ -709,14 +724,10 @@ def forward_seg(xp, yp, wp, bp, mp, rp, vp, dims, val, acc, eps, rms, nlanes, pl
     if nrc == 1:
         for u in prange(units):
             g0, g1, _, _, _, b0, b1 = _unit(u, plan, G, R1, B)
-            s = np.empty(b1 - b0)
-            ss = np.empty(b1 - b0)
             for g in range(g0, g1):
-                s[:] = 0.0
-                ss[:] = 0.0
-                _seg_sums(x, g, 0, R1, b0, b1, rms, s, ss)
                 for b in range(b0, b1):
-                    mean[g, b], var[g, b], rstd[g, b] = _finish(s[b - b0], ss[b - b0], n, _seg_shift(x, g, b, rms), eps, rms)
+                    a, aa = _seg_group_sums(x, g, 0, R1, b, rms)
+                    mean[g, b], var[g, b], rstd[g, b] = _finish(a, aa, n, _seg_shift(x, g, b, rms), eps, rms)
                 _seg_apply(x, y, g, 0, R1, b0, b1, mean, rstd, w, bias, _ACT)
         return
     ps = _zeros((G, nrc, B), 0.0)
