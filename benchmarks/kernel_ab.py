@@ -29,10 +29,12 @@ from normkit.functional import _layout as L
 from normkit.kernels import _numba_kernels, cpu
 
 KERNELS = "src/normkit/kernels/_numba_kernels.py"
-# (norm, shape, channels_last); GroupNorm with 32 groups, LayerNorm over the last dim.
+# (norm, shape, channels_last); GroupNorm with 32 groups, LayerNorm over the last dim; 7x7 planes show
+# the per-slab and per-row costs.
 CASES = [
     ("batch", (8, 256, 32, 32), False), ("batch", (8, 256, 32, 32), True), ("group", (8, 256, 32, 32), False),
-    ("group", (8, 256, 32, 32), True), ("layer", (8, 512, 768), False),
+    ("group", (8, 256, 32, 32), True), ("layer", (8, 512, 768), False), ("instance", (32, 512, 7, 7), False),
+    ("group", (32, 512, 7, 7), False),
 ]
 SMALL = [("batch", (2, 64, 8, 8), True), ("group", (2, 64, 8, 8), False), ("layer", (4, 64), False)]
 
@@ -57,6 +59,8 @@ def _view(norm: str, t: torch.Tensor, cl: bool) -> tuple[torch.Tensor, list[int]
         shape, spans = L.per_channel_view(t, cl), (False, False)
     elif norm == "group":
         shape, spans = L.per_group_view(t, 32, cl), (not cl, cl)
+    elif norm == "instance":
+        shape, spans = L.per_instance_view(t, cl), (False, False)
     else:
         shape, spans = L.trailing_view(t, t.shape[-1]), (True, False)
     return L.dense(t)[0].reshape(shape), shape, spans
@@ -70,24 +74,26 @@ def _tensor(shape: tuple[int, ...], cl: bool, dtype: torch.dtype) -> torch.Tenso
 def operations(norm: str, shape: tuple[int, ...], cl: bool, dtype: torch.dtype) -> dict[str, tuple[Callable, Callable]]:
     """op -> (call on the case, the same call on a small input that warms the code after a flush)."""
     be = cpu.CpuBackend()
-    small_shape = (2, *shape[1:2], *(min(s, 4) for s in shape[2:])) if len(shape) > 2 else (2, shape[-1])
+    small_shape = (2, shape[-1]) if norm == "layer" else (2, shape[1], *(min(s, 4) for s in shape[2:]))
     x5, shape5, spans = _view(norm, _tensor(shape, cl, dtype), cl)
-    s5, _, _ = _view(norm, _tensor(small_shape, cl, dtype), cl)
+    s5, small5, _ = _view(norm, _tensor(small_shape, cl, dtype), cl)
     features = shape[-1] if norm == "layer" else shape[1]
-    w = L.param_view(torch.rand(features) + 0.5, shape5, *spans)
-    b = L.param_view(torch.randn(features), shape5, *spans)
-    ps = tuple(w.shape)
+    wf, bf = torch.rand(features) + 0.5, torch.randn(features)
+    w, b = L.param_view(wf, shape5, *spans), L.param_view(bf, shape5, *spans)
+    ws, bs = L.param_view(wf, small5, *spans), L.param_view(bf, small5, *spans)
+    ps, pss = tuple(w.shape), tuple(ws.shape)
     dy, dys = torch.randn_like(x5), torch.randn_like(s5)
     _, st = be.forward(x5, w, b, 1e-5, False)
-    _, sts = be.forward(s5, w, b, 1e-5, False)
+    _, sts = be.forward(s5, ws, bs, 1e-5, False)
     mask = (True, True, True)
     ops = {
-        "forward": (lambda: be.forward(x5, w, b, 1e-5, False), lambda: be.forward(s5, w, b, 1e-5, False)),
+        "forward": (lambda: be.forward(x5, w, b, 1e-5, False), lambda: be.forward(s5, ws, bs, 1e-5, False)),
         "backward": (lambda: be.backward(dy, x5, st.mean, st.rstd, w, ps, False, True, mask),
-                     lambda: be.backward(dys, s5, sts.mean, sts.rstd, w, ps, False, True, mask)),
+                     lambda: be.backward(dys, s5, sts.mean, sts.rstd, ws, pss, False, True, mask)),
     }
     if norm == "batch":
-        ops["normalize"] = (lambda: be.normalize(x5, st.mean, st.rstd, w, b), lambda: be.normalize(s5, sts.mean, sts.rstd, w, b))
+        ops["normalize"] = (lambda: be.normalize(x5, st.mean, st.rstd, w, b),
+                            lambda: be.normalize(s5, sts.mean, sts.rstd, ws, bs))
     return ops
 
 
