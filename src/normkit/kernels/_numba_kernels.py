@@ -115,6 +115,15 @@ def _stat_at(addr, dims, tag):
     return _at(addr, (dims[0], dims[2]), tag)
 
 
+@njit(**_HELPER)
+def _run(a, start, n, tag):
+    """``n`` elements of the C-contiguous array ``a`` (elements of ``tag``'s type) from flat index ``start``, as a view made from
+    their address: per slab or group, ``reshape`` and slices of heap arrays call into numba's runtime
+    (a reshape helper, atomic reference counts), and a loop from a computed start index wraps negative
+    indices on every element."""
+    return _at(a.ctypes.data + start * a.itemsize, (n,), tag)
+
+
 def _load(v):
     """An element as a float: bfloat16 bits (uint16) widen to float32, floats pass through."""
 
@@ -346,10 +355,9 @@ def _slab_param(g, w):
 
 @njit(**_HELPER)
 def _flat(x, g):
-    """Slab ``g`` of ``x`` (G, R1, B, R2) as one run: a view without reference counting (``reshape``
-    calls into a C helper and counts references on every slab)."""
+    """Slab ``g`` of ``x`` (G, R1, B, R2) as one run."""
     n = x.shape[1] * x.shape[2] * x.shape[3]
-    return _at(x.ctypes.data + g * n * x.itemsize, (n,), x[0, 0, 0, 0])
+    return _run(x, g * n, n, x[0, 0, 0, 0])
 
 
 @njit(**_HELPER)
@@ -504,15 +512,16 @@ def _flush_params(part, total, g0, g1, b0, b1):
     """Add the parameter partials of slabs ``g0:g1``, groups ``b0:b1`` to ``total`` (float64) and
     clear them: only what a unit touched, so small units stay cheap."""
     P, K1, B, K2 = part.shape
-    src = part.reshape(part.size)  # flat, once: a view per (slab, group) costs more than a short run
-    dst = total.reshape(total.size)
+    n = (b1 - b0) * K2
     for g in range(g0, min(g1, g0 + P)):
         p = g % P
         for k1 in range(K1):
-            lo = ((p * K1 + k1) * B + b0) * K2
-            for i in range(lo, lo + (b1 - b0) * K2):
-                dst[i] += src[i]
-                src[i] = 0.0
+            start = ((p * K1 + k1) * B + b0) * K2
+            src = _run(part, start, n, part[0, 0, 0, 0])
+            dst = _run(total, start, n, total[0, 0, 0, 0])
+            for k in range(n):
+                dst[k] += src[k]
+                src[k] = 0.0
 
 
 @njit(**_HELPER)
