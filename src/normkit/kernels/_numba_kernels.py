@@ -117,10 +117,10 @@ def _stat_at(addr, dims, tag):
 
 @njit(**_HELPER)
 def _run(a, start, n, tag):
-    """``n`` elements of the C-contiguous array ``a`` (elements of ``tag``'s type) from flat index ``start``, as a view made from
-    their address: per slab or group, ``reshape`` and slices of heap arrays call into numba's runtime
-    (a reshape helper, atomic reference counts), and a loop from a computed start index wraps negative
-    indices on every element."""
+    """``n`` elements of the C-contiguous array ``a`` (elements of ``tag``'s type) from flat index
+    ``start``, as a view made from their address. Per slab or group, ``reshape`` and slices of heap
+    arrays call into numba's runtime (a reshape helper, atomic reference counts), and a loop from a
+    computed start index wraps negative indices on every element."""
     return _at(a.ctypes.data + start * a.itemsize, (n,), tag)
 
 
