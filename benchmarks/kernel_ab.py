@@ -36,7 +36,7 @@ CASES = [
     ("group", (8, 256, 32, 32), True), ("layer", (8, 512, 768), False), ("instance", (32, 512, 7, 7), False),
     ("group", (32, 512, 7, 7), False),
 ]
-SMALL = [("batch", (2, 64, 8, 8), True), ("group", (2, 64, 8, 8), False), ("layer", (4, 64), False)]
+SMALL = [("batch", (2, 64, 8, 8), True), ("group", (2, 64, 8, 8), False), ("layer", (2, 4, 64), False)]
 
 
 def load_revision(rev: str, where: Path):

@@ -142,4 +142,4 @@ def test_kernel_ab_compares_a_revision_with_the_tree():
     out = subprocess.run(
         [sys.executable, str(script), "--small", "--rounds", "1", "--min-time", "0.01"], check=True, capture_output=True, text=True
     )
-    assert "tree / rev" in out.stdout and "layer 4x64 contiguous backward" in out.stdout
+    assert "tree / rev" in out.stdout and "layer 2x4x64 contiguous backward" in out.stdout
