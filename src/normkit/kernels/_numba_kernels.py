@@ -354,13 +354,6 @@ def _slab_param(g, w):
 
 
 @njit(**_HELPER)
-def _flat(x, g):
-    """Slab ``g`` of ``x`` (G, R1, B, R2) as one run."""
-    n = x.shape[1] * x.shape[2] * x.shape[3]
-    return _run(x, g * n, n, x[0, 0, 0, 0])
-
-
-@njit(**_HELPER)
 def _seg_shift(x, g, b, rms):
     return 0.0 if rms else np.float64(_load(x[g, 0, b, 0]))
 
@@ -376,7 +369,8 @@ def _seg_group_sums(x, g, r0, r1, b, rms):
     B, R2 = x.shape[2], x.shape[3]
     runs = 1 if B == 1 else r1 - r0
     run = (r1 - r0) * R2 if B == 1 else R2
-    slab = _flat(x, g)
+    n = x.shape[1] * B * R2
+    slab = _run(x, g * n, n, x[0, 0, 0, 0])
     z = _zero(x[g, 0, b, 0])
     sh = z if rms else _load(x[g, 0, b, 0]) + z
     a = 0.0
@@ -397,15 +391,6 @@ def _seg_group_sums(x, g, r0, r1, b, rms):
     if not np.isfinite(aa):
         return _seg_sums_wide(x, g, r0, r1, b, rms)
     return a, aa
-
-
-@njit(**_HELPER)
-def _seg_sums(x, g, r0, r1, b0, b1, rms, s, ss):
-    """Add the shifted sums of rows ``r0:r1`` and groups ``b0:b1`` of slab ``g`` to ``s``, ``ss``."""
-    for b in range(b0, b1):
-        a, aa = _seg_group_sums(x, g, r0, r1, b, rms)
-        s[b - b0] += a
-        ss[b - b0] += aa
 
 
 @njit(**_HELPER)
@@ -748,7 +733,8 @@ def forward_seg(xp, yp, wp, bp, mp, rp, vp, dims, val, acc, eps, rms, nlanes, pl
         for u in range(lo, hi):
             g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
             for g in range(g0, g1):
-                _seg_sums(x, g, r0, r1, b0, b1, rms, ps[g, rc, b0:b1], pss[g, rc, b0:b1])
+                for b in range(b0, b1):
+                    ps[g, rc, b], pss[g, rc, b] = _seg_group_sums(x, g, r0, r1, b, rms)
     for gb in range(G * B):
         g = gb // B
         b = gb % B
