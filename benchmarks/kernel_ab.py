@@ -24,17 +24,17 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from normkit.bench import DTYPES, measure_cold
+from normkit.bench import DTYPES, measure, measure_cold
 from normkit.functional import _layout as L
 from normkit.kernels import _numba_kernels, cpu
 
 KERNELS = "src/normkit/kernels/_numba_kernels.py"
 # (norm, shape, channels_last); GroupNorm with 32 groups, LayerNorm over the last dim; 7x7 planes show
-# the per-slab and per-row costs.
+# the per-slab and per-row costs, 32 channels channels-last the short rows.
 CASES = [
     ("batch", (8, 256, 32, 32), False), ("batch", (8, 256, 32, 32), True), ("group", (8, 256, 32, 32), False),
     ("group", (8, 256, 32, 32), True), ("layer", (8, 512, 768), False), ("instance", (32, 512, 7, 7), False),
-    ("group", (32, 512, 7, 7), False),
+    ("group", (32, 512, 7, 7), False), ("group", (8, 32, 64, 64), True),
 ]
 SMALL = [("batch", (2, 64, 8, 8), True), ("group", (2, 64, 8, 8), False), ("layer", (2, 4, 64), False)]
 
@@ -97,9 +97,11 @@ def operations(norm: str, shape: tuple[int, ...], cl: bool, dtype: torch.dtype) 
     return ops
 
 
-def compare(old, cases, dtype: torch.dtype, rounds: int, min_time: float) -> list[tuple[str, float, float]]:
+def compare(
+    old, cases, dtype: torch.dtype, rounds: int, min_time: float, warm_caches: bool = False
+) -> list[tuple[str, float, float]]:
     """(case, revision ms, working tree ms), alternating the two drivers round by round, the first of
-    each round swapped every round."""
+    each round swapped every round; ``warm_caches``: back-to-back calls (the kernels' compute alone)."""
     flush = torch.empty(64 << 20)
     versions = (old.DRIVERS, _numba_kernels.DRIVERS)
     rows = []
@@ -114,7 +116,8 @@ def compare(old, cases, dtype: torch.dtype, rounds: int, min_time: float) -> lis
                     pairs = list(zip(versions, times))
                     for drivers, out in pairs if i % 2 == 0 else pairs[::-1]:  # ABBA: no order bias
                         cpu.DRIVERS = drivers
-                        out.append(measure_cold(call, min_time, flush, warm) * 1e3)
+                        seconds = measure(call, min_time) if warm_caches else measure_cold(call, min_time, flush, warm)
+                        out.append(seconds * 1e3)
                 layout = "channels_last" if cl else "nchw" if len(shape) > 3 else "contiguous"
                 name = f"{norm} {'x'.join(map(str, shape))} {layout} {op}"
                 rows.append((name, statistics.median(times[0]), statistics.median(times[1])))
@@ -130,11 +133,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--min-time", type=float, default=0.3, help="seconds per measurement")
     parser.add_argument("--small", action="store_true", help="tiny shapes (a smoke run)")
+    parser.add_argument("--warm", action="store_true", help="no cache flush: data stays cached between calls")
+    parser.add_argument("--only", default="", help="comma-separated words; the cases whose name contains one")
     args = parser.parse_args(argv)
+    cases = SMALL if args.small else CASES
+    if args.only:
+        words = args.only.split(",")
+        cases = [c for c in cases if any(w in f"{c[0]} {'x'.join(map(str, c[1]))} {'channels_last' if c[2] else ''}" for w in words)]
     with tempfile.TemporaryDirectory() as where:
         old = load_revision(args.rev, Path(where))
-        rows = compare(old, SMALL if args.small else CASES, DTYPES[args.dtype], args.rounds, args.min_time)
-    table = Table(title=f"cpu kernels, {args.dtype}, caches flushed, median of {args.rounds}: {args.rev} vs working tree")
+        rows = compare(old, cases, DTYPES[args.dtype], args.rounds, args.min_time, args.warm)
+    caches = "caches warm" if args.warm else "caches flushed"
+    table = Table(title=f"cpu kernels, {args.dtype}, {caches}, median of {args.rounds}: {args.rev} vs working tree")
     for col in ("case", f"{args.rev} ms", "tree ms", "tree / rev"):
         table.add_column(col, justify="left" if col == "case" else "right")
     for name, then, now in rows:
