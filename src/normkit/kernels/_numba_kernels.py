@@ -53,8 +53,6 @@ _HELPER = dict(_DRIVER, inline="always")
 # Elements per float32 partial sum: short enough that the partial keeps float64-level accuracy.
 _BLOCK = 256
 _COL_BLOCK = 64
-# Elements the column loops cover per sweep at least: short rows are swept several at a time.
-_SWEEP = 128
 
 
 @intrinsic
@@ -563,22 +561,20 @@ def _col_sums(x, g, r0, r1, j0, j1, sh, s, ss):
     memory when the data is not in cache) into per-column partials in float32 (float64 input:
     float64), added into the float64 sums every ``_COL_BLOCK`` rows; if the float32 squares
     overflow, the sums are taken again in float64."""
-    m = _sweep_rows(x, j0, j1)
-    shn = _acc_zeros(x[g, 0, 0], m * (j1 - j0))
+    shn = _acc_zeros(x[g, 0, 0], j1 - j0)
+    bs = _acc_zeros(x[g, 0, 0], j1 - j0)
+    bss = _acc_zeros(x[g, 0, 0], j1 - j0)
     for k in range(j1 - j0):
         shn[k] = sh[k]
-    _repeat(shn, j1 - j0)
-    bs = _acc_zeros(x[g, 0, 0], shn.shape[0])
-    bss = _acc_zeros(x[g, 0, 0], shn.shape[0])
     s[:] = 0.0
     ss[:] = 0.0
-    for i, r in enumerate(range(r0, r1, m)):
-        xs = _rows(x, g, r, min(r1, r + m), j0, j1)
+    for r in range(r0, r1):
+        xs = x[g, r, j0:j1]
         for k in range(xs.shape[0]):
             d = _load(xs[k]) - shn[k]
             bs[k] += d
             bss[k] += d * d
-        if (i + 1) % _COL_BLOCK == 0 or r + m >= r1:
+        if (r + 1 - r0) % _COL_BLOCK == 0 or r + 1 == r1:
             _flush(bs, s)
             _flush(bss, ss)
     if not np.isfinite(ss.sum()):
@@ -589,37 +585,10 @@ def _col_sums(x, g, r0, r1, j0, j1, sh, s, ss):
 
 @njit(**_HELPER)
 def _flush(part, total):
-    """Add the short partial sums ``part`` (per column of a sweep: ``total``'s columns, tiled) to
-    ``total`` and clear them."""
-    n = total.shape[0]
-    for i in range(part.shape[0] // n):
-        src = part[i * n:(i + 1) * n]
-        for k in range(n):
-            total[k] += src[k]
-            src[k] = 0.0
-
-
-@njit(**_HELPER)
-def _sweep_rows(x, j0, j1):
-    """Rows per sweep of the column loops: whole rows shorter than ``_SWEEP`` are contiguous, and swept
-    several at a time as one run (a loop of 32 columns costs as much per row as one of 128)."""
-    W = x.shape[2]
-    return 1 if j1 - j0 < W else max(1, _SWEEP // W)
-
-
-@njit(**_HELPER)
-def _rows(x, g, r, r_end, j0, j1):
-    """Columns ``j0:j1`` of rows ``r:r_end`` of slab ``g`` as one run (several rows only when whole)."""
-    W = x.shape[2]
-    return _run(x, (g * x.shape[1] + r) * W + j0, (r_end - r - 1) * W + j1 - j0, x[0, 0, 0])
-
-
-@njit(**_HELPER)
-def _repeat(out, n):
-    """Fill ``out`` with copies of its first ``n`` values: per-column values for a sweep of rows."""
-    for k in range(n, out.shape[0]):
-        out[k] = out[k - n]
-    return out
+    """Add the short partial sums ``part`` to ``total`` and clear them."""
+    for k in range(part.shape[0]):
+        total[k] += part[k]
+        part[k] = 0.0
 
 
 @njit(**_HELPER)
@@ -634,64 +603,62 @@ def _col_sums_wide(x, g, r0, r1, j0, j1, sh, s, ss):
 
 
 @njit(**_HELPER)
-def _col_expand(v, g, j0, j1, r2, m):
-    """Per-group values ``v[g]`` of columns ``j0:j1`` (whole groups), one per column, for a sweep of
-    ``m`` rows. The column helpers loop over groups and their ``r2`` columns: with an integer division
-    per column a unit's setup took twice as long (4.1 against 2.2 µs for 256 columns)."""
-    out = np.empty(m * (j1 - j0), dtype=v.dtype)
+def _col_expand(v, g, j0, j1, r2):
+    """Per-group values ``v[g]`` of columns ``j0:j1`` (whole groups), one per column. The column
+    helpers loop over groups and their ``r2`` columns: with an integer division per column a unit's
+    setup took twice as long (4.1 against 2.2 µs for 256 columns)."""
+    out = np.empty(j1 - j0, dtype=v.dtype)
     for b in range(j0 // r2, j1 // r2):
         for i in range(r2):
             out[b * r2 + i - j0] = v[g, b]
-    return _repeat(out, j1 - j0)
+    return out
 
 
 @njit(**_HELPER)
-def _col_param(w, p, j0, j1, r2, m):
-    """Columns ``j0:j1`` of parameter row ``p`` (P, 1, B, K2), K2 in {1, r2}, for a sweep of ``m`` rows."""
-    out = np.empty(m * (j1 - j0), dtype=w.dtype)
+def _col_param(w, p, j0, j1, r2):
+    """Columns ``j0:j1`` of parameter row ``p`` (P, 1, B, K2), K2 in {1, r2}."""
+    out = np.empty(j1 - j0, dtype=w.dtype)
     last = w.shape[3] - 1
     for b in range(j0 // r2, j1 // r2):
         for i in range(r2):
             out[b * r2 + i - j0] = w[p, 0, b, min(i, last)]
-    return _repeat(out, j1 - j0)
+    return out
 
 
 @njit(**_HELPER)
 def _col_apply(x, y, g, r0, r1, j0, j1, r2, mean, rstd, w, bias, act):
     p = _slab_param(g, w)
-    m = _sweep_rows(x, j0, j1)
-    mc = _col_expand(mean, g, j0, j1, r2, m)
-    sc = _col_expand(rstd, g, j0, j1, r2, m)
-    wc = _col_param(w, p, j0, j1, r2, m)
-    for k in range(sc.shape[0]):
+    mc = _col_expand(mean, g, j0, j1, r2)
+    sc = _col_expand(rstd, g, j0, j1, r2)
+    wc = _col_param(w, p, j0, j1, r2)
+    for k in range(j1 - j0):
         sc[k] *= wc[k]
-    t = _col_param(bias, p, j0, j1, r2, m)
-    for r in range(r0, r1, m):
-        xs = _rows(x, g, r, min(r1, r + m), j0, j1)
-        ys = _rows(y, g, r, min(r1, r + m), j0, j1)
+    t = _col_param(bias, p, j0, j1, r2)
+    for r in range(r0, r1):
+        xs = x[g, r, j0:j1]
+        ys = y[g, r, j0:j1]
         for k in range(xs.shape[0]):
             _store(ys, k, _act((_load(xs[k]) - mc[k]) * sc[k] + t[k], act))
 
 
 @njit(**_HELPER)
 def _col_grad_sums(dy, x, g, r0, r1, j0, j1, r2, mean, rstd, wc, tc, act, dws, dbs):
-    """Add per-column sum(dz*xhat), sum(dz) of rows ``r0:r1`` to ``dws``, ``dbs``: one sweep at a
-    time into partials in the statistics dtype, added to the float64 sums every ``_COL_BLOCK`` sweeps.
-    ``wc``, ``tc``: weight and bias of columns ``j0:j1`` for a sweep (``_col_param``)."""
-    m = _sweep_rows(x, j0, j1)
-    mc = _col_expand(mean, g, j0, j1, r2, m)
-    rc = _col_expand(rstd, g, j0, j1, r2, m)
-    pw = _acc_zeros(mean[g, 0], mc.shape[0])
-    pb = _acc_zeros(mean[g, 0], mc.shape[0])
-    for i, r in enumerate(range(r0, r1, m)):
-        xs = _rows(x, g, r, min(r1, r + m), j0, j1)
-        ds = _rows(dy, g, r, min(r1, r + m), j0, j1)
+    """Add per-column sum(dz*xhat), sum(dz) of rows ``r0:r1`` to ``dws``, ``dbs``: one row per
+    sweep into partials in the statistics dtype, added to the float64 sums every ``_COL_BLOCK`` rows.
+    ``wc``, ``tc``: weight and bias of columns ``j0:j1`` (``_col_param``)."""
+    mc = _col_expand(mean, g, j0, j1, r2)
+    rc = _col_expand(rstd, g, j0, j1, r2)
+    pw = _acc_zeros(mean[g, 0], j1 - j0)
+    pb = _acc_zeros(mean[g, 0], j1 - j0)
+    for r in range(r0, r1):
+        xs = x[g, r, j0:j1]
+        ds = dy[g, r, j0:j1]
         for k in range(xs.shape[0]):
             xh = (_load(xs[k]) - mc[k]) * rc[k]
             d = _act_grad(_load(ds[k]), xh * wc[k] + tc[k], act)
             pw[k] += d * xh
             pb[k] += d
-        if (i + 1) % _COL_BLOCK == 0 or r + m >= r1:
+        if (r + 1 - r0) % _COL_BLOCK == 0 or r + 1 == r1:
             _flush(pw, dws)
             _flush(pb, dbs)
 
@@ -699,21 +666,20 @@ def _col_grad_sums(dy, x, g, r0, r1, j0, j1, r2, mean, rstd, wc, tc, act, dws, d
 @njit(**_HELPER)
 def _col_dx(dy, x, dx, g, r0, r1, j0, j1, r2, mean, rstd, w, bias, act, c1, c2):
     p = _slab_param(g, w)
-    m = _sweep_rows(x, j0, j1)
-    mc = _col_expand(mean, g, j0, j1, r2, m)
-    a = _col_expand(rstd, g, j0, j1, r2, m)
-    bc = _col_expand(c2, g, j0, j1, r2, m)
-    cc = _col_expand(c1, g, j0, j1, r2, m)
-    wc = _col_param(w, p, j0, j1, r2, m)
-    tc = _col_param(bias, p, j0, j1, r2, m)
-    for k in range(a.shape[0]):
+    mc = _col_expand(mean, g, j0, j1, r2)
+    a = _col_expand(rstd, g, j0, j1, r2)
+    bc = _col_expand(c2, g, j0, j1, r2)
+    cc = _col_expand(c1, g, j0, j1, r2)
+    wc = _col_param(w, p, j0, j1, r2)
+    tc = _col_param(bias, p, j0, j1, r2)
+    for k in range(j1 - j0):
         bc[k] *= a[k] * a[k]
         cc[k] *= a[k]
         a[k] *= wc[k]
-    for r in range(r0, r1, m):
-        xs = _rows(x, g, r, min(r1, r + m), j0, j1)
-        ds = _rows(dy, g, r, min(r1, r + m), j0, j1)
-        out = _rows(dx, g, r, min(r1, r + m), j0, j1)
+    for r in range(r0, r1):
+        xs = x[g, r, j0:j1]
+        ds = dy[g, r, j0:j1]
+        out = dx[g, r, j0:j1]
         for k in range(xs.shape[0]):
             xc = _load(xs[k]) - mc[k]
             _store(out, k, a[k] * _act_grad(_load(ds[k]), xc * a[k] + tc[k], act) - bc[k] * xc - cc[k])
@@ -948,9 +914,8 @@ def backward_col(dyp, xp, dxp, mp, rp, wp, bp, dwp, dbp, dims, val, acc, rms, ba
                 p = _slab_param(g, w)
                 dws = np.zeros(j1 - j0)
                 dbs = np.zeros(j1 - j0)
-                m = _sweep_rows(x, j0, j1)
-                wc = _col_param(w, p, j0, j1, r2, m)
-                _col_grad_sums(dy, x, g, r0, r1, j0, j1, r2, mean, rstd, wc, _col_param(bias, p, j0, j1, r2, m), _ACT, dws, dbs)
+                wc = _col_param(w, p, j0, j1, r2)
+                _col_grad_sums(dy, x, g, r0, r1, j0, j1, r2, mean, rstd, wc, _col_param(bias, p, j0, j1, r2), _ACT, dws, dbs)
                 for b in range(b0, b1):
                     for j in range(b * r2, (b + 1) * r2):
                         wv = np.float64(wc[j - j0])
