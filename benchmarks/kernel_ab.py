@@ -6,7 +6,9 @@ backend's drivers between calls, and times both versions in alternation from a f
 (``normkit.bench.measure_cold``), each case the median of ``--rounds``. The Python path around the
 kernels is the same for both, so the ratio is the kernels'.
 
-Run: ``.venv/bin/python benchmarks/kernel_ab.py --rev HEAD [--dtype bf16] [--small]``
+Run: ``.venv/bin/python benchmarks/kernel_ab.py --rev HEAD [--dtype bf16] [--small] [--only group,layer]
+[--warm]``; ``--warm`` times back-to-back calls (the arithmetic, with the data cached) to tell a
+compute change from a memory one.
 """
 
 from __future__ import annotations
