@@ -310,12 +310,16 @@ def test_output_units_run_through_memory_in_order(monkeypatch, shape5, threads):
 
 
 def test_large_outputs_ask_for_huge_pages(monkeypatch):
-    """y, dx and normalize's output of 4 MB and more are advised into huge pages over the whole 2 MB
-    pages inside them, before they are written; smaller ones are left alone; results are unchanged."""
+    """y, dx and normalize's output of ``_pages.MIN_BYTES`` and more (here lowered to 4 MB, to keep the
+    tensors small) are advised into huge pages over the whole 2 MB pages inside them, before they are
+    written; smaller ones are left alone; results are unchanged."""
     advised = []
     monkeypatch.setattr(_pages, "madvise", lambda addr, length, advice: advised.append((addr, length, advice)) or 0)
     x5 = torch.randn(1, 1, 8, 64, 2560) + 3.0  # 5.2 MB
     w, b = torch.rand(1, 1, 64, 1) + 0.5, torch.randn(1, 1, 64, 1)
+    CPU.forward(x5, w, b, 1e-5, False)
+    assert advised == []  # the default threshold: heap memory, left alone
+    monkeypatch.setattr(_pages, "MIN_BYTES", 4 << 20)
     y, st = CPU.forward(x5, w, b, 1e-5, False)
     g = CPU.backward(torch.ones_like(x5), x5, st.mean, st.rstd, w, (1, 1, 64, 1), False, True, (True, True, True))
     y_fixed = CPU.normalize(x5, st.mean, st.rstd, w, b)
@@ -338,6 +342,7 @@ def test_float16_copies_ask_for_huge_pages_too(monkeypatch):
     """float16 runs on a float32 copy and is rounded back: both copies are large outputs as well."""
     advised = []
     monkeypatch.setattr(_pages, "madvise", lambda addr, length, advice: advised.append(length) or 0)
+    monkeypatch.setattr(_pages, "MIN_BYTES", 4 << 20)
     x5 = (torch.randn(1, 1, 8, 64, 4096) + 3.0).half()  # 4.2 MB in float16, 8.4 MB widened
     w, b = torch.rand(1, 1, 64, 1) + 0.5, torch.randn(1, 1, 64, 1)
     y, _ = CPU.forward(x5, w, b, 1e-5, False)
