@@ -99,6 +99,12 @@ def operations(norm: str, shape: tuple[int, ...], cl: bool, dtype: torch.dtype) 
     return ops
 
 
+def case_name(norm: str, shape: tuple[int, ...], cl: bool) -> str:
+    """A case's row name (and what `--only` matches): norm, shape, layout."""
+    layout = "channels_last" if cl else "nchw" if len(shape) > 3 else "contiguous"
+    return f"{norm} {'x'.join(map(str, shape))} {layout}"
+
+
 def compare(
     old, cases, dtype: torch.dtype, rounds: int, min_time: float, warm_caches: bool = False
 ) -> list[tuple[str, float, float]]:
@@ -120,9 +126,7 @@ def compare(
                         cpu.DRIVERS = drivers
                         seconds = measure(call, min_time) if warm_caches else measure_cold(call, min_time, flush, warm)
                         out.append(seconds * 1e3)
-                layout = "channels_last" if cl else "nchw" if len(shape) > 3 else "contiguous"
-                name = f"{norm} {'x'.join(map(str, shape))} {layout} {op}"
-                rows.append((name, statistics.median(times[0]), statistics.median(times[1])))
+                rows.append((f"{case_name(norm, shape, cl)} {op}", statistics.median(times[0]), statistics.median(times[1])))
     finally:
         cpu.DRIVERS = _numba_kernels.DRIVERS
     return rows
@@ -136,12 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-time", type=float, default=0.3, help="seconds per measurement")
     parser.add_argument("--small", action="store_true", help="tiny shapes (a smoke run)")
     parser.add_argument("--warm", action="store_true", help="no cache flush: data stays cached between calls")
-    parser.add_argument("--only", default="", help="comma-separated words; the cases whose name contains one")
+    parser.add_argument("--only", default="", help="comma-separated words: only the cases whose name has one")
     args = parser.parse_args(argv)
     cases = SMALL if args.small else CASES
     if args.only:
         words = args.only.split(",")
-        cases = [c for c in cases if any(w in f"{c[0]} {'x'.join(map(str, c[1]))} {'channels_last' if c[2] else ''}" for w in words)]
+        cases = [c for c in cases if any(w in case_name(*c) for w in words)]
     with tempfile.TemporaryDirectory() as where:
         old = load_revision(args.rev, Path(where))
         rows = compare(old, cases, DTYPES[args.dtype], args.rounds, args.min_time, args.warm)

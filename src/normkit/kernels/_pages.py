@@ -25,6 +25,7 @@ MADV_HUGEPAGE = 14  # Linux's value (<sys/mman.h>); other systems number their a
 # step the kernel compacts memory to find 2 MB pages before the first write can proceed. In a
 # UNet2DModel step, GroupNorm's kernel on 8x192x32x32 (a 6.3 MB output) took 5.4 ms with the hint and
 # 1.3 ms without; the whole step 199-206 ms against 205-209 with the hint from 4 MB up (torch.nn 192-193).
+# `normkit bench --cold` on the 8-26 MB shapes agreed: speed-up geomean 1.64-1.65x against 1.38-1.57x.
 MIN_BYTES = 32 << 20
 
 
