@@ -105,6 +105,17 @@ def case_name(norm: str, shape: tuple[int, ...], cl: bool) -> str:
     return f"{norm} {'x'.join(map(str, shape))} {layout}"
 
 
+def select(cases: list, only: str) -> list:
+    """The cases whose name has one of the comma-separated words of ``only`` (all when it is empty); none
+    matching is an error, not an empty table."""
+    if not only:
+        return cases
+    chosen = [c for c in cases if any(w in case_name(*c) for w in only.split(","))]
+    if not chosen:
+        raise SystemExit(f"--only {only!r} matches none of: " + ", ".join(case_name(*c) for c in cases))
+    return chosen
+
+
 def compare(
     old, cases, dtype: torch.dtype, rounds: int, min_time: float, warm_caches: bool = False
 ) -> list[tuple[str, float, float]]:
@@ -142,10 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm", action="store_true", help="no cache flush: data stays cached between calls")
     parser.add_argument("--only", default="", help="comma-separated words: only the cases whose name has one")
     args = parser.parse_args(argv)
-    cases = SMALL if args.small else CASES
-    if args.only:
-        words = args.only.split(",")
-        cases = [c for c in cases if any(w in case_name(*c) for w in words)]
+    cases = select(SMALL if args.small else CASES, args.only)
     with tempfile.TemporaryDirectory() as where:
         old = load_revision(args.rev, Path(where))
         rows = compare(old, cases, DTYPES[args.dtype], args.rounds, args.min_time, args.warm)

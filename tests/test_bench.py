@@ -143,3 +143,18 @@ def test_kernel_ab_compares_a_revision_with_the_tree():
         [sys.executable, str(script), "--small", "--rounds", "1", "--min-time", "0.01"], check=True, capture_output=True, text=True
     )
     assert "tree / rev" in out.stdout and "layer 2x4x64 contiguous backward" in out.stdout
+
+
+def test_kernel_ab_selects_cases_by_name():
+    """``--only``: the cases whose name has one of the words; a word matching none stops the run."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_ab.py"
+    spec = importlib.util.spec_from_file_location("kernel_ab_tool", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.select(tool.CASES, "") == tool.CASES
+    chosen = tool.select(tool.CASES, "layer,8x32x64")
+    assert [tool.case_name(*c) for c in chosen] == ["layer 8x512x768 contiguous", "group 8x32x64x64 channels_last"]
+    with pytest.raises(SystemExit, match="matches none"):
+        tool.select(tool.CASES, "nosuchnorm")
