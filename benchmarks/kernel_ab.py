@@ -56,7 +56,7 @@ def load_revision(rev: str, where: Path):
 
 def _view(norm: str, t: torch.Tensor, cl: bool) -> tuple[torch.Tensor, list[int], tuple[bool, bool]]:
     """The 5-D view the functional layer would build, its shape, and which of R1/R2 the affine
-    parameters span (``L.param_view``)."""
+    parameters span (``L.param_shape``)."""
     if norm == "batch":
         shape, spans = L.per_channel_view(t, cl), (False, False)
     elif norm == "group":
@@ -81,9 +81,8 @@ def operations(norm: str, shape: tuple[int, ...], cl: bool, dtype: torch.dtype) 
     s5, small5, _ = _view(norm, _tensor(small_shape, cl, dtype), cl)
     features = shape[-1] if norm == "layer" else shape[1]
     wf, bf = torch.rand(features) + 0.5, torch.randn(features)
-    w, b = L.param_view(wf, shape5, *spans), L.param_view(bf, shape5, *spans)
-    ws, bs = L.param_view(wf, small5, *spans), L.param_view(bf, small5, *spans)
-    ps, pss = tuple(w.shape), tuple(ws.shape)
+    ps, pss = L.param_shape(shape5, *spans), L.param_shape(small5, *spans)
+    w, b, ws, bs = wf.reshape(ps), bf.reshape(ps), wf.reshape(pss), bf.reshape(pss)
     dy, dys = torch.randn_like(x5), torch.randn_like(s5)
     _, st = be.forward(x5, w, b, 1e-5, False)
     _, sts = be.forward(s5, ws, bs, 1e-5, False)

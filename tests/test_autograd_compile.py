@@ -62,12 +62,14 @@ def test_gradcheck_and_gradgradcheck(name, backend):
 @pytest.mark.parametrize("activation", [None, "silu"])
 def test_custom_ops_pass_opcheck(activation):
     x = torch.randn(2, 6, 5)
-    w, b = torch.rand(2, 3, 1, 1, requires_grad=True), torch.randn(2, 3, 1, 1, requires_grad=True)
-    shape = [2, 2, 3, 1, 5]
-    torch.library.opcheck(_core._norm_batch, (x.requires_grad_(), shape, w, b, 1e-5, False, activation))
+    w, b = torch.rand(6, requires_grad=True), torch.randn(6, requires_grad=True)  # as the modules hold them
+    shape, pshape = [2, 2, 3, 1, 5], [2, 3, 1, 1]
+    torch.library.opcheck(_core._norm_batch, (x.requires_grad_(), shape, w, b, 1e-5, False, activation, pshape))
+    w4, b4 = w.detach().view(pshape).requires_grad_(), b.detach().view(pshape).requires_grad_()
+    torch.library.opcheck(_core._norm_batch, (x, shape, w4, b4, 1e-5, False, activation, None))
     mean, rstd = torch.randn(2, 2, 1), torch.rand(2, 2, 1) + 0.5
-    torch.library.opcheck(_core._norm_fixed, (x, shape, mean, rstd, w, b, activation, None))
-    torch.library.opcheck(_core._norm_fixed, (x, shape, mean.flatten(), rstd.flatten(), w, b, activation, 1e-5))
+    torch.library.opcheck(_core._norm_fixed, (x, shape, mean, rstd, w, b, activation, None, pshape))
+    torch.library.opcheck(_core._norm_fixed, (x, shape, mean.flatten(), rstd.flatten(), w4, b4, activation, 1e-5, None))
 
 
 class SmallCNN(nk.Module):

@@ -118,6 +118,34 @@ def test_forward_and_backward_match_float64(backend, dtype, affine, norm, shape,
 
 
 @pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("norm,shape,cl", list(_cases()))
+def test_tensors_as_they_are_with_their_views_beside(backend, dtype, norm, shape, cl):
+    """The core passes the dense input and the module's 1-D parameters as they are, with ``shape`` and
+    ``param_shape`` beside them: every method gives what it gives on the views, in the input's shape."""
+    x5, w, b, pshape = _make(norm, shape, cl, dtype)
+    if not backend.supports(x5, w):
+        pytest.skip(f"{backend.name} declines {dtype} on {x5.device.type}; the core uses the reference")
+    rms = norm == "rms"
+    xd = x5.reshape(-1, x5.shape[-1] * x5.shape[-2])  # the same memory, another shape
+    wd, bd = w.flatten(), b.flatten()
+    views = dict(shape=tuple(x5.shape), param_shape=pshape)
+    y, st = backend.forward(x5, w, b, 1e-5, rms)
+    yd, std = backend.forward(xd, wd, bd, 1e-5, rms, **views)
+    assert yd.shape == xd.shape and torch.equal(yd.view(x5.shape), y)
+    for got, want in zip(std, st):
+        assert torch.equal(got.view(want.shape), want)
+    assert torch.equal(backend.normalize(xd, st.mean, st.rstd, wd, bd, **views).view(x5.shape),
+                       backend.normalize(x5, st.mean, st.rstd, w, b))
+    dy = torch.randn(x5.shape).to(dtype)
+    mask = (True, True, True)
+    g = backend.backward(dy, x5, st.mean, st.rstd, w, pshape, rms, True, mask)
+    gd = backend.backward(dy.view(xd.shape), xd, st.mean, st.rstd, wd, pshape, rms, True, mask, shape=views["shape"])
+    assert gd.dx.shape == xd.shape and torch.equal(gd.dx.view(x5.shape), g.dx)
+    assert torch.equal(gd.dweight, g.dweight) and torch.equal(gd.dbias, g.dbias)
+
+
+@pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("norm,shape,cl", [c for c in _cases() if c.values[0] == "batch"])
 def test_fixed_statistics_match_float64(backend, dtype, norm, shape, cl):

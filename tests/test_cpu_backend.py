@@ -280,9 +280,9 @@ def test_column_loops_need_rows(monkeypatch):
     monkeypatch.setattr(cpu, "SERIAL_BELOW", 0)
     assert cpu.col_rows(1) == 4 and cpu.col_rows(8) == 16
     few = torch.empty(1, 1, 2, 40, 16)  # BatchNorm NCHW, 2 x 40 x 4 x 4
-    assert not cpu.launch(few, (1, 1, 40, 1), 2).view.col
+    assert not cpu.launch(tuple(few.shape), few.dtype, (1, 1, 40, 1), 2).view.col
     enough = torch.empty(2, 1, 24, 8, 8)  # GroupNorm(8) channels-last, 2 x 64 x 4 x 6
-    ln = cpu.launch(enough, (1, 1, 8, 8), 2)
+    ln = cpu.launch(tuple(enough.shape), enough.dtype, (1, 1, 8, 8), 2)
     _, nrc, rchunk, _, _ = ln.plan
     assert ln.view.col and ln.loops == "col" and (nrc == 1 or rchunk >= cpu.col_rows(8))
 
@@ -298,7 +298,7 @@ def test_output_units_run_through_memory_in_order(monkeypatch, shape5, threads):
     so each thread's share of them is one contiguous block."""
     monkeypatch.setattr(cpu, "SERIAL_BELOW", 0)
     _, p, _, b, _ = shape5
-    ln = cpu.launch(torch.empty(shape5), (p, 1, b, 1), threads, apply=True)
+    ln = cpu.launch(tuple(shape5), torch.float32, (p, 1, b, 1), threads, apply=True)
     g_total, r_total, b_total = ln.view.g, ln.view.r1, ln.view.b
     covered = []
     for u in range(_numba_kernels._units(ln.plan, g_total)):

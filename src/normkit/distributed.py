@@ -65,8 +65,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             blend_running(running_mean, mean64, momentum)
         if running_var is not None:
             blend_running(running_var, var64, momentum, _bessel(total))
-        w, b = L.param_view(weight, shape, False, False), L.param_view(bias, shape, False, False)
-        y = normalize_fixed(xc, shape, mean, rstd, w, b)
+        y = normalize_fixed(xc, shape, mean, rstd, weight, bias, param_shape=L.param_shape(shape, False, False))
         ctx.save_for_backward(xc, mean, rstd, weight)
         ctx.shape, ctx.perm, ctx.total, ctx.group = shape, perm, total, group
         ctx.bias_dtype = None if bias is None else bias.dtype

@@ -28,11 +28,16 @@ from . import activation as act
 Shape5 = list[int]
 
 
-def _param_shape(shape: Shape5, weight: Optional[Tensor], bias: Optional[Tensor]) -> tuple[int, ...]:
+def _param_shape(
+    shape: Shape5, weight: Optional[Tensor], bias: Optional[Tensor], given: Optional[list[int]]
+) -> list[int]:
+    """The parameters' (P, K1, B, K2) view: as given, else their own shape, else per channel."""
+    if given is not None:
+        return list(given)
     p = weight if weight is not None else bias
     if p is not None:
-        return tuple(p.shape)
-    return (shape[1], 1, shape[3], 1)
+        return list(p.shape)
+    return [shape[1], 1, shape[3], 1]
 
 
 def _stats_like(x: Tensor, shape: Shape5) -> Tensor:
@@ -46,43 +51,43 @@ def _fuses(backend: Backend, activation: Optional[str]) -> bool:
 
 def _batch(
     x: Tensor, shape: Shape5, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, rms: bool,
-    activation: Optional[str],
+    activation: Optional[str], param_shape: Optional[list[int]],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    x5 = x.view(*shape)
-    backend = resolve(x5, weight)
+    backend = resolve(x, weight)
     if _fuses(backend, activation):
-        y, st = backend.forward(x5, weight, bias, eps, rms, activation=activation)
+        y, st = backend.forward(x, weight, bias, eps, rms, activation=activation, shape=shape, param_shape=param_shape)
     else:
-        y, st = backend.forward(x5, weight, bias, eps, rms)
+        y, st = backend.forward(x, weight, bias, eps, rms, shape=shape, param_shape=param_shape)
         y = act.apply(activation, y, inplace=True)
-    return y.view_as(x), st.mean, st.rstd, st.var
+    return y, st.mean, st.rstd, st.var
 
 
 _norm_batch = torch.library.custom_op("normkit::norm_batch", _batch, mutates_args=())
 
 
 @_norm_batch.register_fake
-def _(x, shape, weight, bias, eps, rms, activation):
+def _(x, shape, weight, bias, eps, rms, activation, param_shape):
     return torch.empty_like(x), _stats_like(x, shape), _stats_like(x, shape), _stats_like(x, shape)
 
 
 def _fixed(
     x: Tensor, shape: Shape5, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-    activation: Optional[str], var_eps: Optional[float],
+    activation: Optional[str], var_eps: Optional[float], param_shape: Optional[list[int]],
 ) -> Tensor:
-    x5 = x.view(*shape)
-    backend = resolve(x5, weight)
+    backend = resolve(x, weight)
     if _fuses(backend, activation):
-        return backend.normalize(x5, mean, rstd, weight, bias, activation=activation, var_eps=var_eps).view_as(x)
-    y = backend.normalize(x5, mean, rstd, weight, bias, var_eps=var_eps)
-    return act.apply(activation, y, inplace=True).view_as(x)
+        return backend.normalize(
+            x, mean, rstd, weight, bias, activation=activation, var_eps=var_eps, shape=shape, param_shape=param_shape
+        )
+    y = backend.normalize(x, mean, rstd, weight, bias, var_eps=var_eps, shape=shape, param_shape=param_shape)
+    return act.apply(activation, y, inplace=True)
 
 
 _norm_fixed = torch.library.custom_op("normkit::norm_fixed", _fixed, mutates_args=())
 
 
 @_norm_fixed.register_fake
-def _(x, shape, mean, rstd, weight, bias, activation, var_eps):
+def _(x, shape, mean, rstd, weight, bias, activation, var_eps, param_shape):
     return torch.empty_like(x)
 
 
@@ -100,17 +105,17 @@ def _backward(
     output_mask: list[bool],
     activation: Optional[str],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    x5 = x.view(*shape)
-    backend = resolve(x5, weight)
-    dy5 = dy.contiguous().view(*shape)
-    args = (x5, mean, rstd, weight, tuple(param_shape), rms, batch_stats, tuple(output_mask))
+    backend = resolve(x, weight)
+    dy = dy.contiguous()
+    args = (x, mean, rstd, weight, tuple(param_shape), rms, batch_stats, tuple(output_mask))
     if _fuses(backend, activation):
-        grads = backend.backward(dy5, *args, bias=bias, activation=activation)
+        grads = backend.backward(dy, *args, bias=bias, activation=activation, shape=shape)
     else:
         if activation is not None:
-            dy5 = act.backward(activation, backend.normalize(x5, mean, rstd, weight, bias), dy5)
-        grads = backend.backward(dy5, *args)
-    dx = x.new_empty(0) if grads.dx is None else grads.dx.view_as(x)
+            y = backend.normalize(x, mean, rstd, weight, bias, shape=shape, param_shape=param_shape)
+            dy = act.backward(activation, y, dy)
+        grads = backend.backward(dy, *args, shape=shape)
+    dx = x.new_empty(0) if grads.dx is None else grads.dx
     return dx, _or_empty(grads.dweight, x), _or_empty(grads.dbias, x)
 
 
@@ -143,16 +148,19 @@ def _(dy, x, shape, mean, rstd, weight, bias, param_shape, rms, batch_stats, out
 
 
 def _param_grad(g: Tensor, p: Optional[Tensor], needed: bool) -> Optional[Tensor]:
+    """A parameter's gradient in its dtype and shape (the kernels' is the (P, K1, B, K2) view's)."""
     if not needed or p is None:
         return None
-    return g if g.dtype == p.dtype else g.to(p.dtype)
+    if g.dtype != p.dtype:
+        g = g.to(p.dtype)
+    return g if g.shape == p.shape else g.view(p.shape)
 
 
 def _grads_via_op(ctx, dy: Tensor, batch_stats: bool) -> tuple[Optional[Tensor], ...]:
     x, mean, rstd, weight, bias = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[ctx.param_index], ctx.needs_input_grad[ctx.param_index + 1]
     dx, dw, db = (_backward if ctx.eager else _norm_backward)(
-        dy, x, ctx.shape, mean, rstd, weight, bias, list(_param_shape(ctx.shape, weight, bias)), ctx.rms,
+        dy, x, ctx.shape, mean, rstd, weight, bias, ctx.param_shape, ctx.rms,
         batch_stats, [need_x, need_w and weight is not None, need_b and bias is not None], ctx.activation,
     )
     return (dx if need_x else None), _param_grad(dw, weight, need_w), _param_grad(db, bias, need_b)
@@ -178,52 +186,52 @@ def _reference_batch(ctx):
     ref = load("reference")
 
     def forward(x, mean, rstd, weight, bias):
-        y, _ = ref.forward(x.view(ctx.shape), weight, bias, ctx.eps, ctx.rms)
-        return y.view(x.shape)
+        y, _ = ref.forward(x, weight, bias, ctx.eps, ctx.rms, shape=ctx.shape, param_shape=ctx.param_shape)
+        return y
 
     return forward
 
 
 def _setup_batch(ctx, inputs, output, eager: bool = False):
-    x, shape, weight, bias, eps, rms, activation = inputs
+    x, shape, weight, bias, eps, rms, activation, param_shape = inputs
     _, mean, rstd, _ = output
     ctx.save_for_backward(x, mean, rstd, weight, bias)
     ctx.shape, ctx.eps, ctx.rms, ctx.param_index, ctx.activation = shape, eps, rms, 2, activation
-    ctx.eager = eager
+    ctx.param_shape, ctx.eager = _param_shape(shape, weight, bias, param_shape), eager
 
 
 def _backward_batch(ctx, dy, _dmean, _drstd, _dvar):
     if dy is None:  # only the statistics were used; they carry no gradient
-        return None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None
     if torch.is_grad_enabled():
         dx, dw, db = _grads_via_reference(ctx, dy, _reference_batch(ctx))
     else:
         dx, dw, db = _grads_via_op(ctx, dy, batch_stats=True)
-    return dx, None, dw, db, None, None, None
+    return dx, None, dw, db, None, None, None, None
 
 
 def _setup_fixed(ctx, inputs, output, eager: bool = False):
-    x, shape, mean, rstd, weight, bias, activation, var_eps = inputs
+    x, shape, mean, rstd, weight, bias, activation, var_eps, param_shape = inputs
     q, p, _, b, _ = shape
     rstd = given_rstd((q, p, b), rstd, var_eps)  # taken now: the variance may change before backward
     ctx.save_for_backward(x, mean.reshape(q, p, b), rstd, weight, bias)
     ctx.shape, ctx.rms, ctx.param_index, ctx.activation = shape, False, 4, activation
-    ctx.eager = eager
+    ctx.param_shape, ctx.eager = _param_shape(shape, weight, bias, param_shape), eager
 
 
 def _backward_fixed(ctx, dy):
     if dy is None:
-        return None, None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None, None
     if torch.is_grad_enabled():
         ref = load("reference")
 
         def forward(x, mean, rstd, weight, bias):
-            return ref.normalize(x.view(ctx.shape), mean, rstd, weight, bias).view(x.shape)
+            return ref.normalize(x, mean, rstd, weight, bias, shape=ctx.shape, param_shape=ctx.param_shape)
 
         dx, dw, db = _grads_via_reference(ctx, dy, forward)
     else:
         dx, dw, db = _grads_via_op(ctx, dy, batch_stats=False)
-    return dx, None, None, None, dw, db, None, None
+    return dx, None, None, None, dw, db, None, None, None
 
 
 _norm_batch.register_autograd(_backward_batch, setup_context=_setup_batch)
@@ -247,6 +255,10 @@ def _eager_function(name: str, impl, setup, backward) -> type[torch.autograd.Fun
 
 _EagerBatch = _eager_function("_EagerBatch", _batch, _setup_batch, _backward_batch)
 _EagerFixed = _eager_function("_EagerFixed", _fixed, _setup_fixed, _backward_fixed)
+# Function.apply's C++ implementation, bound to each Function (what its Python ``apply`` ends in).
+_raw_apply = {f: super(torch.autograd.Function, f).apply for f in (_EagerBatch, _EagerFixed)}
+_functorch_active = torch._C._are_functorch_transforms_active
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def records_graph(*inputs: Optional[Tensor]) -> bool:
@@ -260,12 +272,22 @@ def records_graph(*inputs: Optional[Tensor]) -> bool:
     return False
 
 
-def _pick(op, eager, impl, *inputs: Optional[Tensor]):
+def _pick(op, function: type[torch.autograd.Function], impl, *inputs: Optional[Tensor]):
     """The custom op under torch.compile; in eager mode the autograd.Function when a gradient is
-    wanted and the bare implementation when none is (each layer of dispatch costs microseconds)."""
+    wanted and the bare implementation when none is (each layer of dispatch costs microseconds).
+    The Function is entered below its Python ``apply``, whose argument binding and unwrapping of
+    functorch tensors cost about 16 µs from a cold cache; that layer only matters under functorch
+    (transforms, or tensors left over from one), where the public ``apply`` is taken."""
     if torch.compiler.is_compiling():
         return op
-    return eager if records_graph(*inputs) else impl
+    if not records_graph(*inputs):
+        return impl
+    if _functorch_active():
+        return function.apply
+    for t in inputs:
+        if t is not None and _functorch_wrapped(t):
+            return function.apply
+    return _raw_apply[function]
 
 
 def normalize_batch(
@@ -276,11 +298,13 @@ def normalize_batch(
     eps: float,
     rms: bool = False,
     activation: Optional[str] = None,
+    param_shape: Optional[Shape5] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Normalize ``x`` (contiguous) with statistics of its 5-D view; returns (y, mean, rstd, var)."""
+    """Normalize ``x`` (contiguous) with statistics of its 5-D view ``shape``; returns (y, mean, rstd,
+    var). The parameters are read as ``param_shape`` (P, K1, B, K2), by default their own shape."""
     act.check(activation)
-    op = _pick(_norm_batch, _EagerBatch.apply, _batch, x, weight, bias)
-    return op(x, list(shape), weight, bias, float(eps), rms, activation)
+    op = _pick(_norm_batch, _EagerBatch, _batch, x, weight, bias)
+    return op(x, list(shape), weight, bias, float(eps), rms, activation, param_shape)
 
 
 def normalize_fixed(
@@ -292,12 +316,14 @@ def normalize_fixed(
     bias: Optional[Tensor],
     activation: Optional[str] = None,
     var_eps: Optional[float] = None,
+    param_shape: Optional[Shape5] = None,
 ) -> Tensor:
     """Normalize ``x`` (contiguous) with given statistics, Q*P*B values each (see ``Backend.normalize``;
-    with ``var_eps`` the second is the variance)."""
+    with ``var_eps`` the second is the variance); parameters as in ``normalize_batch``."""
     act.check(activation)
-    op = _pick(_norm_fixed, _EagerFixed.apply, _fixed, x, weight, bias)
-    return op(x, list(shape), mean, rstd, weight, bias, activation, None if var_eps is None else float(var_eps))
+    op = _pick(_norm_fixed, _EagerFixed, _fixed, x, weight, bias)
+    var_eps = None if var_eps is None else float(var_eps)
+    return op(x, list(shape), mean, rstd, weight, bias, activation, var_eps, param_shape)
 
 
 def update_running(

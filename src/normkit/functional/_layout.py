@@ -61,12 +61,11 @@ def trailing_view(x: Tensor, d: int) -> list[int]:
     return [x.numel() // d if d else 0, 1, d, 1, 1]
 
 
-def param_view(p: Tensor | None, shape: list[int], affine_r1: bool, affine_r2: bool) -> Tensor | None:
-    """View a per-channel parameter as (P, K1, B, K2) for the 5-D view ``shape``."""
-    if p is None:
-        return None
+def param_shape(shape: list[int], affine_r1: bool, affine_r2: bool) -> tuple[int, int, int, int]:
+    """The (P, K1, B, K2) view of a per-channel parameter for the 5-D view ``shape``: the core reads the
+    parameter as it is, without a view of its own (which would add an autograd node each way)."""
     _, pp, r1, b, r2 = shape
-    return p.reshape(pp, r1 if affine_r1 else 1, b, r2 if affine_r2 else 1)
+    return (pp, r1 if affine_r1 else 1, b, r2 if affine_r2 else 1)
 
 
 def is_float(x: Tensor) -> bool:

@@ -72,7 +72,7 @@ def _moments(xa: Tensor, mask5: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
 
 def normalize_with(
     xc: Tensor, shape: list[int], mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None,
-    mask5: Tensor | None = None,
+    mask5: Tensor | None = None, param_shape: tuple[int, ...] | None = None,
 ) -> Tensor:
     """``normalize_fixed`` with statistics (Q, P, B) that may depend on ``xc``: gradients reach them too.
 
@@ -94,7 +94,7 @@ def normalize_with(
             x5 = torch.addcmul(m0.view(q, p, 1, b, 1), x5 - m5, (rstd / r0).view(q, p, 1, b, 1))
         xc = x5.to(xc.dtype).view(xc.shape)
         mean, rstd = m0, r0
-    return normalize_fixed(xc, shape, mean, rstd, weight, bias)
+    return normalize_fixed(xc, shape, mean, rstd, weight, bias, param_shape=param_shape)
 
 
 def _normalize(
@@ -108,10 +108,7 @@ def _normalize(
     mask5 = view_mask(mask, input, perm, shape, channel_dim)
     mean, var, count = moments(xc.view(shape), mask5)
     r1, r2 = affine_r if affine_r is not None else (False, False)
-    y = normalize_with(
-        xc, shape, mean, torch.rsqrt(var + eps), L.param_view(weight, shape, r1, r2), L.param_view(bias, shape, r1, r2),
-        mask5,
-    )
+    y = normalize_with(xc, shape, mean, torch.rsqrt(var + eps), weight, bias, mask5, L.param_shape(shape, r1, r2))
     return L.restore(y, perm), mean, var, count
 
 
@@ -169,5 +166,4 @@ def layer_norm(input: Tensor, mask: Tensor, d: int, weight: Tensor | None, bias:
     shape = L.trailing_view(xc, d)
     mask5 = expand_mask(mask, input, False).reshape(shape)
     mean, var, _ = moments(xc.view(shape), mask5)
-    w, b = L.param_view(weight, shape, True, False), L.param_view(bias, shape, True, False)
-    return normalize_with(xc, shape, mean, torch.rsqrt(var + eps), w, b, mask5)
+    return normalize_with(xc, shape, mean, torch.rsqrt(var + eps), weight, bias, mask5, L.param_shape(shape, True, False))

@@ -61,8 +61,8 @@ def _per_channel_eval(
     copy = records_graph(x, weight, bias) or running_mean.dtype != acc
     mean = running_mean.to(acc, copy=True) if copy else running_mean
     var = running_var if running_var.dtype == acc else running_var.to(acc)
-    pw, pb = L.param_view(weight, shape, False, False), L.param_view(bias, shape, False, False)
-    return L.restore(normalize_fixed(xc, shape, mean, var, pw, pb, activation, var_eps=eps), perm)
+    ps = L.param_shape(shape, False, False)
+    return L.restore(normalize_fixed(xc, shape, mean, var, weight, bias, activation, eps, ps), perm)
 
 
 def _batch_view(
@@ -72,8 +72,8 @@ def _batch_view(
     span_r2); the output keeps the input's memory format."""
     xc, perm = L.dense(input)
     shape, span_r1, span_r2 = view(input, perm is not None)
-    pw, pb = L.param_view(weight, shape, span_r1, span_r2), L.param_view(bias, shape, span_r1, span_r2)
-    y, mean, _, var = normalize_batch(xc, shape, pw, pb, eps, activation=activation)
+    ps = L.param_shape(shape, span_r1, span_r2)
+    y, mean, _, var = normalize_batch(xc, shape, weight, bias, eps, False, activation, ps)
     return L.restore(y, perm), mean, var
 
 
@@ -225,8 +225,7 @@ def _trailing_norm(input: Tensor, d: int, weight, bias, eps: float, rms: bool, a
         return _empty(input, activation)
     xc = input.contiguous()
     shape = L.trailing_view(xc, d)
-    pw, pb = L.param_view(weight, shape, True, False), L.param_view(bias, shape, True, False)
-    y, *_ = normalize_batch(xc, shape, pw, pb, eps, rms, activation)
+    y, *_ = normalize_batch(xc, shape, weight, bias, eps, rms, activation, L.param_shape(shape, True, False))
     return y
 
 

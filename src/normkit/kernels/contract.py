@@ -2,11 +2,17 @@
 
 Every normalization in normkit is computed on a 5-D view ``(Q, P, R1, B, R2)`` of a contiguous
 tensor. Statistics (mean, rstd) are taken per ``(q, p, b)`` over ``(r1, r2)`` and have shape
-``(Q, P, B)``. The affine parameters arrive already viewed as ``(P, K1, B, K2)`` with ``K1`` in
-``{1, R1}`` and ``K2`` in ``{1, R2}``, so ``weight[p, r1 % K1, b, r2 % K2]`` scales element
-``x[q, p, r1, b, r2]``. Parameters may be broadcast views (stride 0, e.g. LayerNorm2d): a backend
-that needs dense ones makes them contiguous. ``P`` is the period with which the channel repeats
-along the statistics axis (InstanceNorm in NCHW: ``A = N*C`` split as ``Q=N, P=C``).
+``(Q, P, B)``. The affine parameters are read as ``(P, K1, B, K2)`` with ``K1`` in ``{1, R1}`` and
+``K2`` in ``{1, R2}``, so ``weight[p, r1 % K1, b, r2 % K2]`` scales element ``x[q, p, r1, b, r2]``.
+``P`` is the period with which the channel repeats along the statistics axis (InstanceNorm in
+NCHW: ``A = N*C`` split as ``Q=N, P=C``).
+
+The tensors arrive as they are, with the view beside them: ``shape`` is the 5-D view of ``x`` (and
+``dy``), ``param_shape`` that of the parameters; either defaults to the tensor's own shape. Outputs
+keep the shape of ``x``. Taking no views on the way is what keeps an eager call cheap: outside a
+kernel's data a tensor view costs about 10 µs from a cold cache, and a view of a parameter that
+requires grad adds an autograd node each way. Parameters may be broadcast views (stride 0, e.g.
+LayerNorm2d): a backend that needs dense ones makes them contiguous.
 
 Statistics are float32 for float32/bfloat16/float16 input and float64 for float64 input.
 ``mean`` is 0 for RMSNorm, whose ``var`` is the mean square.
@@ -14,6 +20,7 @@ Statistics are float32 for float32/bfloat16/float16 input and float64 for float6
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
 import torch
@@ -50,6 +57,16 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
 def stat_shape(x5: Tensor) -> tuple[int, int, int]:
     q, p, _, b, _ = x5.shape
     return (q, p, b)
+
+
+def view5(x: Tensor, shape: Sequence[int] | None) -> Tensor:
+    """``x`` as its 5-D view, for a backend that computes with tensor views."""
+    return x if shape is None else x.view(*shape)
+
+
+def view_param(p: Tensor | None, param_shape: Sequence[int] | None) -> Tensor | None:
+    """A parameter as its ``(P, K1, B, K2)`` view, for a backend that computes with tensor views."""
+    return p if p is None or param_shape is None else p.reshape(*param_shape)
 
 
 def given_rstd(shape: tuple[int, int, int], rstd: Tensor, var_eps: float | None) -> Tensor:
@@ -91,7 +108,8 @@ def update_running(
 
 
 class Backend(Protocol):
-    """What the core calls. Tensors are 5-D views of contiguous tensors (see module doc)."""
+    """What the core calls. Tensors are contiguous; ``shape`` / ``param_shape`` give their views (see
+    module doc)."""
 
     name: str
     # Activations the kernels fuse. Only these are passed as ``activation=`` to forward, normalize
@@ -103,13 +121,15 @@ class Backend(Protocol):
         """False makes the core use the reference backend for this call."""
 
     def forward(
-        self, x5: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool
+        self, x5: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool, *,
+        shape: Sequence[int] | None = None, param_shape: Sequence[int] | None = None,
     ) -> tuple[Tensor, Stats]:
         """Batch statistics and the normalized, affine-transformed output in x5's dtype."""
 
     def normalize(
         self, x5: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None,
-        var_eps: float | None = None,
+        var_eps: float | None = None, *, shape: Sequence[int] | None = None,
+        param_shape: Sequence[int] | None = None,
     ) -> Tensor:
         """Apply given statistics (BatchNorm in eval mode): ``Q*P*B`` values each in ``(q, p, b)`` order,
         of any shape (BatchNorm's running buffers as they are). With ``var_eps`` the second is the
@@ -135,8 +155,10 @@ class Backend(Protocol):
         rms: bool,
         batch_stats: bool,
         output_mask: tuple[bool, bool, bool],
+        *,
+        shape: Sequence[int] | None = None,
     ) -> Grads:
-        """dx in x5's dtype; dweight, dbias in the statistics dtype with ``param_shape``.
+        """dx in x5's dtype and shape; dweight, dbias in the statistics dtype with ``param_shape``.
 
         Each is None where ``output_mask`` is False.
         With ``batch_stats`` the statistics depend on x:

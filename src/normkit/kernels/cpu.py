@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -186,6 +186,8 @@ class Launch(NamedTuple):
     interpreter's data from cache)."""
 
     view: View
+    shape5: tuple[int, ...]
+    numel: int  # of the data: the kernels index raw memory by the view, so a call checks it
     dims: tuple[int, ...]
     plan: tuple[int, ...]
     lanes: int
@@ -210,16 +212,76 @@ def _setup(
     v = canonical(shape5, pshape, itemsize, threads)
     pl = apply_plan(v, threads) if apply else plan(v, itemsize, threads)
     return Launch(
-        v, tuple(v), tuple(pl), _lanes(v, pl, threads), "col" if v.col else "seg", _TAG[kernel_dtype],
+        v, shape5, math.prod(shape5), tuple(v), tuple(pl), _lanes(v, pl, threads), "col" if v.col else "seg", _TAG[kernel_dtype],
         _TAG[_acc(kernel_dtype)],
     )
 
 
-def launch(x5: Tensor, pshape: tuple[int, ...], threads: int, apply: bool = False) -> Launch:
-    """How the drivers run on ``x5`` with parameters of ``pshape``; ``apply``: the output alone, from
-    given statistics."""
+def launch(
+    shape5: tuple[int, ...], dtype: torch.dtype, pshape: tuple[int, ...], threads: int, apply: bool = False
+) -> Launch:
+    """How the drivers run on the view ``shape5`` of ``dtype`` data with parameters of ``pshape``;
+    ``apply``: the output alone, from given statistics."""
     tuning = (CACHE_BYTES, COL_CACHE_BYTES, UNIT_BYTES, COL_MAX_RUN)
-    return _setup(tuple(x5.shape), pshape, x5.dtype, threads, apply, tuning)
+    return _setup(shape5, pshape, dtype, threads, apply, tuning)
+
+
+class Call(NamedTuple):
+    """Everything a backend method needs besides its tensors: the launch, the compiled driver, its
+    thread count and the statistics' dtype."""
+
+    launch: Launch
+    driver: Callable
+    threads: int
+    stats: torch.dtype
+    widened: bool  # float16 data, read by the kernels as a float32 copy
+
+
+@lru_cache(maxsize=512)
+def _call(
+    op: str, shape5: tuple[int, ...], pshape: tuple[int, ...], dtype: torch.dtype, activation: str | None,
+    threads: int | None, torch_threads: int, tuning: tuple[int, ...],
+) -> Call:
+    """A call's set-up, worked out once per view, dtype, activation and thread setting: one cache
+    lookup a call instead of a dozen small steps, each of which costs microseconds from a cold cache.
+    ``torch_threads`` and ``tuning`` (the module constants) are keys so that changing them takes effect;
+    a forked child starts with an empty cache."""
+    check_activation(activation)
+    if threads is None:
+        threads = threads_for(math.prod(shape5))
+    ln = launch(shape5, dtype, pshape, threads, apply=op == "apply")
+    par, ser = DRIVERS[f"{op}_{ln.loops}"][activation]
+    return Call(ln, ser if threads == 1 else par, threads, _acc(dtype), dtype in WIDENED)
+
+
+def _prepare(
+    op: str, x: Tensor, shape: Sequence[int] | None, pshape: tuple[int, ...], activation: str | None,
+    threads: int | None,
+) -> Call:
+    """The call's set-up for ``x`` (viewed as ``shape``), after checking that the view covers ``x``:
+    the kernels index raw memory by it. Enters numba's thread pool when the call runs in parallel."""
+    tuning = (CACHE_BYTES, COL_CACHE_BYTES, UNIT_BYTES, COL_MAX_RUN, SERIAL_BELOW)
+    c = _call(op, tuple(x.shape if shape is None else shape), pshape, x.dtype, activation, threads,
+              torch.get_num_threads(), tuning)
+    if x.numel() != c.launch.numel:
+        raise ValueError(f"a view of {c.launch.numel} elements for a tensor of {x.numel()}")
+    if c.threads > 1:
+        _enter_parallel(c.threads)
+    return c
+
+
+def _enter_parallel(threads: int) -> None:
+    """Remember that the OpenMP layer ran in this process, and give numba the thread count (numba keeps
+    it per calling thread; setting it costs microseconds, so only when it changes)."""
+    global _parallel_pid
+    if _parallel_pid is None:
+        _parallel_pid = os.getpid()
+    if getattr(_numba_threads, "n", 0) != threads:
+        numba.set_num_threads(threads)
+        _numba_threads.n = threads
+
+
+os.register_at_fork(after_in_child=_call.cache_clear)
 
 
 @lru_cache(maxsize=64)
@@ -230,12 +292,15 @@ def _constant(numel: int, dtype: torch.dtype, value: float) -> Tensor:
 
 
 def _param(t: Tensor | None, pshape: tuple[int, ...], acc: torch.dtype, absent: float) -> Tensor:
-    """A parameter as the kernels read it: dense, ``pshape``, in the accumulation dtype. The caller
-    keeps the returned tensor alive while a kernel reads its data pointer."""
+    """A parameter as the kernels read it: dense ``pshape`` elements in the accumulation dtype (a
+    module's own parameter as it is). The caller keeps the returned tensor alive while a kernel reads
+    its data pointer."""
+    numel = math.prod(pshape)
     if t is None:
-        return _constant(math.prod(pshape), acc, absent)
-    if t.dtype != acc or t.shape != pshape or not t.is_contiguous():
-        return t.detach().to(acc).expand(pshape).contiguous()
+        return _constant(numel, acc, absent)
+    if t.dtype != acc or t.numel() != numel or not t.is_contiguous():
+        t = t.detach().to(acc)
+        return (t.reshape(pshape) if t.numel() == numel else t.expand(pshape)).contiguous()
     return t
 
 
@@ -246,32 +311,23 @@ def _stat(t: Tensor, acc: torch.dtype, ln: Launch) -> Tensor:
     return t if t.dtype == acc and t.is_contiguous() else t.detach().to(acc).contiguous()
 
 
-def _pshape(x5: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[int, int, int, int]:
+def _pshape(
+    shape: Sequence[int] | None, x: Tensor, weight: Tensor | None, bias: Tensor | None, given: Sequence[int] | None
+) -> tuple[int, ...]:
+    """The parameters' view: as given, else their own (broadcast) shape, else per channel of the view."""
+    if given is not None:
+        return tuple(given)
     if weight is not None and bias is not None and weight.shape != bias.shape:
         return tuple(np.broadcast_shapes(tuple(weight.shape), tuple(bias.shape)))
     t = weight if weight is not None else bias
-    return tuple(t.shape) if t is not None else (x5.shape[1], 1, x5.shape[3], 1)
-
-
-def _driver(name: str, threads: int, activation: str | None = None):
-    """The compiled driver for ``threads`` (parallel or serial) with the activation epilogue."""
-    global _parallel_pid
-    check_activation(activation)
-    par, ser = DRIVERS[name][activation]
-    if threads == 1:
-        return ser
-    if _parallel_pid is None:
-        _parallel_pid = os.getpid()
-    if getattr(_numba_threads, "n", 0) != threads:  # numba's count is per calling thread
-        numba.set_num_threads(threads)
-        _numba_threads.n = threads
-    return par
+    if t is not None:
+        return tuple(t.shape)
+    shape5 = x.shape if shape is None else shape
+    return (shape5[1], 1, shape5[3], 1)
 
 
 def _widen(t: Tensor) -> Tensor:
-    """A tensor the kernels can read: float32 for float16 (a contiguous copy, in huge pages if large)."""
-    if t.dtype not in WIDENED:
-        return t
+    """The float32 copy the kernels read for float16 data (contiguous, in huge pages if large)."""
     return pages.empty_like(t, torch.float32).copy_(t.detach())
 
 
@@ -293,56 +349,53 @@ class CpuBackend:
     def __init__(self, threads: int | None = None) -> None:
         self.threads = threads
 
-    def _threads(self, numel: int) -> int:
-        return threads_for(numel) if self.threads is None else self.threads
-
-    def supports(self, x5: Tensor, weight: Tensor | None) -> bool:
+    def supports(self, x: Tensor, weight: Tensor | None) -> bool:
         return (
-            x5.is_cpu
-            and x5.dtype in SUPPORTED
-            and x5.numel() > 0
-            and x5.is_contiguous()
+            x.is_cpu
+            and x.dtype in SUPPORTED
+            and x.numel() > 0
+            and x.is_contiguous()
             and (weight is None or weight.is_cpu)
         )
 
     def forward(
-        self, x5: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool,
-        activation: str | None = None,
+        self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool,
+        activation: str | None = None, *, shape: Sequence[int] | None = None,
+        param_shape: Sequence[int] | None = None,
     ) -> tuple[Tensor, Stats]:
-        xs = _widen(x5)
-        acc = _acc(xs.dtype)
-        threads = self._threads(xs.numel())
-        pshape = _pshape(x5, weight, bias)
-        ln = launch(x5, pshape, threads)
+        pshape = _pshape(shape, x, weight, bias, param_shape)
+        c = _prepare("forward", x, shape, pshape, activation, self.threads)
+        ln, acc = c.launch, c.stats
+        xs = _widen(x) if c.widened else x
         y = pages.empty_like(xs)
-        q, p, _, nb, _ = x5.shape
+        q, p, _, nb, _ = ln.shape5
         # three allocations: the statistics are outputs of a custom op, which may not alias each other.
         # Sizes as separate arguments: a shape tuple costs a microsecond more per allocation.
         st = Stats(torch.empty(q, p, nb, dtype=acc), torch.empty(q, p, nb, dtype=acc), torch.empty(q, p, nb, dtype=acc))
         w, b = _param(weight, pshape, acc, 1.0), _param(bias, pshape, acc, 0.0)
-        _driver("forward_" + ln.loops, threads, activation)(
+        c.driver(
             xs.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(), st.mean.data_ptr(), st.rstd.data_ptr(),
             st.var.data_ptr(), ln.dims, ln.val, ln.acc, float(eps), rms, ln.lanes, ln.plan,
         )
-        return _narrow(y, x5.dtype), st
+        return (_narrow(y, x.dtype) if c.widened else y), st
 
     def normalize(
-        self, x5: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None,
-        activation: str | None = None, var_eps: float | None = None,
+        self, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None,
+        activation: str | None = None, var_eps: float | None = None, *, shape: Sequence[int] | None = None,
+        param_shape: Sequence[int] | None = None,
     ) -> Tensor:
-        xs = _widen(x5)
-        acc = _acc(xs.dtype)
-        threads = self._threads(xs.numel())
-        pshape = _pshape(x5, weight, bias)
-        ln = launch(x5, pshape, threads, apply=True)
+        pshape = _pshape(shape, x, weight, bias, param_shape)
+        c = _prepare("apply", x, shape, pshape, activation, self.threads)
+        ln, acc = c.launch, c.stats
+        xs = _widen(x) if c.widened else x
         y = pages.empty_like(xs)
         w, b = _param(weight, pshape, acc, 1.0), _param(bias, pshape, acc, 0.0)
         mean, rstd = _stat(mean, acc, ln), _stat(rstd, acc, ln)
-        _driver("apply_" + ln.loops, threads, activation)(
+        c.driver(
             xs.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(), mean.data_ptr(), rstd.data_ptr(), ln.dims,
             ln.val, ln.acc, 0.0 if var_eps is None else float(var_eps), var_eps is not None, ln.plan,
         )
-        return _narrow(y, x5.dtype)
+        return _narrow(y, x.dtype) if c.widened else y
 
     def update_running(
         self, running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor,
@@ -366,8 +419,8 @@ class CpuBackend:
 
     def backward(
         self,
-        dy5: Tensor,
-        x5: Tensor,
+        dy: Tensor,
+        x: Tensor,
         mean: Tensor,
         rstd: Tensor,
         weight: Tensor | None,
@@ -377,27 +430,28 @@ class CpuBackend:
         output_mask: tuple[bool, bool, bool],
         bias: Tensor | None = None,
         activation: str | None = None,
+        *,
+        shape: Sequence[int] | None = None,
     ) -> Grads:
         """The contract's backward; ``bias`` is needed only with an ``activation``."""
-        if dy5.shape != x5.shape:
-            raise ValueError(f"dy of shape {tuple(dy5.shape)} for x of shape {tuple(x5.shape)}")
-        xs, dys = _widen(x5), _widen(dy5).contiguous()
-        acc = _acc(xs.dtype)
-        threads = self._threads(xs.numel())
+        if dy.shape != x.shape:
+            raise ValueError(f"dy of shape {tuple(dy.shape)} for x of shape {tuple(x.shape)}")
         pshape = tuple(param_shape)
-        ln = launch(x5, pshape, threads)
+        c = _prepare("backward", x, shape, pshape, activation, self.threads)
+        ln, acc = c.launch, c.stats
+        xs, dys = (_widen(x), _widen(dy)) if c.widened else (x, dy.contiguous())
         want_dx = output_mask[0]
         dx = pages.empty_like(xs) if want_dx else None
         dweight, dbias = torch.empty(*pshape, dtype=acc), torch.empty(*pshape, dtype=acc)
         w, b = _param(weight, pshape, acc, 1.0), _param(bias, pshape, acc, 0.0)
         mean, rstd = _stat(mean, acc, ln), _stat(rstd, acc, ln)
-        _driver("backward_" + ln.loops, threads, activation)(
+        c.driver(
             dys.data_ptr(), xs.data_ptr(), dx.data_ptr() if want_dx else 0, mean.data_ptr(), rstd.data_ptr(),
             w.data_ptr(), b.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), ln.dims, ln.val, ln.acc,
             rms, batch_stats, want_dx, ln.lanes, ln.plan,
         )
         return Grads(
-            _narrow(dx, x5.dtype) if want_dx else None,
+            (_narrow(dx, x.dtype) if c.widened else dx) if want_dx else None,
             dweight if output_mask[1] else None,
             dbias if output_mask[2] else None,
         )

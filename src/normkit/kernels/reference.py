@@ -13,12 +13,14 @@ The backward of LayerNorm, GroupNorm and BatchNorm views runs torch's fused kern
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from .contract import (
-    REDUCED_DIMS, Grads, Stats, given_rstd, param_reduce_dims, stat_shape, stats_dtype, update_running,
+    REDUCED_DIMS, Grads, Stats, given_rstd, param_reduce_dims, stat_shape, stats_dtype, update_running, view5,
+    view_param,
 )
 
 _SLAB = 1 << 20  # elements of one slab's temporary: recycled from the heap, mostly in cache
@@ -172,22 +174,47 @@ class ReferenceBackend:
         return True
 
     def forward(
-        self, x5: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool
+        self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool, *,
+        shape: Sequence[int] | None = None, param_shape: Sequence[int] | None = None,
     ) -> tuple[Tensor, Stats]:
+        x5, weight, bias = view5(x, shape), view_param(weight, param_shape), view_param(bias, param_shape)
         st, centred = centred_moments(x5, eps, rms)
         y = _affine(centred, st.rstd, weight, bias, x5.dtype, owned=not rms)
         q, p, _, b, _ = x5.shape
-        return y, Stats(*(t.reshape(q, p, b) for t in st))
+        return y.reshape(x.shape), Stats(*(t.reshape(q, p, b) for t in st))
 
     def normalize(
-        self, x5: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None,
-        var_eps: float | None = None,
+        self, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None,
+        var_eps: float | None = None, *, shape: Sequence[int] | None = None,
+        param_shape: Sequence[int] | None = None,
     ) -> Tensor:
+        x5, weight, bias = view5(x, shape), view_param(weight, param_shape), view_param(bias, param_shape)
         centred = x5.to(stats_dtype(x5.dtype)) - _spread(_bcast(mean.reshape(stat_shape(x5))), x5)
-        return _affine(centred, _bcast(given_rstd(stat_shape(x5), rstd, var_eps)), weight, bias, x5.dtype, owned=True)
+        y = _affine(centred, _bcast(given_rstd(stat_shape(x5), rstd, var_eps)), weight, bias, x5.dtype, owned=True)
+        return y.reshape(x.shape)
 
     @torch.no_grad()
     def backward(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+        weight: Tensor | None,
+        param_shape: tuple[int, int, int, int],
+        rms: bool,
+        batch_stats: bool,
+        output_mask: tuple[bool, bool, bool],
+        *,
+        shape: Sequence[int] | None = None,
+    ) -> Grads:
+        grads = self._backward(
+            view5(dy, shape), view5(x, shape), mean, rstd, view_param(weight, param_shape), param_shape, rms,
+            batch_stats, output_mask,
+        )
+        return grads if grads.dx is None else grads._replace(dx=grads.dx.reshape(x.shape))
+
+    def _backward(
         self,
         dy5: Tensor,
         x5: Tensor,

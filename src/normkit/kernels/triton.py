@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import cache
 from typing import Any
 
@@ -28,7 +28,9 @@ from torch import Tensor
 
 from . import _triton_kernels as kern
 from ._triton_plan import MAX_FUSED, MAX_TILE, Tile, cdiv, choose_tile, finalize_blocks, split, warps_for
-from .contract import ACTIVATIONS, Grads, Stats, check_activation, given_rstd, stat_shape, update_running
+from .contract import (
+    ACTIVATIONS, Grads, Stats, check_activation, given_rstd, stat_shape, update_running, view5, view_param,
+)
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CPU_PROGRAMS = 4
@@ -108,13 +110,17 @@ class TritonBackend:
 
     def forward(
         self,
-        x5: Tensor,
+        x: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
         eps: float,
         rms: bool,
         activation: str | None = None,
+        *,
+        shape: Sequence[int] | None = None,
+        param_shape: Sequence[int] | None = None,
     ) -> tuple[Tensor, Stats]:
+        x5, weight, bias = view5(x, shape), view_param(weight, param_shape), view_param(bias, param_shape)
         q, p, r1, b, r2 = x5.shape
         tile = self.tile(x5)
         y = torch.empty_like(x5)
@@ -125,23 +131,27 @@ class TritonBackend:
             else:
                 self._stats(x5, mean, rstd, var, float(eps), tile, rms)
                 self._apply(x5, y, weight, bias, mean, rstd, var, float(eps), tile, False, rms, activation)
-        return y, Stats(mean, rstd, var)
+        return y.view(x.shape), Stats(mean, rstd, var)
 
     def normalize(
         self,
-        x5: Tensor,
+        x: Tensor,
         mean: Tensor,
         rstd: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
         activation: str | None = None,
         var_eps: float | None = None,
+        *,
+        shape: Sequence[int] | None = None,
+        param_shape: Sequence[int] | None = None,
     ) -> Tensor:
+        x5, weight, bias = view5(x, shape), view_param(weight, param_shape), view_param(bias, param_shape)
         y = torch.empty_like(x5)
         mean, rstd = mean.contiguous(), given_rstd(stat_shape(x5), rstd, var_eps).contiguous()
         with _device(x5):
             self._apply(x5, y, weight, bias, mean, rstd, mean, 0.0, self.tile(x5), False, False, activation)
-        return y
+        return y.view(x.shape)
 
     def _stats(self, x5: Tensor, mean: Tensor, rstd: Tensor, var: Tensor, eps: float, tile: Tile, rms: bool) -> None:
         q, p, r1, b, r2 = x5.shape
@@ -196,8 +206,8 @@ class TritonBackend:
 
     def backward(
         self,
-        dy5: Tensor,
-        x5: Tensor,
+        dy: Tensor,
+        x: Tensor,
         mean: Tensor,
         rstd: Tensor,
         weight: Tensor | None,
@@ -207,11 +217,15 @@ class TritonBackend:
         output_mask: tuple[bool, bool, bool],
         bias: Tensor | None = None,
         activation: str | None = None,
+        *,
+        shape: Sequence[int] | None = None,
     ) -> Grads:
         """The contract's backward; ``bias`` is needed only with an ``activation``."""
         need_dx, need_dw, need_db = output_mask
         if not any(output_mask):
             return Grads(None, None, None)
+        dy5, x5 = view5(dy.contiguous(), shape), view5(x, shape)
+        weight, bias = view_param(weight, param_shape), view_param(bias, param_shape)
         q, p, r1, b, r2 = x5.shape
         tile = self.tile(x5)
         w, bi = _param(weight), _param(bias)
@@ -224,7 +238,7 @@ class TritonBackend:
         flags = dict(HAS_W=w is not None, HAS_B=bi is not None, SPAN_R1=span_r1, SPAN_R2=span_r2, ACT=act)
         blocks = dict(BR1=tile.br1, BB=tile.bb, BR2=tile.br2, FLAT=tile.flat)
         wp, bp = (x5 if w is None else w), (x5 if bi is None else bi)
-        dx = torch.empty_like(x5) if need_dx else None
+        dx = torch.empty_like(x) if need_dx else None
         sums = mean
         with _device(x5):
             if need_dx and batch_stats and not tile.fused:

@@ -57,8 +57,8 @@ class _EvoNorm(Module):
         shape = L.per_channel_view(ratio, perm is not None)
         zero = torch.zeros(1, 1, self.num_features, dtype=stats_dtype(ratio.dtype), device=ratio.device)
         y = normalize_fixed(
-            xc, shape, zero, torch.ones_like(zero),
-            L.param_view(self.weight, shape, False, False), L.param_view(self.bias, shape, False, False),
+            xc, shape, zero, torch.ones_like(zero), self.weight, self.bias,
+            param_shape=L.param_shape(shape, False, False),
         )
         return L.restore(y, perm)
 
@@ -84,8 +84,8 @@ class EvoNormS0(_EvoNorm):
         _, var, _ = moments(xc.view(shape))
         nc, _ = L.dense(numerator)
         y = normalize_with(
-            nc, shape, torch.zeros_like(var), torch.rsqrt(var + self.eps),
-            L.param_view(self.weight, shape, not cl, cl), L.param_view(self.bias, shape, not cl, cl),
+            nc, shape, torch.zeros_like(var), torch.rsqrt(var + self.eps), self.weight, self.bias,
+            param_shape=L.param_shape(shape, not cl, cl),
         )
         return L.restore(y, perm)
 

@@ -77,8 +77,8 @@ class GhostBatchNorm(_BatchNorm):
             xc, perm = L.dense(chunk)
             rows = chunk.shape[0] // batches
             shape = [batches, 1, rows * per_sample, c, 1] if perm is not None else [batches, 1, rows, c, per_sample]
-            w, b = L.param_view(self.weight, shape, False, False), L.param_view(self.bias, shape, False, False)
-            y, mean, _, var = normalize_batch(xc, shape, w, b, self.eps)
+            ps = L.param_shape(shape, False, False)
+            y, mean, _, var = normalize_batch(xc, shape, self.weight, self.bias, self.eps, param_shape=ps)
             count = rows * per_sample
             outputs.append(L.restore(y, perm))
             means.append(mean.detach().view(batches, c) * rows)

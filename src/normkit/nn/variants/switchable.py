@@ -95,8 +95,8 @@ class _SwitchableNorm(NormBase):
         var = wv[0] * var_in + wv[1] * var_ln + wv[2] * var_bn
         stat = (n, c, 1) if perm is None else (n, 1, c)
         y = normalize_with(
-            xc, shape, mean.reshape(stat), torch.rsqrt(var + self.eps).reshape(stat),
-            L.param_view(self.weight, shape, False, False), L.param_view(self.bias, shape, False, False),
+            xc, shape, mean.reshape(stat), torch.rsqrt(var + self.eps).reshape(stat), self.weight, self.bias,
+            param_shape=L.param_shape(shape, False, False),
         )
         return L.restore(y, perm)
 
