@@ -15,14 +15,14 @@ an autograd.Function with the same context and backward when one is.
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from ..selection import resolve
 from ..kernels import contract, load
-from ..kernels.contract import Backend, given_rstd, stat_shape, stats_dtype
+from ..kernels.contract import Stats, given_rstd, stat_shape, stats_dtype
 from . import activation as act
 
 Shape5 = list[int]
@@ -40,25 +40,41 @@ def _param_shape(
     return [shape[1], 1, shape[3], 1]
 
 
+class _Spec(NamedTuple):
+    """What backward needs besides the saved tensors (one attribute of the context: each costs)."""
+
+    shape: Shape5
+    param_shape: Optional[list[int]]  # None: the parameters' own shape
+    rms: bool
+    activation: Optional[str]
+    eps: Optional[float]  # batch statistics: to differentiate the forward again (double backward)
+    param_index: int  # of the weight among the op's inputs
+    eager: bool
+
+
 def _stats_like(x: Tensor, shape: Shape5) -> Tensor:
     q, p, _, b, _ = shape
     return x.new_empty((q, p, b), dtype=stats_dtype(x.dtype))
 
 
-def _fuses(backend: Backend, activation: Optional[str]) -> bool:
-    return activation is not None and activation in backend.activations
+def _forward_batch(
+    x: Tensor, shape: Shape5, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, rms: bool,
+    activation: Optional[str], param_shape: Optional[list[int]],
+) -> tuple[Tensor, Stats]:
+    backend = resolve(x, weight)
+    if activation is None:
+        return backend.forward(x, weight, bias, eps, rms, shape=shape, param_shape=param_shape)
+    if activation in backend.activations:
+        return backend.forward(x, weight, bias, eps, rms, activation=activation, shape=shape, param_shape=param_shape)
+    y, st = backend.forward(x, weight, bias, eps, rms, shape=shape, param_shape=param_shape)
+    return act.apply(activation, y, inplace=True), st
 
 
 def _batch(
     x: Tensor, shape: Shape5, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, rms: bool,
     activation: Optional[str], param_shape: Optional[list[int]],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    backend = resolve(x, weight)
-    if _fuses(backend, activation):
-        y, st = backend.forward(x, weight, bias, eps, rms, activation=activation, shape=shape, param_shape=param_shape)
-    else:
-        y, st = backend.forward(x, weight, bias, eps, rms, shape=shape, param_shape=param_shape)
-        y = act.apply(activation, y, inplace=True)
+    y, st = _forward_batch(x, shape, weight, bias, eps, rms, activation, param_shape)
     return y, st.mean, st.rstd, st.var
 
 
@@ -75,12 +91,12 @@ def _fixed(
     activation: Optional[str], var_eps: Optional[float], param_shape: Optional[list[int]],
 ) -> Tensor:
     backend = resolve(x, weight)
-    if _fuses(backend, activation):
+    if activation is not None and activation in backend.activations:
         return backend.normalize(
             x, mean, rstd, weight, bias, activation=activation, var_eps=var_eps, shape=shape, param_shape=param_shape
         )
     y = backend.normalize(x, mean, rstd, weight, bias, var_eps=var_eps, shape=shape, param_shape=param_shape)
-    return act.apply(activation, y, inplace=True)
+    return y if activation is None else act.apply(activation, y, inplace=True)
 
 
 _norm_fixed = torch.library.custom_op("normkit::norm_fixed", _fixed, mutates_args=())
@@ -108,7 +124,7 @@ def _backward(
     backend = resolve(x, weight)
     dy = dy.contiguous()
     args = (x, mean, rstd, weight, tuple(param_shape), rms, batch_stats, tuple(output_mask))
-    if _fuses(backend, activation):
+    if activation is not None and activation in backend.activations:
         grads = backend.backward(dy, *args, bias=bias, activation=activation, shape=shape)
     else:
         if activation is not None:
@@ -156,12 +172,19 @@ def _param_grad(g: Tensor, p: Optional[Tensor], needed: bool) -> Optional[Tensor
     return g if g.shape == p.shape else g.view(p.shape)
 
 
+def _needs(ctx) -> tuple[bool, bool, bool]:
+    """Whether x, weight and bias want a gradient."""
+    need, i = ctx.needs_input_grad, ctx.spec.param_index
+    return need[0], need[i], need[i + 1]
+
+
 def _grads_via_op(ctx, dy: Tensor, batch_stats: bool) -> tuple[Optional[Tensor], ...]:
     x, mean, rstd, weight, bias = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[ctx.param_index], ctx.needs_input_grad[ctx.param_index + 1]
-    dx, dw, db = (_backward if ctx.eager else _norm_backward)(
-        dy, x, ctx.shape, mean, rstd, weight, bias, ctx.param_shape, ctx.rms,
-        batch_stats, [need_x, need_w and weight is not None, need_b and bias is not None], ctx.activation,
+    spec = ctx.spec
+    need_x, need_w, need_b = _needs(ctx)
+    dx, dw, db = (_backward if spec.eager else _norm_backward)(
+        dy, x, spec.shape, mean, rstd, weight, bias, _param_shape(spec.shape, weight, bias, spec.param_shape), spec.rms,
+        batch_stats, [need_x, need_w and weight is not None, need_b and bias is not None], spec.activation,
     )
     return (dx if need_x else None), _param_grad(dw, weight, need_w), _param_grad(db, bias, need_b)
 
@@ -170,63 +193,66 @@ def _grads_via_reference(ctx, dy: Tensor, forward) -> tuple[Optional[Tensor], ..
     """Differentiable backward for double backward: autograd over the reference forward."""
     x, mean, rstd, weight, bias = ctx.saved_tensors
     inputs = (x, weight, bias)
-    wanted = [
-        t is not None and need
-        for t, need in zip(inputs, (ctx.needs_input_grad[0], ctx.needs_input_grad[ctx.param_index], ctx.needs_input_grad[ctx.param_index + 1]))
-    ]
+    wanted = [t is not None and need for t, need in zip(inputs, _needs(ctx))]
     live = [t for t, w in zip(inputs, wanted) if w]
     if not live:
         return None, None, None
-    y = act.apply(ctx.activation, forward(x, mean, rstd, weight, bias))
+    y = act.apply(ctx.spec.activation, forward(x, mean, rstd, weight, bias))
     grads = iter(torch.autograd.grad(y, live, dy, create_graph=True, allow_unused=True))
     return tuple(next(grads) if w else None for w in wanted)
 
 
-def _reference_batch(ctx):
+def _reference_batch(spec: _Spec):
     ref = load("reference")
 
     def forward(x, mean, rstd, weight, bias):
-        y, _ = ref.forward(x, weight, bias, ctx.eps, ctx.rms, shape=ctx.shape, param_shape=ctx.param_shape)
+        y, _ = ref.forward(x, weight, bias, spec.eps, spec.rms, shape=spec.shape, param_shape=spec.param_shape)
         return y
 
     return forward
 
 
-def _setup_batch(ctx, inputs, output, eager: bool = False):
+def _save_batch(ctx, inputs: tuple, mean: Tensor, rstd: Tensor, eager: bool) -> None:
     x, shape, weight, bias, eps, rms, activation, param_shape = inputs
-    _, mean, rstd, _ = output
     ctx.save_for_backward(x, mean, rstd, weight, bias)
-    ctx.shape, ctx.eps, ctx.rms, ctx.param_index, ctx.activation = shape, eps, rms, 2, activation
-    ctx.param_shape, ctx.eager = _param_shape(shape, weight, bias, param_shape), eager
+    ctx.spec = _Spec(shape, param_shape, rms, activation, eps, 2, eager)
 
 
-def _backward_batch(ctx, dy, _dmean, _drstd, _dvar):
-    if dy is None:  # only the statistics were used; they carry no gradient
+def _setup_batch(ctx, inputs, output) -> None:
+    _save_batch(ctx, inputs, output[1], output[2], False)
+
+
+def _backward_batch(ctx, dy, *_stats):
+    """The statistics carry no gradient: the op's three outputs, or the eager Function's one object."""
+    if dy is None:  # only the statistics were used
         return None, None, None, None, None, None, None, None
     if torch.is_grad_enabled():
-        dx, dw, db = _grads_via_reference(ctx, dy, _reference_batch(ctx))
+        dx, dw, db = _grads_via_reference(ctx, dy, _reference_batch(ctx.spec))
     else:
         dx, dw, db = _grads_via_op(ctx, dy, batch_stats=True)
     return dx, None, dw, db, None, None, None, None
 
 
-def _setup_fixed(ctx, inputs, output, eager: bool = False):
+def _save_fixed(ctx, inputs: tuple, eager: bool) -> None:
     x, shape, mean, rstd, weight, bias, activation, var_eps, param_shape = inputs
     q, p, _, b, _ = shape
     rstd = given_rstd((q, p, b), rstd, var_eps)  # taken now: the variance may change before backward
     ctx.save_for_backward(x, mean.reshape(q, p, b), rstd, weight, bias)
-    ctx.shape, ctx.rms, ctx.param_index, ctx.activation = shape, False, 4, activation
-    ctx.param_shape, ctx.eager = _param_shape(shape, weight, bias, param_shape), eager
+    ctx.spec = _Spec(shape, param_shape, False, activation, None, 4, eager)
+
+
+def _setup_fixed(ctx, inputs, output) -> None:
+    _save_fixed(ctx, inputs, False)
 
 
 def _backward_fixed(ctx, dy):
     if dy is None:
         return None, None, None, None, None, None, None, None, None
     if torch.is_grad_enabled():
-        ref = load("reference")
+        ref, spec = load("reference"), ctx.spec
 
         def forward(x, mean, rstd, weight, bias):
-            return ref.normalize(x, mean, rstd, weight, bias, shape=ctx.shape, param_shape=ctx.param_shape)
+            return ref.normalize(x, mean, rstd, weight, bias, shape=spec.shape, param_shape=spec.param_shape)
 
         dx, dw, db = _grads_via_reference(ctx, dy, forward)
     else:
@@ -238,23 +264,32 @@ _norm_batch.register_autograd(_backward_batch, setup_context=_setup_batch)
 _norm_fixed.register_autograd(_backward_fixed, setup_context=_setup_fixed)
 
 
-def _eager_function(name: str, impl, setup, backward) -> type[torch.autograd.Function]:
-    """An autograd.Function running ``impl`` without the custom-op dispatch (tens of microseconds a
-    call), with the op's own context setup and backward. Its forward takes ``ctx`` itself: a separate
-    ``setup_context`` makes every call bind the forward's signature. Gradients of unused outputs (the
-    statistics) stay None instead of being materialized as zero tensors, one kernel each."""
+class _EagerBatch(torch.autograd.Function):
+    """``norm_batch`` without the custom-op dispatch (tens of microseconds a call), with the op's
+    backward. Its forward takes ``ctx`` itself: a separate ``setup_context`` makes every call bind the
+    forward's signature. The statistics come out as one plain object, not as three outputs: autograd
+    wraps no tensor it cannot differentiate, and the one output's gradient is never materialized."""
 
-    def forward(ctx, *inputs):
-        output = impl(*inputs)
-        setup(ctx, inputs, output, eager=True)
-        ctx.set_materialize_grads(False)
-        return output
+    @staticmethod
+    def forward(ctx, *inputs) -> tuple[Tensor, Stats]:
+        y, st = _forward_batch(*inputs)
+        _save_batch(ctx, inputs, st.mean, st.rstd, True)
+        return y, st
 
-    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    backward = staticmethod(_backward_batch)
 
 
-_EagerBatch = _eager_function("_EagerBatch", _batch, _setup_batch, _backward_batch)
-_EagerFixed = _eager_function("_EagerFixed", _fixed, _setup_fixed, _backward_fixed)
+class _EagerFixed(torch.autograd.Function):
+    """``norm_fixed`` without the custom-op dispatch, as ``_EagerBatch``."""
+
+    @staticmethod
+    def forward(ctx, *inputs) -> Tensor:
+        y = _fixed(*inputs)
+        _save_fixed(ctx, inputs, True)
+        return y
+
+    backward = staticmethod(_backward_fixed)
+
 # Function.apply's C++ implementation, bound to each Function (what its Python ``apply`` ends in).
 _raw_apply = {f: super(torch.autograd.Function, f).apply for f in (_EagerBatch, _EagerFixed)}
 _functorch_active = torch._C._are_functorch_transforms_active
@@ -272,21 +307,18 @@ def records_graph(*inputs: Optional[Tensor]) -> bool:
     return False
 
 
-def _pick(op, function: type[torch.autograd.Function], impl, *inputs: Optional[Tensor]):
-    """The custom op under torch.compile; in eager mode the autograd.Function when a gradient is
-    wanted and the bare implementation when none is (each layer of dispatch costs microseconds).
-    The Function is entered below its Python ``apply``, whose argument binding and unwrapping of
-    functorch tensors cost about 16 µs from a cold cache; that layer only matters under functorch
-    (transforms, or tensors left over from one), where the public ``apply`` is taken."""
-    if torch.compiler.is_compiling():
-        return op
-    if not records_graph(*inputs):
+def _eager(function: type[torch.autograd.Function], impl, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]):
+    """In eager mode: the autograd.Function when a gradient is wanted, the bare implementation when
+    none is (each layer of dispatch costs microseconds). The Function is entered below its Python
+    ``apply``, whose argument binding and unwrapping of functorch tensors cost about 16 µs from a
+    cold cache; that layer only matters under functorch (transforms, or tensors left over from one),
+    where the public ``apply`` is taken."""
+    if not records_graph(x, weight, bias):
         return impl
-    if _functorch_active():
+    if _functorch_active() or _functorch_wrapped(x):
         return function.apply
-    for t in inputs:
-        if t is not None and _functorch_wrapped(t):
-            return function.apply
+    if (weight is not None and _functorch_wrapped(weight)) or (bias is not None and _functorch_wrapped(bias)):
+        return function.apply
     return _raw_apply[function]
 
 
@@ -299,12 +331,16 @@ def normalize_batch(
     rms: bool = False,
     activation: Optional[str] = None,
     param_shape: Optional[Shape5] = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Normalize ``x`` (contiguous) with statistics of its 5-D view ``shape``; returns (y, mean, rstd,
-    var). The parameters are read as ``param_shape`` (P, K1, B, K2), by default their own shape."""
-    act.check(activation)
-    op = _pick(_norm_batch, _EagerBatch, _batch, x, weight, bias)
-    return op(x, list(shape), weight, bias, float(eps), rms, activation, param_shape)
+) -> tuple[Tensor, Stats]:
+    """Normalize ``x`` (contiguous) with statistics of its 5-D view ``shape``; returns the output and
+    the statistics. The parameters are read as ``param_shape`` (P, K1, B, K2), by default their own
+    shape. Under torch.compile the custom op runs, in eager mode the same implementation without it."""
+    if activation is not None:
+        act.check(activation)
+    if torch.compiler.is_compiling():
+        y, mean, rstd, var = _norm_batch(x, list(shape), weight, bias, float(eps), rms, activation, param_shape)
+        return y, Stats(mean, rstd, var)
+    return _eager(_EagerBatch, _forward_batch, x, weight, bias)(x, shape, weight, bias, float(eps), rms, activation, param_shape)
 
 
 def normalize_fixed(
@@ -320,10 +356,12 @@ def normalize_fixed(
 ) -> Tensor:
     """Normalize ``x`` (contiguous) with given statistics, Q*P*B values each (see ``Backend.normalize``;
     with ``var_eps`` the second is the variance); parameters as in ``normalize_batch``."""
-    act.check(activation)
-    op = _pick(_norm_fixed, _EagerFixed, _fixed, x, weight, bias)
+    if activation is not None:
+        act.check(activation)
     var_eps = None if var_eps is None else float(var_eps)
-    return op(x, list(shape), mean, rstd, weight, bias, activation, var_eps, param_shape)
+    if torch.compiler.is_compiling():
+        return _norm_fixed(x, list(shape), mean, rstd, weight, bias, activation, var_eps, param_shape)
+    return _eager(_EagerFixed, _fixed, x, weight, bias)(x, shape, mean, rstd, weight, bias, activation, var_eps, param_shape)
 
 
 def update_running(

@@ -23,14 +23,10 @@ def _scalar_name(dtype: torch.dtype) -> str:
     return torch.empty(0, dtype=dtype).type().split(".")[-1].removesuffix("Tensor")
 
 
-def _check_float(x: Tensor, op: str) -> None:
-    if not torch.is_floating_point(x):
-        raise NotImplementedError(f'"{op}" not implemented for \'{_scalar_name(x.dtype)}\'')
-
-
-def _check_numel(t: Tensor | None, name: str, expected: int) -> None:
-    if t is not None and t.numel() != expected:
-        raise RuntimeError(f"{name} should contain {expected} elements not {t.numel()}")
+def _not_float(x: Tensor, op: str) -> NotImplementedError:
+    """torch's error for a non-floating input. The callers test ``is_floating_point`` themselves: on
+    every call a function call costs more than the test."""
+    return NotImplementedError(f'"{op}" not implemented for \'{_scalar_name(x.dtype)}\'')
 
 
 def _verify_batch_size(size: Sequence[int]) -> None:
@@ -73,8 +69,8 @@ def _batch_view(
     xc, perm = L.dense(input)
     shape, span_r1, span_r2 = view(input, perm is not None)
     ps = L.param_shape(shape, span_r1, span_r2)
-    y, mean, _, var = normalize_batch(xc, shape, weight, bias, eps, False, activation, ps)
-    return L.restore(y, perm), mean, var
+    y, st = normalize_batch(xc, shape, weight, bias, eps, False, activation, ps)
+    return L.restore(y, perm), st.mean, st.var
 
 
 def _empty(input: Tensor, activation: str | None) -> Tensor:
@@ -100,12 +96,15 @@ def batch_norm(
     dim) restricts the training statistics and running-statistics updates to the valid positions.
     ``activation`` is applied to the output.
     """
+    size = input.shape
     if training:
-        _verify_batch_size(input.size())
-    _check_float(input, "batch_norm")
-    c = input.shape[1]
+        _verify_batch_size(size)
+    if not input.is_floating_point():
+        raise _not_float(input, "batch_norm")
+    c = size[1]
     for t, name in ((running_mean, "running_mean"), (running_var, "running_var"), (weight, "weight"), (bias, "bias")):
-        _check_numel(t, name, c)
+        if t is not None and t.numel() != c:
+            raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
     if not training:
         if running_mean is None or running_var is None:
             raise RuntimeError("running_mean must be defined in evaluation mode")
@@ -137,15 +136,18 @@ def instance_norm(
 
     ``mask`` and ``activation`` as in ``batch_norm``.
     """
+    size = input.shape
     if use_input_stats:
-        _verify_spatial_size(input.size())
-    _check_float(input, "batch_norm")
-    n, c = input.shape[0], input.shape[1]
+        _verify_spatial_size(size)
+    if not input.is_floating_point():
+        raise _not_float(input, "batch_norm")
+    n, c = size[0], size[1]
     for t, name in ((running_mean, "running_mean"), (running_var, "running_var")):
         if t is not None and t.numel() != c:
             raise RuntimeError(f"{name} should contain {n * c} elements not {t.numel() * n}")
     for t, name in ((weight, "weight"), (bias, "bias")):
-        _check_numel(t, name, c)
+        if t is not None and t.numel() != c:
+            raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
     if not use_input_stats:
         if running_mean is None or running_var is None:
             raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false")
@@ -174,22 +176,24 @@ def group_norm(
 
     ``mask`` and ``activation`` as in ``batch_norm``.
     """
-    if input.dim() < 2:
+    size = input.shape
+    if len(size) < 2:
         raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
-    if input.size(0) * input.size(1) // num_groups * L.spatial(input) == 1:  # the list only for the message
-        _verify_batch_size([input.size(0) * input.size(1) // num_groups, num_groups] + list(input.size()[2:]))
-    _check_float(input, "group_norm")
-    c = input.shape[1]
+    c = size[1]
+    if size[0] * c // num_groups * math.prod(size[2:]) == 1:  # the list only for the message
+        _verify_batch_size([size[0] * c // num_groups, num_groups] + list(size[2:]))
+    if not input.is_floating_point():
+        raise _not_float(input, "group_norm")
     if c % num_groups:
         raise RuntimeError(
             "Expected number of channels in input to be divisible by num_groups, but got input of shape "
             f"{list(input.shape)} and num_groups={num_groups}"
         )
     for t, name in ((weight, "weight"), (bias, "bias")):
-        if t is not None and (t.dim() != 1 or t.numel() != c):
+        if t is not None and t.shape != (c,):
             raise RuntimeError(
                 f"Expected {name} to be a vector of size equal to the number of channels in input, but got "
-                f"{name} of shape {list(t.shape)} and input of shape {list(input.shape)}"
+                f"{name} of shape {list(t.shape)} and input of shape {list(size)}"
             )
     if input.numel() == 0:
         return _empty(input, activation)
@@ -200,24 +204,27 @@ def group_norm(
 
 
 def _check_normalized_shape(input: Tensor, normalized_shape: Sequence[int], weight, bias, star: str) -> int:
-    shape = list(normalized_shape)
+    """The number of normalized elements, after torch's checks (tuples compared as they come: a module
+    holds its ``normalized_shape`` as one)."""
+    shape = tuple(normalized_shape)
     if not shape:
         raise RuntimeError(
             "Expected normalized_shape to be at least 1-dimensional, i.e., containing at least one element, "
-            f"but got normalized_shape = {shape}"
+            f"but got normalized_shape = {list(shape)}"
         )
     for t, name in ((weight, "weight"), (bias, "bias")):
-        if t is not None and list(t.shape) != shape:
+        if t is not None and t.shape != shape:
             raise RuntimeError(
                 f"Expected {name} to be of same shape as normalized_shape, but got {name} of shape "
-                f"{list(t.shape)} and normalized_shape = {shape}"
+                f"{list(t.shape)} and normalized_shape = {list(shape)}"
             )
-    if input.dim() < len(shape) or list(input.shape[input.dim() - len(shape):]) != shape:
+    size = input.shape
+    if len(size) < len(shape) or size[len(size) - len(shape):] != shape:
         raise RuntimeError(
-            f"Given normalized_shape={shape}, expected input with shape [*{star}{', '.join(map(str, shape))}], "
-            f"but got input of size{list(input.shape)}"
+            f"Given normalized_shape={list(shape)}, expected input with shape [*{star}{', '.join(map(str, shape))}], "
+            f"but got input of size{list(size)}"
         )
-    return math.prod(shape)
+    return shape[0] if len(shape) == 1 else math.prod(shape)
 
 
 def _trailing_norm(input: Tensor, d: int, weight, bias, eps: float, rms: bool, activation: str | None) -> Tensor:
@@ -225,8 +232,7 @@ def _trailing_norm(input: Tensor, d: int, weight, bias, eps: float, rms: bool, a
         return _empty(input, activation)
     xc = input.contiguous()
     shape = L.trailing_view(xc, d)
-    y, *_ = normalize_batch(xc, shape, weight, bias, eps, rms, activation, L.param_shape(shape, True, False))
-    return y
+    return normalize_batch(xc, shape, weight, bias, eps, rms, activation, L.param_shape(shape, True, False))[0]
 
 
 def layer_norm(
@@ -244,7 +250,8 @@ def layer_norm(
     valid positions; ``activation`` as in ``batch_norm``.
     """
     d = _check_normalized_shape(input, normalized_shape, weight, bias, ", ")
-    _check_float(input, "LayerNormKernelImpl")
+    if not input.is_floating_point():
+        raise _not_float(input, "LayerNormKernelImpl")
     if mask is not None and input.numel():
         return A.apply(activation, M.layer_norm(input, mask, d, weight, bias, eps))
     return _trailing_norm(input, d, weight, bias, eps, False, activation)
@@ -262,7 +269,8 @@ def rms_norm(
     ``activation`` as in ``batch_norm``.
     """
     d = _check_normalized_shape(input, normalized_shape, weight, None, "")
-    _check_float(input, "rms_norm")
+    if not input.is_floating_point():
+        raise _not_float(input, "rms_norm")
     if eps is None:
         eps = torch.finfo(stats_dtype(input.dtype)).eps
     return _trailing_norm(input, d, weight, None, eps, True, activation)

@@ -235,6 +235,8 @@ class Call(NamedTuple):
     threads: int
     stats: torch.dtype
     widened: bool  # float16 data, read by the kernels as a float32 copy
+    huge: bool  # outputs large enough for huge pages (``_pages``)
+    param_numel: int
 
 
 @lru_cache(maxsize=512)
@@ -251,7 +253,9 @@ def _call(
         threads = threads_for(math.prod(shape5))
     ln = launch(shape5, dtype, pshape, threads, apply=op == "apply")
     par, ser = DRIVERS[f"{op}_{ln.loops}"][activation]
-    return Call(ln, ser if threads == 1 else par, threads, _acc(dtype), dtype in WIDENED)
+    widened = dtype in WIDENED
+    huge = ln.numel * (4 if widened else dtype.itemsize) >= pages.MIN_BYTES
+    return Call(ln, ser if threads == 1 else par, threads, _acc(dtype), widened, huge, math.prod(pshape))
 
 
 def _prepare(
@@ -260,7 +264,7 @@ def _prepare(
 ) -> Call:
     """The call's set-up for ``x`` (viewed as ``shape``), after checking that the view covers ``x``:
     the kernels index raw memory by it. Enters numba's thread pool when the call runs in parallel."""
-    tuning = (CACHE_BYTES, COL_CACHE_BYTES, UNIT_BYTES, COL_MAX_RUN, SERIAL_BELOW)
+    tuning = (CACHE_BYTES, COL_CACHE_BYTES, UNIT_BYTES, COL_MAX_RUN, SERIAL_BELOW, pages.MIN_BYTES)
     c = _call(op, tuple(x.shape if shape is None else shape), pshape, x.dtype, activation, threads,
               torch.get_num_threads(), tuning)
     if x.numel() != c.launch.numel:
@@ -291,11 +295,10 @@ def _constant(numel: int, dtype: torch.dtype, value: float) -> Tensor:
     return torch.from_numpy(np.full(numel, value, dtype=_TAG[dtype].dtype))
 
 
-def _param(t: Tensor | None, pshape: tuple[int, ...], acc: torch.dtype, absent: float) -> Tensor:
-    """A parameter as the kernels read it: dense ``pshape`` elements in the accumulation dtype (a
-    module's own parameter as it is). The caller keeps the returned tensor alive while a kernel reads
-    its data pointer."""
-    numel = math.prod(pshape)
+def _param(t: Tensor | None, pshape: tuple[int, ...], numel: int, acc: torch.dtype, absent: float) -> Tensor:
+    """A parameter as the kernels read it: dense ``pshape`` (``numel``) elements in the accumulation
+    dtype (a module's own parameter as it is). The caller keeps the returned tensor alive while a
+    kernel reads its data pointer."""
     if t is None:
         return _constant(numel, acc, absent)
     if t.dtype != acc or t.numel() != numel or not t.is_contiguous():
@@ -324,6 +327,12 @@ def _pshape(
         return tuple(t.shape)
     shape5 = x.shape if shape is None else shape
     return (shape5[1], 1, shape5[3], 1)
+
+
+def _output(c: Call, xs: Tensor) -> Tensor:
+    """A fresh tensor like the contiguous ``xs``, in huge pages where it is large enough to profit."""
+    y = torch.empty_like(xs)
+    return pages.hint(y) if c.huge else y
 
 
 def _widen(t: Tensor) -> Tensor:
@@ -367,12 +376,12 @@ class CpuBackend:
         c = _prepare("forward", x, shape, pshape, activation, self.threads)
         ln, acc = c.launch, c.stats
         xs = _widen(x) if c.widened else x
-        y = pages.empty_like(xs)
+        y = _output(c, xs)
         q, p, _, nb, _ = ln.shape5
         # three allocations: the statistics are outputs of a custom op, which may not alias each other.
         # Sizes as separate arguments: a shape tuple costs a microsecond more per allocation.
         st = Stats(torch.empty(q, p, nb, dtype=acc), torch.empty(q, p, nb, dtype=acc), torch.empty(q, p, nb, dtype=acc))
-        w, b = _param(weight, pshape, acc, 1.0), _param(bias, pshape, acc, 0.0)
+        w, b = _param(weight, pshape, c.param_numel, acc, 1.0), _param(bias, pshape, c.param_numel, acc, 0.0)
         c.driver(
             xs.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(), st.mean.data_ptr(), st.rstd.data_ptr(),
             st.var.data_ptr(), ln.dims, ln.val, ln.acc, float(eps), rms, ln.lanes, ln.plan,
@@ -388,8 +397,8 @@ class CpuBackend:
         c = _prepare("apply", x, shape, pshape, activation, self.threads)
         ln, acc = c.launch, c.stats
         xs = _widen(x) if c.widened else x
-        y = pages.empty_like(xs)
-        w, b = _param(weight, pshape, acc, 1.0), _param(bias, pshape, acc, 0.0)
+        y = _output(c, xs)
+        w, b = _param(weight, pshape, c.param_numel, acc, 1.0), _param(bias, pshape, c.param_numel, acc, 0.0)
         mean, rstd = _stat(mean, acc, ln), _stat(rstd, acc, ln)
         c.driver(
             xs.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(), mean.data_ptr(), rstd.data_ptr(), ln.dims,
@@ -441,9 +450,9 @@ class CpuBackend:
         ln, acc = c.launch, c.stats
         xs, dys = (_widen(x), _widen(dy)) if c.widened else (x, dy.contiguous())
         want_dx = output_mask[0]
-        dx = pages.empty_like(xs) if want_dx else None
+        dx = _output(c, xs) if want_dx else None
         dweight, dbias = torch.empty(*pshape, dtype=acc), torch.empty(*pshape, dtype=acc)
-        w, b = _param(weight, pshape, acc, 1.0), _param(bias, pshape, acc, 0.0)
+        w, b = _param(weight, pshape, c.param_numel, acc, 1.0), _param(bias, pshape, c.param_numel, acc, 0.0)
         mean, rstd = _stat(mean, acc, ln), _stat(rstd, acc, ln)
         c.driver(
             dys.data_ptr(), xs.data_ptr(), dx.data_ptr() if want_dx else 0, mean.data_ptr(), rstd.data_ptr(),

@@ -49,7 +49,7 @@ class LayerNorm2d(LayerNorm):
         xc, perm = L.dense(input)
         n, s = input.shape[0], L.spatial(input)
         shape = [n * s, 1, c, 1, 1] if perm is not None else [n, 1, c, s, 1]
-        y, *_ = normalize_batch(xc, shape, _channel_param(self.weight, shape), _channel_param(self.bias, shape), self.eps)
+        y, _ = normalize_batch(xc, shape, _channel_param(self.weight, shape), _channel_param(self.bias, shape), self.eps)
         return L.restore(y, perm)
 
 

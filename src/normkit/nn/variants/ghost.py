@@ -78,11 +78,11 @@ class GhostBatchNorm(_BatchNorm):
             rows = chunk.shape[0] // batches
             shape = [batches, 1, rows * per_sample, c, 1] if perm is not None else [batches, 1, rows, c, per_sample]
             ps = L.param_shape(shape, False, False)
-            y, mean, _, var = normalize_batch(xc, shape, self.weight, self.bias, self.eps, param_shape=ps)
+            y, st = normalize_batch(xc, shape, self.weight, self.bias, self.eps, param_shape=ps)
             count = rows * per_sample
             outputs.append(L.restore(y, perm))
-            means.append(mean.detach().view(batches, c) * rows)
-            variances.append(var.detach().view(batches, c) * (rows * count / (count - 1)))
+            means.append(st.mean.detach().view(batches, c) * rows)
+            variances.append(st.var.detach().view(batches, c) * (rows * count / (count - 1)))
         if self.track_running_stats:
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
