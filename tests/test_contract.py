@@ -142,7 +142,8 @@ def test_tensors_as_they_are_with_their_views_beside(backend, dtype, norm, shape
     g = backend.backward(dy, x5, st.mean, st.rstd, w, pshape, rms, True, mask)
     gd = backend.backward(dy.view(xd.shape), xd, st.mean, st.rstd, wd, pshape, rms, True, mask, shape=views["shape"])
     assert gd.dx.shape == xd.shape and torch.equal(gd.dx.view(x5.shape), g.dx)
-    assert torch.equal(gd.dweight, g.dweight) and torch.equal(gd.dbias, g.dbias)
+    assert gd.dweight.shape == gd.dbias.shape == wd.shape and g.dweight.shape == g.dbias.shape == w.shape
+    assert torch.equal(gd.dweight.view(w.shape), g.dweight) and torch.equal(gd.dbias.view(w.shape), g.dbias)
 
 
 @pytest.mark.parametrize("backend", _backends())

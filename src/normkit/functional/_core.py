@@ -14,7 +14,7 @@ an autograd.Function with the same context and backward when one is.
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Sequence
 from typing import NamedTuple, Optional
 
 import torch
@@ -22,22 +22,22 @@ from torch import Tensor
 
 from ..selection import resolve
 from ..kernels import contract, load
-from ..kernels.contract import Stats, given_rstd, stat_shape, stats_dtype
+from ..kernels.contract import Grads, Stats, given_rstd, stat_shape, stats_dtype
 from . import activation as act
 
 Shape5 = list[int]
 
 
 def _param_shape(
-    shape: Shape5, weight: Optional[Tensor], bias: Optional[Tensor], given: Optional[list[int]]
-) -> list[int]:
+    shape: Shape5, weight: Optional[Tensor], bias: Optional[Tensor], given: Optional[Sequence[int]]
+) -> tuple[int, ...]:
     """The parameters' (P, K1, B, K2) view: as given, else their own shape, else per channel."""
     if given is not None:
-        return list(given)
+        return tuple(given)
     p = weight if weight is not None else bias
     if p is not None:
-        return list(p.shape)
-    return [shape[1], 1, shape[3], 1]
+        return tuple(p.shape)
+    return (shape[1], 1, shape[3], 1)
 
 
 class _Spec(NamedTuple):
@@ -115,15 +115,15 @@ def _backward(
     rstd: Tensor,
     weight: Optional[Tensor],
     bias: Optional[Tensor],
-    param_shape: list[int],
+    param_shape: Sequence[int],
     rms: bool,
     batch_stats: bool,
-    output_mask: list[bool],
+    output_mask: Sequence[bool],
     activation: Optional[str],
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> Grads:
     backend = resolve(x, weight)
     dy = dy.contiguous()
-    args = (x, mean, rstd, weight, tuple(param_shape), rms, batch_stats, tuple(output_mask))
+    args = (x, mean, rstd, weight, param_shape, rms, batch_stats, output_mask)
     if activation is not None and activation in backend.activations:
         grads = backend.backward(dy, *args, bias=bias, activation=activation, shape=shape)
     else:
@@ -131,35 +131,44 @@ def _backward(
             y = backend.normalize(x, mean, rstd, weight, bias, shape=shape, param_shape=param_shape)
             dy = act.backward(activation, y, dy)
         grads = backend.backward(dy, *args, shape=shape)
-    dx = x.new_empty(0) if grads.dx is None else grads.dx
-    return dx, _or_empty(grads.dweight, x), _or_empty(grads.dbias, x)
+    return grads
 
 
-@functools.wraps(_backward)
-def _backward_apart(*args, **kwargs) -> tuple[Tensor, Tensor, Tensor]:
-    """The op's outputs may not share storage, but a backend may return dweight and dbias as two rows
-    of one buffer (finished by one reduction): the op alone pays for copying them apart."""
-    dx, dw, db = _backward(*args, **kwargs)
+def _backward_op(
+    dy: Tensor,
+    x: Tensor,
+    shape: Shape5,
+    mean: Tensor,
+    rstd: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    param_shape: list[int],
+    rms: bool,
+    batch_stats: bool,
+    output_mask: list[bool],
+    activation: Optional[str],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``_backward`` as an op's outputs, which may be neither None nor share storage: an unrequested
+    gradient is a fresh empty tensor, and dweight and dbias, which a backend may return as two rows of
+    one buffer (finished by one reduction), are copied apart."""
+    grads = _backward(dy, x, shape, mean, rstd, weight, bias, param_shape, rms, batch_stats, output_mask, activation)
+    dx, dw, db = (x.new_empty(0) if t is None else t for t in grads)
     if dw.numel() and db.numel() and dw.untyped_storage().data_ptr() == db.untyped_storage().data_ptr():
         db = db.clone()
     return dx, dw, db
 
 
-_norm_backward = torch.library.custom_op("normkit::norm_backward", _backward_apart, mutates_args=())
-
-
-def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
-    """Custom ops cannot return None or one tensor twice: an unrequested gradient is a fresh empty tensor."""
-    return like.new_empty(0) if t is None else t
+_norm_backward = torch.library.custom_op("normkit::norm_backward", _backward_op, mutates_args=())
 
 
 @_norm_backward.register_fake
 def _(dy, x, shape, mean, rstd, weight, bias, param_shape, rms, batch_stats, output_mask, activation):
     acc = stats_dtype(x.dtype)
+    gshape = param_shape if weight is None else weight.shape  # the backends' (see Backend.backward)
     return (
         torch.empty_like(x) if output_mask[0] else x.new_empty(0),
-        x.new_empty(param_shape, dtype=acc) if output_mask[1] else x.new_empty(0),
-        x.new_empty(param_shape, dtype=acc) if output_mask[2] else x.new_empty(0),
+        x.new_empty(gshape, dtype=acc) if output_mask[1] else x.new_empty(0),
+        x.new_empty(gshape, dtype=acc) if output_mask[2] else x.new_empty(0),
     )
 
 
@@ -179,13 +188,18 @@ def _needs(ctx) -> tuple[bool, bool, bool]:
 
 
 def _grads_via_op(ctx, dy: Tensor, batch_stats: bool) -> tuple[Optional[Tensor], ...]:
+    """The kernels' backward: called bare in eager mode, as the op under torch.compile."""
     x, mean, rstd, weight, bias = ctx.saved_tensors
     spec = ctx.spec
     need_x, need_w, need_b = _needs(ctx)
-    dx, dw, db = (_backward if spec.eager else _norm_backward)(
-        dy, x, spec.shape, mean, rstd, weight, bias, _param_shape(spec.shape, weight, bias, spec.param_shape), spec.rms,
-        batch_stats, [need_x, need_w and weight is not None, need_b and bias is not None], spec.activation,
-    )
+    mask = (need_x, need_w and weight is not None, need_b and bias is not None)
+    pshape = _param_shape(spec.shape, weight, bias, spec.param_shape)
+    if spec.eager:
+        dx, dw, db = _backward(dy, x, spec.shape, mean, rstd, weight, bias, pshape, spec.rms, batch_stats, mask, spec.activation)
+    else:
+        dx, dw, db = _norm_backward(
+            dy, x, spec.shape, mean, rstd, weight, bias, list(pshape), spec.rms, batch_stats, list(mask), spec.activation
+        )
     return (dx if need_x else None), _param_grad(dw, weight, need_w), _param_grad(db, bias, need_b)
 
 

@@ -158,7 +158,8 @@ class Backend(Protocol):
         *,
         shape: Sequence[int] | None = None,
     ) -> Grads:
-        """dx in x5's dtype and shape; dweight, dbias in the statistics dtype with ``param_shape``.
+        """dx in x5's dtype and shape; dweight, dbias in the statistics dtype, ``param_shape``'s elements
+        shaped as ``weight`` (as ``param_shape`` without one): a module's gradient needs no view.
 
         Each is None where ``output_mask`` is False.
         With ``batch_stats`` the statistics depend on x:

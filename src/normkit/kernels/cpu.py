@@ -443,7 +443,7 @@ class CpuBackend:
         shape: Sequence[int] | None = None,
     ) -> Grads:
         """The contract's backward; ``bias`` is needed only with an ``activation``."""
-        if dy.shape != x.shape:
+        if dy.numel() != x.numel():
             raise ValueError(f"dy of shape {tuple(dy.shape)} for x of shape {tuple(x.shape)}")
         pshape = tuple(param_shape)
         c = _prepare("backward", x, shape, pshape, activation, self.threads)
@@ -451,7 +451,8 @@ class CpuBackend:
         xs, dys = (_widen(x), _widen(dy)) if c.widened else (x, dy.contiguous())
         want_dx = output_mask[0]
         dx = _output(c, xs) if want_dx else None
-        dweight, dbias = torch.empty(*pshape, dtype=acc), torch.empty(*pshape, dtype=acc)
+        gshape = pshape if weight is None else weight.shape
+        dweight, dbias = torch.empty(gshape, dtype=acc), torch.empty(gshape, dtype=acc)
         w, b = _param(weight, pshape, c.param_numel, acc, 1.0), _param(bias, pshape, c.param_numel, acc, 0.0)
         mean, rstd = _stat(mean, acc, ln), _stat(rstd, acc, ln)
         c.driver(

@@ -208,11 +208,12 @@ class ReferenceBackend:
         *,
         shape: Sequence[int] | None = None,
     ) -> Grads:
-        grads = self._backward(
+        dx, dw, db = self._backward(
             view5(dy, shape), view5(x, shape), mean, rstd, view_param(weight, param_shape), param_shape, rms,
             batch_stats, output_mask,
         )
-        return grads if grads.dx is None else grads._replace(dx=grads.dx.reshape(x.shape))
+        gshape = param_shape if weight is None else weight.shape
+        return Grads(*(None if t is None else t.reshape(s) for t, s in ((dx, x.shape), (dw, gshape), (db, gshape))))
 
     def _backward(
         self,

@@ -225,6 +225,7 @@ class TritonBackend:
         if not any(output_mask):
             return Grads(None, None, None)
         dy5, x5 = view5(dy.contiguous(), shape), view5(x, shape)
+        gshape = param_shape if weight is None else weight.shape
         weight, bias = view_param(weight, param_shape), view_param(bias, param_shape)
         q, p, r1, b, r2 = x5.shape
         tile = self.tile(x5)
@@ -268,8 +269,8 @@ class TritonBackend:
                 tile.num_warps,
             )
         totals = parts.sum(2) if need_dw or need_db else parts
-        dw = totals[0].view(param_shape) if need_dw else None
-        db = totals[-1].view(param_shape) if need_db else None
+        dw = totals[0].view(gshape) if need_dw else None
+        db = totals[-1].view(gshape) if need_db else None
         return Grads(dx, dw, db)
 
 
