@@ -20,6 +20,16 @@ from normkit.kernels import _numba_kernels, _pages, cpu
 from normkit.numerics import CASES, LAYERS, applies, max_error
 from normkit.selection import resolve
 
+
+@pytest.fixture(autouse=True)
+def _fresh_call_setups():
+    """Calls work out their set-up once and read the module constants then: the tests that change a
+    constant start and end with none cached."""
+    cpu._call.cache_clear()
+    yield
+    cpu._call.cache_clear()
+
+
 REF = kernels.load("reference")
 CPU = kernels.load("cpu")
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
@@ -320,6 +330,7 @@ def test_large_outputs_ask_for_huge_pages(monkeypatch):
     CPU.forward(x5, w, b, 1e-5, False)
     assert advised == []  # the default threshold: heap memory, left alone
     monkeypatch.setattr(_pages, "MIN_BYTES", 4 << 20)
+    cpu._call.cache_clear()  # the threshold is read with a call's set-up
     y, st = CPU.forward(x5, w, b, 1e-5, False)
     g = CPU.backward(torch.ones_like(x5), x5, st.mean, st.rstd, w, (1, 1, 64, 1), False, True, (True, True, True))
     y_fixed = CPU.normalize(x5, st.mean, st.rstd, w, b)
@@ -365,6 +376,13 @@ def test_shapes_that_do_not_fit_the_view_are_refused():
         CPU.backward(x5, x5, st.mean, st.rstd[:, :2], w, (3, 1, 5, 1), False, True, (True, True, True))
     with pytest.raises(ValueError, match="dy of shape"):
         CPU.backward(x5[:1], x5, st.mean, st.rstd, w, (3, 1, 5, 1), False, True, (True, True, True))
+    flat, wide = x5.view(-1), (2, 3, 4, 5, 7)  # a tensor with a view beside it that does not cover it
+    with pytest.raises(ValueError, match="a view of 840 elements for a tensor of 720"):
+        CPU.forward(flat, w.flatten(), None, 1e-5, False, shape=wide, param_shape=(3, 1, 5, 1))
+    with pytest.raises(ValueError, match="a view of 840 elements for a tensor of 720"):
+        CPU.normalize(flat, st.mean, st.rstd, None, None, shape=wide)
+    with pytest.raises(ValueError, match="a view of 840 elements for a tensor of 720"):
+        CPU.backward(flat, flat, st.mean, st.rstd, None, (3, 1, 5, 1), False, True, (True, False, False), shape=wide)
 
 
 def test_auto_picks_cpu_and_falls_back():

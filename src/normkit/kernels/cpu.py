@@ -242,12 +242,13 @@ class Call(NamedTuple):
 @lru_cache(maxsize=512)
 def _call(
     op: str, shape5: tuple[int, ...], pshape: tuple[int, ...], dtype: torch.dtype, activation: str | None,
-    threads: int | None, torch_threads: int, tuning: tuple[int, ...],
+    threads: int | None, torch_threads: int,
 ) -> Call:
     """A call's set-up, worked out once per view, dtype, activation and thread setting: one cache
-    lookup a call instead of a dozen small steps, each of which costs microseconds from a cold cache.
-    ``torch_threads`` and ``tuning`` (the module constants) are keys so that changing them takes effect;
-    a forked child starts with an empty cache."""
+    lookup a call instead of a dozen small steps, each of which costs microseconds from a cold cache
+    (inside a model this set-up took 12 µs a call with the module constants in the key). The module
+    constants (``SERIAL_BELOW``, ``CACHE_BYTES``, ..., ``_pages.MIN_BYTES``) are read here: after
+    changing one, ``_call.cache_clear()``. A forked child starts with an empty cache."""
     check_activation(activation)
     if threads is None:
         threads = threads_for(math.prod(shape5))
@@ -264,9 +265,8 @@ def _prepare(
 ) -> Call:
     """The call's set-up for ``x`` (viewed as ``shape``), after checking that the view covers ``x``:
     the kernels index raw memory by it. Enters numba's thread pool when the call runs in parallel."""
-    tuning = (CACHE_BYTES, COL_CACHE_BYTES, UNIT_BYTES, COL_MAX_RUN, SERIAL_BELOW, pages.MIN_BYTES)
     c = _call(op, tuple(x.shape if shape is None else shape), pshape, x.dtype, activation, threads,
-              torch.get_num_threads(), tuning)
+              torch.get_num_threads())
     if x.numel() != c.launch.numel:
         raise ValueError(f"a view of {c.launch.numel} elements for a tensor of {x.numel()}")
     if c.threads > 1:
