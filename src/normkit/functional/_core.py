@@ -44,7 +44,7 @@ class _Spec(NamedTuple):
     """What backward needs besides the saved tensors (one attribute of the context: each costs)."""
 
     shape: Shape5
-    param_shape: Optional[list[int]]  # None: the parameters' own shape
+    param_shape: Optional[Sequence[int]]  # None: the parameters' own shape
     rms: bool
     activation: Optional[str]
     eps: Optional[float]  # batch statistics: to differentiate the forward again (double backward)
@@ -125,13 +125,11 @@ def _backward(
     dy = dy.contiguous()
     args = (x, mean, rstd, weight, param_shape, rms, batch_stats, output_mask)
     if activation is not None and activation in backend.activations:
-        grads = backend.backward(dy, *args, bias=bias, activation=activation, shape=shape)
-    else:
-        if activation is not None:
-            y = backend.normalize(x, mean, rstd, weight, bias, shape=shape, param_shape=param_shape)
-            dy = act.backward(activation, y, dy)
-        grads = backend.backward(dy, *args, shape=shape)
-    return grads
+        return backend.backward(dy, *args, bias=bias, activation=activation, shape=shape)
+    if activation is not None:
+        y = backend.normalize(x, mean, rstd, weight, bias, shape=shape, param_shape=param_shape)
+        dy = act.backward(activation, y, dy)
+    return backend.backward(dy, *args, shape=shape)
 
 
 def _backward_op(
@@ -195,10 +193,13 @@ def _grads_via_op(ctx, dy: Tensor, batch_stats: bool) -> tuple[Optional[Tensor],
     mask = (need_x, need_w and weight is not None, need_b and bias is not None)
     pshape = _param_shape(spec.shape, weight, bias, spec.param_shape)
     if spec.eager:
-        dx, dw, db = _backward(dy, x, spec.shape, mean, rstd, weight, bias, pshape, spec.rms, batch_stats, mask, spec.activation)
+        dx, dw, db = _backward(
+            dy, x, spec.shape, mean, rstd, weight, bias, pshape, spec.rms, batch_stats, mask, spec.activation
+        )
     else:
         dx, dw, db = _norm_backward(
-            dy, x, spec.shape, mean, rstd, weight, bias, list(pshape), spec.rms, batch_stats, list(mask), spec.activation
+            dy, x, spec.shape, mean, rstd, weight, bias, list(pshape), spec.rms, batch_stats, list(mask),
+            spec.activation,
         )
     return (dx if need_x else None), _param_grad(dw, weight, need_w), _param_grad(db, bias, need_b)
 
@@ -282,7 +283,7 @@ class _EagerBatch(torch.autograd.Function):
     """``norm_batch`` without the custom-op dispatch (tens of microseconds a call), with the op's
     backward. Its forward takes ``ctx`` itself: a separate ``setup_context`` makes every call bind the
     forward's signature. The statistics come out as one plain object, not as three outputs: autograd
-    wraps no tensor it cannot differentiate, and the one output's gradient is never materialized."""
+    wraps no tensor it cannot differentiate, and no unused output's gradient is materialized as zeros."""
 
     @staticmethod
     def forward(ctx, *inputs) -> tuple[Tensor, Stats]:
@@ -304,6 +305,7 @@ class _EagerFixed(torch.autograd.Function):
 
     backward = staticmethod(_backward_fixed)
 
+
 # Function.apply's C++ implementation, bound to each Function (what its Python ``apply`` ends in).
 _raw_apply = {f: super(torch.autograd.Function, f).apply for f in (_EagerBatch, _EagerFixed)}
 _functorch_active = torch._C._are_functorch_transforms_active
@@ -319,6 +321,10 @@ def records_graph(*inputs: Optional[Tensor]) -> bool:
         if t is not None and t.requires_grad:
             return True
     return False
+
+
+def _listed(shape: Optional[Sequence[int]]) -> Optional[list[int]]:
+    return None if shape is None else list(shape)
 
 
 def _eager(function: type[torch.autograd.Function], impl, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]):
@@ -344,7 +350,7 @@ def normalize_batch(
     eps: float,
     rms: bool = False,
     activation: Optional[str] = None,
-    param_shape: Optional[Shape5] = None,
+    param_shape: Optional[Sequence[int]] = None,
 ) -> tuple[Tensor, Stats]:
     """Normalize ``x`` (contiguous) with statistics of its 5-D view ``shape``; returns the output and
     the statistics. The parameters are read as ``param_shape`` (P, K1, B, K2), by default their own
@@ -352,9 +358,12 @@ def normalize_batch(
     if activation is not None:
         act.check(activation)
     if torch.compiler.is_compiling():
-        y, mean, rstd, var = _norm_batch(x, list(shape), weight, bias, float(eps), rms, activation, param_shape)
+        y, mean, rstd, var = _norm_batch(
+            x, list(shape), weight, bias, float(eps), rms, activation, _listed(param_shape)
+        )
         return y, Stats(mean, rstd, var)
-    return _eager(_EagerBatch, _forward_batch, x, weight, bias)(x, shape, weight, bias, float(eps), rms, activation, param_shape)
+    run = _eager(_EagerBatch, _forward_batch, x, weight, bias)
+    return run(x, shape, weight, bias, float(eps), rms, activation, param_shape)
 
 
 def normalize_fixed(
@@ -366,7 +375,7 @@ def normalize_fixed(
     bias: Optional[Tensor],
     activation: Optional[str] = None,
     var_eps: Optional[float] = None,
-    param_shape: Optional[Shape5] = None,
+    param_shape: Optional[Sequence[int]] = None,
 ) -> Tensor:
     """Normalize ``x`` (contiguous) with given statistics, Q*P*B values each (see ``Backend.normalize``;
     with ``var_eps`` the second is the variance); parameters as in ``normalize_batch``."""
@@ -374,8 +383,9 @@ def normalize_fixed(
         act.check(activation)
     var_eps = None if var_eps is None else float(var_eps)
     if torch.compiler.is_compiling():
-        return _norm_fixed(x, list(shape), mean, rstd, weight, bias, activation, var_eps, param_shape)
-    return _eager(_EagerFixed, _fixed, x, weight, bias)(x, shape, mean, rstd, weight, bias, activation, var_eps, param_shape)
+        return _norm_fixed(x, list(shape), mean, rstd, weight, bias, activation, var_eps, _listed(param_shape))
+    run = _eager(_EagerFixed, _fixed, x, weight, bias)
+    return run(x, shape, mean, rstd, weight, bias, activation, var_eps, param_shape)
 
 
 def update_running(
