@@ -123,7 +123,7 @@ class TritonBackend:
         x5, weight, bias = view5(x, shape), view_param(weight, param_shape), view_param(bias, param_shape)
         q, p, r1, b, r2 = x5.shape
         tile = self.tile(x5)
-        y = torch.empty_like(x5)
+        y = torch.empty_like(x)  # the kernels index it as x5: contiguous, same order
         mean, rstd, var = (x5.new_empty((q, p, b), dtype=torch.float32) for _ in range(3))
         with _device(x5):
             if tile.fused:
@@ -131,7 +131,7 @@ class TritonBackend:
             else:
                 self._stats(x5, mean, rstd, var, float(eps), tile, rms)
                 self._apply(x5, y, weight, bias, mean, rstd, var, float(eps), tile, False, rms, activation)
-        return y.view(x.shape), Stats(mean, rstd, var)
+        return y, Stats(mean, rstd, var)
 
     def normalize(
         self,
@@ -147,11 +147,11 @@ class TritonBackend:
         param_shape: Sequence[int] | None = None,
     ) -> Tensor:
         x5, weight, bias = view5(x, shape), view_param(weight, param_shape), view_param(bias, param_shape)
-        y = torch.empty_like(x5)
+        y = torch.empty_like(x)  # the kernels index it as x5: contiguous, same order
         mean, rstd = mean.contiguous(), given_rstd(stat_shape(x5), rstd, var_eps).contiguous()
         with _device(x5):
             self._apply(x5, y, weight, bias, mean, rstd, mean, 0.0, self.tile(x5), False, False, activation)
-        return y.view(x.shape)
+        return y
 
     def _stats(self, x5: Tensor, mean: Tensor, rstd: Tensor, var: Tensor, eps: float, tile: Tile, rms: bool) -> None:
         q, p, r1, b, r2 = x5.shape
