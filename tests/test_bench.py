@@ -158,3 +158,13 @@ def test_kernel_ab_selects_cases_by_name():
     assert [tool.case_name(*c) for c in chosen] == ["layer 8x512x768 contiguous", "group 8x32x64x64 channels_last"]
     with pytest.raises(SystemExit, match="matches none"):
         tool.select(tool.CASES, "nosuchnorm")
+
+
+@pytest.mark.slow
+def test_clients_time_the_norm_calls_inside_a_training_step():
+    """``clients.py --per-call``: the UNet's GroupNorm forward and backward node, both models, one line each."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "clients.py"
+    out = subprocess.run([sys.executable, str(script), "--per-call"], check=True, capture_output=True, text=True)
+    lines = [line for line in out.stdout.splitlines() if "inside a step" in line]
+    assert len(lines) == 2 and "forward" in lines[0] and "backward" in lines[1]
+    assert all("torch.nn" in line and "normkit" in line and "(medians of" in line for line in lines)
