@@ -72,6 +72,17 @@ def test_custom_ops_pass_opcheck(activation):
     torch.library.opcheck(_core._norm_fixed, (x, shape, mean.flatten(), rstd.flatten(), w4, b4, activation, 1e-5, None))
 
 
+@pytest.mark.parametrize("transform", ["grad", "vmap"])
+def test_functorch_transforms_take_the_public_apply(transform):
+    """The eager Function is entered below its Python ``apply`` only outside functorch: under a transform
+    the public ``apply`` runs and torch refuses the Function with its own message, rather than the
+    layer computing as if no transform were active."""
+    layer, x = nk.LayerNorm(4), torch.randn(2, 3, 4)
+    fn = torch.func.grad(lambda t: layer(t).sum()) if transform == "grad" else torch.func.vmap(layer)
+    with pytest.raises(RuntimeError, match="functorch transforms"):
+        fn(x)
+
+
 class SmallCNN(nk.Module):
     """The article's four layers in one network."""
 

@@ -147,6 +147,28 @@ def test_tensors_as_they_are_with_their_views_beside(backend, dtype, norm, shape
 
 
 @pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("norm,shape,cl", [c for c in _cases() if c.values[0] in ("batch", "group")])
+def test_broadcast_parameters_are_read_and_graded_as_their_view(backend, norm, shape, cl):
+    """A parameter with fewer elements than ``param_shape`` (one scale for every channel) is broadcast to
+    it: the same output as the dense parameter, and gradients of the view's size (never written into
+    the smaller parameter's memory)."""
+    x5, w, b, pshape = _make(norm, shape, cl, torch.float32)
+    if not backend.supports(x5, w):
+        pytest.skip(f"{backend.name} declines CPU tensors")
+    w1, b1 = torch.full((1,), 1.5), torch.full((1,), -0.25)
+    wd, bd = w1.expand(pshape).contiguous(), b1.expand(pshape).contiguous()
+    y, st = backend.forward(x5, wd, bd, 1e-5, False)
+    y1, _ = backend.forward(x5, w1, b1, 1e-5, False, param_shape=pshape)
+    assert torch.equal(y1, y)
+    dy = torch.randn(x5.shape)
+    mask = (True, True, True)
+    g = backend.backward(dy, x5, st.mean, st.rstd, wd, pshape, False, True, mask)
+    g1 = backend.backward(dy, x5, st.mean, st.rstd, w1, pshape, False, True, mask)
+    assert g1.dweight.shape == g1.dbias.shape == pshape
+    assert torch.equal(g1.dx, g.dx) and torch.equal(g1.dweight, g.dweight) and torch.equal(g1.dbias, g.dbias)
+
+
+@pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("norm,shape,cl", [c for c in _cases() if c.values[0] == "batch"])
 def test_fixed_statistics_match_float64(backend, dtype, norm, shape, cl):

@@ -385,6 +385,23 @@ def test_shapes_that_do_not_fit_the_view_are_refused():
         CPU.backward(flat, flat, st.mean, st.rstd, None, (3, 1, 5, 1), False, True, (True, False, False), shape=wide)
 
 
+def test_core_grades_a_broadcast_parameter_like_the_reference():
+    """Through the core, one weight and bias for every channel: autograd sums the view-sized gradients
+    the kernels return to the parameters' shape, as with the reference backend."""
+    from normkit.functional._core import normalize_batch
+
+    x = torch.randn(2, 3, 40, 5, requires_grad=True)
+    w, b = torch.full((1,), 1.5, requires_grad=True), torch.full((1,), -0.25, requires_grad=True)
+    grads = {}
+    for name in ("reference", "cpu"):
+        with normkit.backend(name):
+            y, _ = normalize_batch(x, (1, 1, 6, 40, 5), w, b, 1e-5, param_shape=(1, 1, 40, 1))
+            grads[name] = torch.autograd.grad(y.square().sum(), (x, w, b))
+    for got, want, what in zip(grads["cpu"], grads["reference"], ("dx", "dweight", "dbias")):
+        assert got.shape == want.shape
+        _close(got, want, 1e-4, what)
+
+
 def test_auto_picks_cpu_and_falls_back():
     x5 = torch.randn(4, 1, 8, 3, 5)
     with normkit.backend("auto"):

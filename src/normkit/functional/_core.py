@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..selection import resolve
 from ..kernels import contract, load
-from ..kernels.contract import Grads, Stats, given_rstd, stat_shape, stats_dtype
+from ..kernels.contract import Grads, Stats, given_rstd, grad_shape, stat_shape, stats_dtype
 from . import activation as act
 
 Shape5 = list[int]
@@ -162,7 +162,7 @@ _norm_backward = torch.library.custom_op("normkit::norm_backward", _backward_op,
 @_norm_backward.register_fake
 def _(dy, x, shape, mean, rstd, weight, bias, param_shape, rms, batch_stats, output_mask, activation):
     acc = stats_dtype(x.dtype)
-    gshape = param_shape if weight is None else weight.shape  # the backends' (see Backend.backward)
+    gshape = grad_shape(weight, param_shape)  # the backends' (see Backend.backward)
     return (
         torch.empty_like(x) if output_mask[0] else x.new_empty(0),
         x.new_empty(gshape, dtype=acc) if output_mask[1] else x.new_empty(0),
@@ -171,12 +171,13 @@ def _(dy, x, shape, mean, rstd, weight, bias, param_shape, rms, batch_stats, out
 
 
 def _param_grad(g: Tensor, p: Optional[Tensor], needed: bool) -> Optional[Tensor]:
-    """A parameter's gradient in its dtype and shape (the kernels' is the (P, K1, B, K2) view's)."""
+    """A parameter's gradient in its dtype and shape (see ``grad_shape``; a broadcast parameter's stays
+    in the view's shape, which autograd sums to the parameter's)."""
     if not needed or p is None:
         return None
     if g.dtype != p.dtype:
         g = g.to(p.dtype)
-    return g if g.shape == p.shape else g.view(p.shape)
+    return g if g.shape == p.shape or g.numel() != p.numel() else g.view(p.shape)
 
 
 def _needs(ctx) -> tuple[bool, bool, bool]:

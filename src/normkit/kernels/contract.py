@@ -20,6 +20,7 @@ Statistics are float32 for float32/bfloat16/float16 input and float64 for float6
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
@@ -65,8 +66,18 @@ def view5(x: Tensor, shape: Sequence[int] | None) -> Tensor:
 
 
 def view_param(p: Tensor | None, param_shape: Sequence[int] | None) -> Tensor | None:
-    """A parameter as its ``(P, K1, B, K2)`` view, for a backend that computes with tensor views."""
-    return p if p is None or param_shape is None else p.reshape(*param_shape)
+    """A parameter as its ``(P, K1, B, K2)`` view, for a backend that computes with tensor views: its
+    elements in that order, or broadcast to it (a parameter with fewer elements)."""
+    if p is None or param_shape is None:
+        return p
+    return p.reshape(*param_shape) if p.numel() == math.prod(param_shape) else p.expand(*param_shape)
+
+
+def grad_shape(weight: Tensor | None, param_shape: Sequence[int], param_numel: int | None = None) -> tuple[int, ...]:
+    """The shape of dweight and dbias: the weight's own where it holds the view's elements (a module's
+    gradient then needs no view), the view's otherwise (autograd sums a broadcast parameter's)."""
+    numel = math.prod(param_shape) if param_numel is None else param_numel
+    return tuple(weight.shape) if weight is not None and weight.numel() == numel else tuple(param_shape)
 
 
 def given_rstd(shape: tuple[int, int, int], rstd: Tensor, var_eps: float | None) -> Tensor:
@@ -159,7 +170,7 @@ class Backend(Protocol):
         shape: Sequence[int] | None = None,
     ) -> Grads:
         """dx in x5's dtype and shape; dweight, dbias in the statistics dtype, ``param_shape``'s elements
-        shaped as ``weight`` (as ``param_shape`` without one): a module's gradient needs no view.
+        in ``grad_shape(weight, param_shape)``: a module's gradient needs no view.
 
         Each is None where ``output_mask`` is False.
         With ``batch_stats`` the statistics depend on x:

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from . import _pages as pages
 from ._numba_kernels import DRIVERS, running_update
-from .contract import ACTIVATIONS, Grads, Stats, check_activation, update_running
+from .contract import ACTIVATIONS, Grads, Stats, check_activation, grad_shape, update_running, view_param
 
 NATIVE = (torch.float32, torch.float64, torch.bfloat16)
 WIDENED = (torch.float16,)
@@ -302,8 +302,7 @@ def _param(t: Tensor | None, pshape: tuple[int, ...], numel: int, acc: torch.dty
     if t is None:
         return _constant(numel, acc, absent)
     if t.dtype != acc or t.numel() != numel or not t.is_contiguous():
-        t = t.detach().to(acc)
-        return (t.reshape(pshape) if t.numel() == numel else t.expand(pshape)).contiguous()
+        return view_param(t.detach().to(acc), pshape).contiguous()
     return t
 
 
@@ -341,7 +340,8 @@ def _widen(t: Tensor) -> Tensor:
 
 
 def _narrow(y: Tensor, dtype: torch.dtype) -> Tensor:
-    return y if y.dtype == dtype else pages.empty_like(y, dtype).copy_(y)
+    """A float32 result rounded back to the (float16) input dtype."""
+    return pages.empty_like(y, dtype).copy_(y)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -451,7 +451,7 @@ class CpuBackend:
         xs, dys = (_widen(x), _widen(dy)) if c.widened else (x, dy.contiguous())
         want_dx = output_mask[0]
         dx = _output(c, xs) if want_dx else None
-        gshape = pshape if weight is None else weight.shape
+        gshape = grad_shape(weight, pshape, c.param_numel)  # the kernel writes param_numel elements to each
         dweight, dbias = torch.empty(gshape, dtype=acc), torch.empty(gshape, dtype=acc)
         w, b = _param(weight, pshape, c.param_numel, acc, 1.0), _param(bias, pshape, c.param_numel, acc, 0.0)
         mean, rstd = _stat(mean, acc, ln), _stat(rstd, acc, ln)

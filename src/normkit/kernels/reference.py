@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from .contract import (
-    REDUCED_DIMS, Grads, Stats, given_rstd, param_reduce_dims, stat_shape, stats_dtype, update_running, view5,
-    view_param,
+    REDUCED_DIMS, Grads, Stats, given_rstd, grad_shape, param_reduce_dims, stat_shape, stats_dtype, update_running,
+    view5, view_param,
 )
 
 _SLAB = 1 << 20  # elements of one slab's temporary: recycled from the heap, mostly in cache
@@ -212,21 +212,11 @@ class ReferenceBackend:
             view5(dy, shape), view5(x, shape), mean, rstd, view_param(weight, param_shape), param_shape, rms,
             batch_stats, output_mask,
         )
-        gshape = param_shape if weight is None else weight.shape
+        gshape = grad_shape(weight, param_shape)
         return Grads(*(None if t is None else t.reshape(s) for t, s in ((dx, x.shape), (dw, gshape), (db, gshape))))
 
-    def _backward(
-        self,
-        dy5: Tensor,
-        x5: Tensor,
-        mean: Tensor,
-        rstd: Tensor,
-        weight: Tensor | None,
-        param_shape: tuple[int, int, int, int],
-        rms: bool,
-        batch_stats: bool,
-        output_mask: tuple[bool, bool, bool],
-    ) -> Grads:
+    def _backward(self, dy5, x5, mean, rstd, weight, param_shape, rms, batch_stats, output_mask) -> Grads:
+        """``backward`` on the 5-D views (weight viewed too); shapes as they come from the views."""
         acc = stats_dtype(x5.dtype)
         kind = _native_kind(x5, weight, param_shape, rms, batch_stats, output_mask)
         if kind is not None:
@@ -305,7 +295,7 @@ def _native_backward(
     """
     q, p, r1, b, r2 = x5.shape
     mask = list(output_mask)
-    weight = None if w is None else w.reshape(-1)
+    weight = None if w is None else w.reshape(-1).contiguous()  # torch's kernels misread a broadcast (stride-0) one
     centred = x5 - _spread(_bcast(mean), x5)
     zero = torch.zeros_like(mean)
     if kind == "layer":  # the bias argument only sizes db: the weight stands in for it

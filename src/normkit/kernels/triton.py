@@ -29,7 +29,8 @@ from torch import Tensor
 from . import _triton_kernels as kern
 from ._triton_plan import MAX_FUSED, MAX_TILE, Tile, cdiv, choose_tile, finalize_blocks, split, warps_for
 from .contract import (
-    ACTIVATIONS, Grads, Stats, check_activation, given_rstd, stat_shape, update_running, view5, view_param,
+    ACTIVATIONS, Grads, Stats, check_activation, given_rstd, grad_shape, stat_shape, update_running, view5,
+    view_param,
 )
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -225,7 +226,7 @@ class TritonBackend:
         if not any(output_mask):
             return Grads(None, None, None)
         dy5, x5 = view5(dy.contiguous(), shape), view5(x, shape)
-        gshape = param_shape if weight is None else weight.shape
+        gshape = grad_shape(weight, param_shape)
         weight, bias = view_param(weight, param_shape), view_param(bias, param_shape)
         q, p, r1, b, r2 = x5.shape
         tile = self.tile(x5)
