@@ -56,10 +56,10 @@ RMS = {"rms"}
 SPLITS = {
     "default": {},
     "parallel": {"SERIAL_BELOW": 0},
-    "rowchunks": {"SERIAL_BELOW": 0, "CACHE_BYTES": 2048, "COL_CACHE_BYTES": 2048},
+    "rowchunks": {"SERIAL_BELOW": 0, "CACHE_BYTES": 2048, "WHOLE_BYTES": 2048},
     "segonly": {"SERIAL_BELOW": 0, "COL_MAX_RUN": 0},
     "serial": {"SERIAL_BELOW": 1 << 62},
-    "serial-rowchunks": {"SERIAL_BELOW": 1 << 62, "CACHE_BYTES": 2048, "COL_CACHE_BYTES": 2048},
+    "serial-rowchunks": {"SERIAL_BELOW": 1 << 62, "CACHE_BYTES": 2048, "WHOLE_BYTES": 2048},
 }
 SERIAL_SPLITS = ("serial", "serial-rowchunks")
 
@@ -295,6 +295,19 @@ def test_column_loops_need_rows(monkeypatch):
     ln = cpu.launch(tuple(enough.shape), enough.dtype, (1, 1, 8, 8), 2)
     _, nrc, rchunk, _, _ = ln.plan
     assert ln.view.col and ln.loops == "col" and (nrc == 1 or rchunk >= cpu.col_rows(8))
+
+
+def test_a_group_past_the_cache_budget_stays_whole_up_to_whole_bytes(monkeypatch):
+    """A group larger than ``CACHE_BYTES`` cannot share a unit, but is still fused (one row chunk:
+    statistics and output in one read from memory) up to ``WHOLE_BYTES``; beyond, it is cut into row
+    chunks of at most ``CACHE_BYTES`` read in two passes."""
+    monkeypatch.setattr(cpu, "CACHE_BYTES", 1 << 12)
+    monkeypatch.setattr(cpu, "WHOLE_BYTES", 1 << 14)
+    for rows, fused in ((8, True), (32, True), (64, False)):  # BatchNorm NCHW, channels of rows x 512 B
+        ln = cpu.launch((1, 1, rows, 16, 128), torch.float32, (1, 1, 16, 1), 2)
+        _, nrc, rchunk, _, bchunk = ln.plan
+        assert bchunk == 1 and (nrc == 1) == fused
+        assert fused or rchunk * 128 * 4 <= cpu.CACHE_BYTES
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])

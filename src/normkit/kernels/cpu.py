@@ -39,10 +39,11 @@ SUPPORTED = NATIVE + WIDENED
 # (512 KB L2): fused units of up to 1.5 MB were 5-12% faster than the same work in row chunks and
 # two passes (GroupNorm channels-last 8x256x32x32, BatchNorm 8x32x192x192).
 CACHE_BYTES = 3 << 19
-# A channels-last slab (one sample's rows, every group) cannot be cut into groups, as partial rows
-# are slow: up to this size a unit holds it whole and reads it again from the last-level cache, rather
-# than in two passes from memory (GroupNorm/InstanceNorm channels-last 16x128x64x64: 4.7-5.2 -> 4.2 ms).
-COL_CACHE_BYTES = 4 << 20
+# A unit that cannot be cut smaller without cutting what its statistics need whole (a channels-last
+# slab, one sample's rows of every group: partial rows are slow; a single group larger than
+# CACHE_BYTES) is still fused up to this size, re-read from the last-level cache rather than twice
+# from memory: GroupNorm/InstanceNorm channels-last 16x128x64x64 (2 MB slabs) forward 4.7-5.2 -> 4.2 ms.
+WHOLE_BYTES = 4 << 20
 # Small slabs are batched into units of about this size: per-unit overhead is tens of nanoseconds.
 UNIT_BYTES = 1 << 16
 # Below this many elements a parallel launch costs more than it saves. The launch wakes numba's own
@@ -119,7 +120,7 @@ def plan(v: View, itemsize: int, threads: int) -> Plan:
     bchunk = math.ceil(v.b / nbc)
     units = v.g * nbc
     enough = units >= min(want, 2 * threads)
-    if v.r1 == 1 or (enough and group_bytes * bchunk <= (COL_CACHE_BYTES if v.col else CACHE_BYTES)):
+    if v.r1 == 1 or (enough and group_bytes * bchunk <= (WHOLE_BYTES if v.col or bchunk == 1 else CACHE_BYTES)):
         gchunk = max(1, min(units // want, UNIT_BYTES // (group_bytes * bchunk)))
         return Plan(gchunk, 1, v.r1, nbc, bchunk)
     nrc = min(v.r1, max(math.ceil(want / units), math.ceil(group_bytes * bchunk / CACHE_BYTES)))
@@ -222,7 +223,7 @@ def launch(
 ) -> Launch:
     """How the drivers run on the view ``shape5`` of ``dtype`` data with parameters of ``pshape``;
     ``apply``: the output alone, from given statistics."""
-    tuning = (CACHE_BYTES, COL_CACHE_BYTES, UNIT_BYTES, COL_MAX_RUN)
+    tuning = (CACHE_BYTES, WHOLE_BYTES, UNIT_BYTES, COL_MAX_RUN)
     return _setup(shape5, pshape, dtype, threads, apply, tuning)
 
 
