@@ -168,3 +168,17 @@ def test_clients_time_the_norm_calls_inside_a_training_step():
     lines = [line for line in out.stdout.splitlines() if "inside a step" in line]
     assert len(lines) == 2 and "forward" in lines[0] and "backward" in lines[1]
     assert all("torch.nn" in line and "normkit" in line and "(medians of" in line for line in lines)
+
+
+@pytest.mark.parametrize("norm,shape", [("group", s) for s in bench.CONV_SHAPES] + [("layer", s) for s in bench.TOKEN_SHAPES])
+def test_cold_warm_up_takes_the_timed_calls_paths(norm, shape):
+    """The warm-up input of ``--cold`` keeps the layer's channels or features, fits in the shape, and has
+    at least ``WARM_ELEMENTS`` elements where the shape has them, past the cpu backend's serial limit:
+    the code it brings back into cache (parallel or serial driver) is the code the timed call runs."""
+    from normkit.kernels import cpu
+
+    warm = bench._warm_shape(shape, norm)
+    assert len(warm) == len(shape) and all(w <= s for w, s in zip(warm, shape))
+    assert warm[1 if norm == "group" else -1] == shape[1 if norm == "group" else -1]
+    assert math.prod(warm) >= min(math.prod(shape), bench.WARM_ELEMENTS) >= min(math.prod(shape), cpu.SERIAL_BELOW)
+    assert (cpu.threads_for(math.prod(warm)) > 1) == (cpu.threads_for(math.prod(shape)) > 1)

@@ -29,6 +29,7 @@ import torch
 from torch.utils import benchmark
 
 from . import __version__
+from .kernels.cpu import SERIAL_BELOW
 from .selection import backend
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64, "fp16": torch.float16}
@@ -206,19 +207,22 @@ def _input(shape: tuple[int, ...], layout: str, dtype: torch.dtype, device: torc
 
 
 # Elements of the warm-up input of ``--cold``: small next to the data, large enough that torch and
-# normkit both take their multi-threaded paths (normkit's starts at 32768 elements).
-WARM_ELEMENTS = 1 << 16
+# normkit both take their multi-threaded paths (the cpu backend's start at ``SERIAL_BELOW``), so that
+# the code the warm-up brings back into cache is the code the timed call runs.
+WARM_ELEMENTS = max(1 << 16, SERIAL_BELOW)
 
 
 def _warm_shape(shape: tuple[int, ...], norm: str) -> tuple[int, ...]:
-    """The layer's channel or feature count with about ``WARM_ELEMENTS`` elements (at most ``shape``):
-    the same code, threads included, on little data."""
+    """The layer's channel or feature count with at least ``WARM_ELEMENTS`` elements where ``shape``
+    has them (at most ``shape``): the same code, threads included, on little data."""
     if norm in ("layer", "rms"):
-        rows = min(math.prod(shape[:-1]), max(1, WARM_ELEMENTS // shape[-1]))
+        rows = min(math.prod(shape[:-1]), max(1, -(-WARM_ELEMENTS // shape[-1])))
         return (1,) * (len(shape) - 2) + (rows, shape[-1])
     dims = len(shape) - 2
     side = max(2, round((WARM_ELEMENTS / (2 * shape[1])) ** (1 / dims)))
-    return (2, shape[1]) + tuple(min(side, n) for n in shape[2:])
+    spatial = tuple(min(side, n) for n in shape[2:])
+    batch = min(shape[0], max(2, -(-WARM_ELEMENTS // (shape[1] * math.prod(spatial)))))
+    return (batch, shape[1]) + spatial
 
 
 def _step(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, mode: str) -> Callable[[], object]:
