@@ -46,10 +46,11 @@ CACHE_BYTES = 3 << 19
 WHOLE_BYTES = 4 << 20
 # Small slabs are batched into units of about this size: per-unit overhead is tens of nanoseconds.
 UNIT_BYTES = 1 << 16
-# Below this many elements a parallel launch costs more than it saves. The launch wakes numba's own
-# OpenMP workers, which sleep between calls and share the cores with torch's: from a flushed cache,
-# the serial kernels were 5-35% faster up to 2**18 elements (LayerNorm 1x128x768 forward 47 against 65
-# µs, 2x128x768 72 against 97, GroupNorm 4x128x16x16 57 against 79) though 10-20% slower back to back.
+# Below this many elements a parallel launch costs more than it saves (numba's parallel region runs on
+# torch's OpenMP pool; from a cold cache the launch alone costs 8-12 µs against 2-4 serially): from a
+# flushed cache the serial kernels were 5-35% faster up to 2**18 elements (LayerNorm 1x128x768 forward
+# 47 against 65 µs, 2x128x768 72 against 97, GroupNorm 4x128x16x16 57 against 79) though 10-20% slower
+# back to back.
 SERIAL_BELOW = 1 << 18
 # Column loops serve groups of fewer adjacent elements than this; longer runs use segment loops.
 COL_MAX_RUN = 32
