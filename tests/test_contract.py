@@ -147,6 +147,44 @@ def test_tensors_as_they_are_with_their_views_beside(backend, dtype, norm, shape
 
 
 @pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("norm", ["batch", "instance", "group"])
+@pytest.mark.parametrize("shape", [(2, 6, 5, 7), (3, 6, 1, 4), (2, 6, 3, 4, 5)], ids=lambda s: "x".join(map(str, s)))
+def test_channels_last_tensors_are_read_in_memory_order(backend, dtype, norm, shape):
+    """A channels-last input goes as it is, with its view in memory order: every method gives what it
+    gives on the contiguous permuted view, in the input's shape and layout; ``dy`` may come in either
+    layout."""
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 0.5).to(dtype)
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    xcl = x.contiguous(memory_format=fmt)
+    shape5, ar1, ar2 = NORM_CASES[norm][1](x, True)
+    _, p, r1, b, r2 = shape5
+    pshape = (p, r1 if ar1 else 1, b, r2 if ar2 else 1)
+    w, bias = (torch.rand(pshape, dtype=torch.float64) + 0.5).to(dtype), torch.randn(pshape, dtype=torch.float64).to(dtype)
+    if not backend.supports(xcl, w):
+        pytest.skip(f"{backend.name} declines {dtype} on {x.device.type}; the core uses the reference")
+    x5 = x.movedim(1, -1).contiguous().view(shape5)
+
+    def in_order(t):
+        assert t.shape == x.shape and t.stride() == xcl.stride()
+        return t.movedim(1, -1).reshape(shape5)
+
+    views = dict(shape=shape5, param_shape=pshape)
+    y5, st5 = backend.forward(x5, w, bias, 1e-5, False)
+    y, st = backend.forward(xcl, w, bias, 1e-5, False, **views)
+    assert torch.equal(in_order(y), y5) and all(torch.equal(a.view(e.shape), e) for a, e in zip(st, st5))
+    assert torch.equal(in_order(backend.normalize(xcl, st.mean, st.rstd, w, bias, **views)),
+                       backend.normalize(x5, st.mean, st.rstd, w, bias))
+    dy = torch.randn(shape, dtype=torch.float64).to(dtype)
+    mask = (True, True, True)
+    g5 = backend.backward(dy.movedim(1, -1).contiguous().view(shape5), x5, st.mean, st.rstd, w, pshape, False, True, mask)
+    for dy_in in (dy, dy.contiguous(memory_format=fmt)):
+        g = backend.backward(dy_in, xcl, st.mean, st.rstd, w, pshape, False, True, mask, shape=shape5)
+        assert torch.equal(in_order(g.dx), g5.dx)
+        assert torch.equal(g.dweight, g5.dweight) and torch.equal(g.dbias, g5.dbias)
+
+
+@pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("norm,shape,cl", [c for c in _cases() if c.values[0] in ("batch", "group")])
 def test_broadcast_parameters_are_read_and_graded_as_their_view(backend, norm, shape, cl):
     """A parameter with fewer elements than ``param_shape`` (one scale for every channel) is broadcast to

@@ -143,6 +143,24 @@ def test_matches_torch_nn(name, opts, shape, layout, dtype, device):
 
 
 
+@pytest.mark.parametrize(
+    "layer,shape",
+    [(lambda: nk.GroupNorm(4, 8), (2, 8, 3, 5)), (lambda: nk.BatchNorm3d(8), (2, 8, 2, 3, 4)),
+     (lambda: nk.InstanceNorm2d(8, affine=True), (2, 8, 3, 5)), (lambda: nk.BatchNorm2d(8).eval(), (2, 8, 3, 5))],
+    ids=["group", "batch3d", "instance", "batch-eval"],
+)
+def test_channels_last_inputs_reach_the_kernels_without_views(layer, shape):
+    """In eager mode a channels-last input goes to the kernels as it is: no permuted view of it, so the
+    output's autograd node leads straight to the input, and the output and its gradient keep the layout."""
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
+    y = layer()(x)
+    assert y.is_contiguous(memory_format=fmt) and not y.is_contiguous()
+    assert y.grad_fn.next_functions[0][0].variable is x, [f[0] for f in y.grad_fn.next_functions]
+    y.backward(torch.randn_like(y))
+    assert x.grad.is_contiguous(memory_format=fmt)
+
+
 @pytest.mark.parametrize("cls", ["BatchNorm2d", "InstanceNorm2d"])
 def test_eval_backward_after_a_training_step_uses_the_forward_statistics(cls):
     """An eval-mode forward, a training step that updates the running buffers in place, then the first

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor
 
+from ..kernels.contract import channels_last
+
 
 def _last_perm(dim: int) -> tuple[int, ...]:
     """The permutation that moves the channel dim of a ``dim``-D tensor last."""
@@ -45,6 +47,20 @@ def dense(x: Tensor) -> tuple[Tensor, tuple[int, ...] | None]:
         if xp.is_contiguous():
             return xp, perm
     return x.contiguous(), None
+
+
+def stored(x: Tensor) -> tuple[Tensor, tuple[int, ...] | None, bool]:
+    """``x`` as the core takes it, the permutation ``restore`` undoes, and whether the view is
+    channels-last. In eager mode a channels-last 4-D/5-D tensor goes as it is, its view in memory
+    order: the permuted view and its undoing cost microseconds each from a cold cache, and an autograd
+    node each in backward. Under torch.compile (where views are free) the permuted view, so that the
+    custom ops only ever see contiguous tensors."""
+    if x.is_contiguous():
+        return x, None, False
+    if channels_last(x) and not torch.compiler.is_compiling():
+        return x, None, True
+    xc, perm = dense(x)
+    return xc, perm, perm is not None
 
 
 def spatial(x: Tensor) -> int:

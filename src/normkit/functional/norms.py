@@ -51,8 +51,8 @@ def _per_channel_eval(
     (in the kernel on the CPU). When a backward may follow, the mean is a copy, as the backward uses
     the statistics of the forward and a training step in between updates the buffers in place
     (torch.nn allows it); the core takes rstd at once then."""
-    xc, perm = L.dense(x)
-    shape = L.per_channel_view(x, perm is not None)
+    xc, perm, cl = L.stored(x)
+    shape = L.per_channel_view(x, cl)
     acc = stats_dtype(x.dtype)
     copy = records_graph(x, weight, bias) or running_mean.dtype != acc
     mean = running_mean.to(acc, copy=True) if copy else running_mean
@@ -66,8 +66,8 @@ def _batch_view(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(output, mean, var) of statistics taken on ``view(input, channels_last)`` -> (shape5, span_r1,
     span_r2); the output keeps the input's memory format."""
-    xc, perm = L.dense(input)
-    shape, span_r1, span_r2 = view(input, perm is not None)
+    xc, perm, cl = L.stored(input)
+    shape, span_r1, span_r2 = view(input, cl)
     ps = L.param_shape(shape, span_r1, span_r2)
     y, st = normalize_batch(xc, shape, weight, bias, eps, False, activation, ps)
     return L.restore(y, perm), st.mean, st.var

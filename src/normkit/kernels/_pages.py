@@ -58,5 +58,6 @@ def hint(t: Tensor) -> Tensor:
 
 
 def empty_like(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """A contiguous ``torch.empty_like(t, dtype=dtype)``, in huge pages where it is large enough to profit."""
-    return hint(torch.empty_like(t, dtype=dtype, memory_format=torch.contiguous_format))
+    """``torch.empty_like(t, dtype=dtype)`` in the layout of the dense ``t`` (contiguous or channels-last),
+    in huge pages where it is large enough to profit."""
+    return hint(torch.empty_like(t, dtype=dtype))

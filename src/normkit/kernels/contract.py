@@ -1,15 +1,17 @@
 """The one contract every kernel backend satisfies.
 
-Every normalization in normkit is computed on a 5-D view ``(Q, P, R1, B, R2)`` of a contiguous
-tensor. Statistics (mean, rstd) are taken per ``(q, p, b)`` over ``(r1, r2)`` and have shape
+Every normalization in normkit is computed on a 5-D view ``(Q, P, R1, B, R2)`` of a dense tensor's
+elements in memory order. Statistics (mean, rstd) are taken per ``(q, p, b)`` over ``(r1, r2)`` and have shape
 ``(Q, P, B)``. The affine parameters are read as ``(P, K1, B, K2)`` with ``K1`` in ``{1, R1}`` and
 ``K2`` in ``{1, R2}``, so ``weight[p, r1 % K1, b, r2 % K2]`` scales element ``x[q, p, r1, b, r2]``.
 ``P`` is the period with which the channel repeats along the statistics axis (InstanceNorm in
 NCHW: ``A = N*C`` split as ``Q=N, P=C``).
 
 The tensors arrive as they are, with the view beside them: ``shape`` is the 5-D view of ``x`` (and
-``dy``), ``param_shape`` that of the parameters; either defaults to the tensor's own shape. Outputs
-keep the shape of ``x``. Taking no views on the way is what keeps an eager call cheap: outside a
+``dy``), ``param_shape`` that of the parameters; either defaults to the tensor's own shape. ``x`` is
+contiguous, or channels-last (4-D or 5-D, ``memory_format=torch.channels_last(_3d)``), and the view
+describes its elements in memory order (a channels-last tensor is passed without its permuted view).
+``dy`` has the layout of ``x`` (``laid_like``); outputs keep the shape and layout of ``x``. Taking no views on the way is what keeps an eager call cheap: outside a
 kernel's data a tensor view costs about 10 µs from a cold cache, and a view of a parameter that
 requires grad adds an autograd node each way. Parameters may be broadcast views (stride 0, e.g.
 LayerNorm2d): a backend that needs dense ones makes them contiguous.
@@ -60,9 +62,46 @@ def stat_shape(x5: Tensor) -> tuple[int, int, int]:
     return (q, p, b)
 
 
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+# The dims of a channels-last tensor in memory order, and back.
+_ORDER = {4: (0, 2, 3, 1), 5: (0, 2, 3, 4, 1)}
+_UNORDER = {4: (0, 3, 1, 2), 5: (0, 4, 1, 2, 3)}
+
+
+def channels_last(x: Tensor) -> bool:
+    """Whether ``x`` is channels-last and not contiguous: its view is in the memory order (N, spatial, C)."""
+    fmt = _CHANNELS_LAST.get(x.dim())
+    return fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
+
+
+def _in_memory_order(x: Tensor) -> Tensor:
+    """``x`` (contiguous or channels-last) as a contiguous view, its dims in memory order."""
+    if x.is_contiguous():
+        return x
+    if not channels_last(x):
+        raise ValueError(f"a tensor of strides {x.stride()} for shape {tuple(x.shape)}: expected contiguous or channels-last")
+    return x.permute(_ORDER[x.dim()])
+
+
 def view5(x: Tensor, shape: Sequence[int] | None) -> Tensor:
     """``x`` as its 5-D view, for a backend that computes with tensor views."""
-    return x if shape is None else x.view(*shape)
+    return x if shape is None else _in_memory_order(x).view(*shape)
+
+
+def shaped_like(t5: Tensor, x: Tensor) -> Tensor:
+    """A result computed on ``view5(x, ...)`` in the shape and layout of ``x``."""
+    if x.is_contiguous():
+        return t5.reshape(x.shape)
+    order = _ORDER[x.dim()]
+    return t5.reshape([x.shape[d] for d in order]).permute(_UNORDER[x.dim()])
+
+
+def laid_like(t: Tensor, x: Tensor) -> Tensor:
+    """``t`` (of ``x``'s shape) in the layout of ``x`` (contiguous or channels-last): ``dy`` for a
+    backward, which autograd hands over in whatever layout the layers after produced."""
+    if x.is_contiguous():
+        return t.contiguous()
+    return t.contiguous(memory_format=_CHANNELS_LAST[x.dim()])
 
 
 def view_param(p: Tensor | None, param_shape: Sequence[int] | None) -> Tensor | None:
@@ -119,8 +158,8 @@ def update_running(
 
 
 class Backend(Protocol):
-    """What the core calls. Tensors are contiguous; ``shape`` / ``param_shape`` give their views (see
-    module doc)."""
+    """What the core calls. Tensors are contiguous or channels-last; ``shape`` / ``param_shape`` give
+    their views (see module doc)."""
 
     name: str
     # Activations the kernels fuse. Only these are passed as ``activation=`` to forward, normalize

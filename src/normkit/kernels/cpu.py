@@ -29,7 +29,9 @@ from torch import Tensor
 
 from . import _pages as pages
 from ._numba_kernels import DRIVERS, running_update
-from .contract import ACTIVATIONS, Grads, Stats, check_activation, grad_shape, update_running, view_param
+from .contract import (
+    ACTIVATIONS, Grads, Stats, channels_last, check_activation, grad_shape, laid_like, update_running, view_param,
+)
 
 NATIVE = (torch.float32, torch.float64, torch.bfloat16)
 WIDENED = (torch.float16,)
@@ -331,13 +333,13 @@ def _pshape(
 
 
 def _output(c: Call, xs: Tensor) -> Tensor:
-    """A fresh tensor like the contiguous ``xs``, in huge pages where it is large enough to profit."""
+    """A fresh tensor like ``xs`` (its layout), in huge pages where it is large enough to profit."""
     y = torch.empty_like(xs)
     return pages.hint(y) if c.huge else y
 
 
 def _widen(t: Tensor) -> Tensor:
-    """The float32 copy the kernels read for float16 data (contiguous, in huge pages if large)."""
+    """The float32 copy the kernels read for float16 data (its layout, in huge pages if large)."""
     return pages.empty_like(t, torch.float32).copy_(t.detach())
 
 
@@ -365,7 +367,7 @@ class CpuBackend:
             x.is_cpu
             and x.dtype in SUPPORTED
             and x.numel() > 0
-            and x.is_contiguous()
+            and (x.is_contiguous() or channels_last(x))
             and (weight is None or weight.is_cpu)
         )
 
@@ -450,7 +452,8 @@ class CpuBackend:
         pshape = tuple(param_shape)
         c = _prepare("backward", x, shape, pshape, activation, self.threads)
         ln, acc = c.launch, c.stats
-        xs, dys = (_widen(x), _widen(dy)) if c.widened else (x, dy.contiguous())
+        dy = laid_like(dy, x)
+        xs, dys = (_widen(x), _widen(dy)) if c.widened else (x, dy)
         want_dx = output_mask[0]
         dx = _output(c, xs) if want_dx else None
         gshape = grad_shape(weight, pshape, c.param_numel)  # the kernel writes param_numel elements to each

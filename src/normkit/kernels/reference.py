@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .contract import (
     REDUCED_DIMS, Grads, Stats, given_rstd, grad_shape, param_reduce_dims, stat_shape, stats_dtype, update_running,
-    view5, view_param,
+    laid_like, shaped_like, view5, view_param,
 )
 
 _SLAB = 1 << 20  # elements of one slab's temporary: recycled from the heap, mostly in cache
@@ -181,7 +181,7 @@ class ReferenceBackend:
         st, centred = centred_moments(x5, eps, rms)
         y = _affine(centred, st.rstd, weight, bias, x5.dtype, owned=not rms)
         q, p, _, b, _ = x5.shape
-        return y.reshape(x.shape), Stats(*(t.reshape(q, p, b) for t in st))
+        return shaped_like(y, x), Stats(*(t.reshape(q, p, b) for t in st))
 
     def normalize(
         self, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None,
@@ -191,7 +191,7 @@ class ReferenceBackend:
         x5, weight, bias = view5(x, shape), view_param(weight, param_shape), view_param(bias, param_shape)
         centred = x5.to(stats_dtype(x5.dtype)) - _spread(_bcast(mean.reshape(stat_shape(x5))), x5)
         y = _affine(centred, _bcast(given_rstd(stat_shape(x5), rstd, var_eps)), weight, bias, x5.dtype, owned=True)
-        return y.reshape(x.shape)
+        return shaped_like(y, x)
 
     @torch.no_grad()
     def backward(
@@ -209,11 +209,11 @@ class ReferenceBackend:
         shape: Sequence[int] | None = None,
     ) -> Grads:
         dx, dw, db = self._backward(
-            view5(dy, shape), view5(x, shape), mean, rstd, view_param(weight, param_shape), param_shape, rms,
+            view5(laid_like(dy, x), shape), view5(x, shape), mean, rstd, view_param(weight, param_shape), param_shape, rms,
             batch_stats, output_mask,
         )
         gshape = grad_shape(weight, param_shape)
-        return Grads(*(None if t is None else t.reshape(s) for t, s in ((dx, x.shape), (dw, gshape), (db, gshape))))
+        return Grads(None if dx is None else shaped_like(dx, x), *(None if t is None else t.reshape(gshape) for t in (dw, db)))
 
     def _backward(self, dy5, x5, mean, rstd, weight, param_shape, rms, batch_stats, output_mask) -> Grads:
         """``backward`` on the 5-D views (weight viewed too); shapes as they come from the views."""

@@ -29,7 +29,7 @@ from torch import Tensor
 from . import _triton_kernels as kern
 from ._triton_plan import MAX_FUSED, MAX_TILE, Tile, cdiv, choose_tile, finalize_blocks, split, warps_for
 from .contract import (
-    ACTIVATIONS, Grads, Stats, check_activation, given_rstd, grad_shape, stat_shape, update_running, view5,
+    ACTIVATIONS, Grads, Stats, check_activation, given_rstd, grad_shape, laid_like, stat_shape, update_running, view5,
     view_param,
 )
 
@@ -124,7 +124,7 @@ class TritonBackend:
         x5, weight, bias = view5(x, shape), view_param(weight, param_shape), view_param(bias, param_shape)
         q, p, r1, b, r2 = x5.shape
         tile = self.tile(x5)
-        y = torch.empty_like(x)  # the kernels index it as x5: contiguous, same order
+        y = torch.empty_like(x)  # the kernels index it as x5: x's layout, same order
         mean, rstd, var = (x5.new_empty((q, p, b), dtype=torch.float32) for _ in range(3))
         with _device(x5):
             if tile.fused:
@@ -148,7 +148,7 @@ class TritonBackend:
         param_shape: Sequence[int] | None = None,
     ) -> Tensor:
         x5, weight, bias = view5(x, shape), view_param(weight, param_shape), view_param(bias, param_shape)
-        y = torch.empty_like(x)  # the kernels index it as x5: contiguous, same order
+        y = torch.empty_like(x)  # the kernels index it as x5: x's layout, same order
         mean, rstd = mean.contiguous(), given_rstd(stat_shape(x5), rstd, var_eps).contiguous()
         with _device(x5):
             self._apply(x5, y, weight, bias, mean, rstd, mean, 0.0, self.tile(x5), False, False, activation)
@@ -225,7 +225,7 @@ class TritonBackend:
         need_dx, need_dw, need_db = output_mask
         if not any(output_mask):
             return Grads(None, None, None)
-        dy5, x5 = view5(dy.contiguous(), shape), view5(x, shape)
+        dy5, x5 = view5(laid_like(dy, x), shape), view5(x, shape)
         gshape = grad_shape(weight, param_shape)
         weight, bias = view_param(weight, param_shape), view_param(bias, param_shape)
         q, p, r1, b, r2 = x5.shape
