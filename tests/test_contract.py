@@ -153,7 +153,7 @@ def test_tensors_as_they_are_with_their_views_beside(backend, dtype, norm, shape
 def test_channels_last_tensors_are_read_in_memory_order(backend, dtype, norm, shape):
     """A channels-last input goes as it is, with its view in memory order: every method gives what it
     gives on the contiguous permuted view, in the input's shape and layout; ``dy`` may come in either
-    layout."""
+    layout. Without its view it is refused: its own shape is not its memory order."""
     x = (torch.randn(shape, dtype=torch.float64) * 2 + 0.5).to(dtype)
     fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
     xcl = x.contiguous(memory_format=fmt)
@@ -182,6 +182,8 @@ def test_channels_last_tensors_are_read_in_memory_order(backend, dtype, norm, sh
         g = backend.backward(dy_in, xcl, st.mean, st.rstd, w, pshape, False, True, mask, shape=shape5)
         assert torch.equal(in_order(g.dx), g5.dx)
         assert torch.equal(g.dweight, g5.dweight) and torch.equal(g.dbias, g5.dbias)
+    with pytest.raises(ValueError, match="memory order"):
+        backend.forward(xcl, w, bias, 1e-5, False, param_shape=pshape)
 
 
 @pytest.mark.parametrize("backend", _backends())

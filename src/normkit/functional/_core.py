@@ -122,7 +122,6 @@ def _backward(
     activation: Optional[str],
 ) -> Grads:
     backend = resolve(x, weight)
-    dy = contract.laid_like(dy, x)
     args = (x, mean, rstd, weight, param_shape, rms, batch_stats, output_mask)
     if activation is not None and activation in backend.activations:
         return backend.backward(dy, *args, bias=bias, activation=activation, shape=shape)
@@ -353,8 +352,8 @@ def normalize_batch(
     activation: Optional[str] = None,
     param_shape: Optional[Sequence[int]] = None,
 ) -> tuple[Tensor, Stats]:
-    """Normalize ``x`` (contiguous, or channels-last in eager mode) with statistics of its 5-D view ``shape``; returns the output and
-    the statistics. The parameters are read as ``param_shape`` (P, K1, B, K2), by default their own
+    """Normalize ``x`` (contiguous, or channels-last in eager mode) with statistics of its 5-D view
+    ``shape`` (in memory order); returns the output and the statistics. The parameters are read as ``param_shape`` (P, K1, B, K2), by default their own
     shape. Under torch.compile the custom op runs, in eager mode the same implementation without it."""
     if activation is not None:
         act.check(activation)

@@ -1,8 +1,8 @@
 """The one contract every kernel backend satisfies.
 
 Every normalization in normkit is computed on a 5-D view ``(Q, P, R1, B, R2)`` of a dense tensor's
-elements in memory order. Statistics (mean, rstd) are taken per ``(q, p, b)`` over ``(r1, r2)`` and have shape
-``(Q, P, B)``. The affine parameters are read as ``(P, K1, B, K2)`` with ``K1`` in ``{1, R1}`` and
+elements in memory order. Statistics (mean, rstd) are taken per ``(q, p, b)`` over ``(r1, r2)`` and
+have shape ``(Q, P, B)``. The affine parameters are read as ``(P, K1, B, K2)`` with ``K1`` in ``{1, R1}`` and
 ``K2`` in ``{1, R2}``, so ``weight[p, r1 % K1, b, r2 % K2]`` scales element ``x[q, p, r1, b, r2]``.
 ``P`` is the period with which the channel repeats along the statistics axis (InstanceNorm in
 NCHW: ``A = N*C`` split as ``Q=N, P=C``).
@@ -11,7 +11,8 @@ The tensors arrive as they are, with the view beside them: ``shape`` is the 5-D 
 ``dy``), ``param_shape`` that of the parameters; either defaults to the tensor's own shape. ``x`` is
 contiguous, or channels-last (4-D or 5-D, ``memory_format=torch.channels_last(_3d)``), and the view
 describes its elements in memory order (a channels-last tensor is passed without its permuted view).
-``dy`` has the layout of ``x`` (``laid_like``); outputs keep the shape and layout of ``x``. Taking no views on the way is what keeps an eager call cheap: outside a
+``dy`` may come in either layout: a backend brings it to that of ``x`` (``laid_like``). Outputs keep the
+shape and layout of ``x``. Taking no views on the way is what keeps an eager call cheap: outside a
 kernel's data a tensor view costs about 10 µs from a cold cache, and a view of a parameter that
 requires grad adds an autograd node each way. Parameters may be broadcast views (stride 0, e.g.
 LayerNorm2d): a backend that needs dense ones makes them contiguous.
@@ -79,13 +80,24 @@ def _in_memory_order(x: Tensor) -> Tensor:
     if x.is_contiguous():
         return x
     if not channels_last(x):
-        raise ValueError(f"a tensor of strides {x.stride()} for shape {tuple(x.shape)}: expected contiguous or channels-last")
+        raise ValueError(
+            f"a tensor of strides {x.stride()} for shape {tuple(x.shape)}: expected contiguous or channels-last"
+        )
     return x.permute(_ORDER[x.dim()])
+
+
+def check_view(x: Tensor, shape: Sequence[int] | None) -> None:
+    """Refuse a non-contiguous ``x`` without its view: its own shape is not its memory order."""
+    if shape is None and not x.is_contiguous():
+        raise ValueError(f"a {x.dim()}-D tensor that is not contiguous needs its 5-D view in memory order (shape=)")
 
 
 def view5(x: Tensor, shape: Sequence[int] | None) -> Tensor:
     """``x`` as its 5-D view, for a backend that computes with tensor views."""
-    return x if shape is None else _in_memory_order(x).view(*shape)
+    if shape is None:
+        check_view(x, shape)
+        return x
+    return _in_memory_order(x).view(*shape)
 
 
 def shaped_like(t5: Tensor, x: Tensor) -> Tensor:

@@ -30,7 +30,8 @@ from torch import Tensor
 from . import _pages as pages
 from ._numba_kernels import DRIVERS, running_update
 from .contract import (
-    ACTIVATIONS, Grads, Stats, channels_last, check_activation, grad_shape, laid_like, update_running, view_param,
+    ACTIVATIONS, Grads, Stats, channels_last, check_activation, check_view, grad_shape, laid_like, update_running,
+    view_param,
 )
 
 NATIVE = (torch.float32, torch.float64, torch.bfloat16)
@@ -269,8 +270,10 @@ def _prepare(
 ) -> Call:
     """The call's set-up for ``x`` (viewed as ``shape``), after checking that the view covers ``x``:
     the kernels index raw memory by it. Enters numba's thread pool when the call runs in parallel."""
-    c = _call(op, tuple(x.shape if shape is None else shape), pshape, x.dtype, activation, threads,
-              torch.get_num_threads())
+    if shape is None:
+        check_view(x, shape)
+        shape = x.shape
+    c = _call(op, tuple(shape), pshape, x.dtype, activation, threads, torch.get_num_threads())
     if x.numel() != c.launch.numel:
         raise ValueError(f"a view of {c.launch.numel} elements for a tensor of {x.numel()}")
     if c.threads > 1:
