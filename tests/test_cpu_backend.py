@@ -172,6 +172,10 @@ def test_fused_activation_matches_reference_then_activation(split, view, cl, act
         _close(g.dx, g_r.dx, 1e-4, f"dx batch_stats={batch_stats}")
         _close(g.dweight, g_r.dweight, 1e-4 * n, "dweight")
         _close(g.dbias, g_r.dbias, 1e-4 * n, "dbias")
+        # without dx the first pass keeps the activation's gradient aside, not in dx: the same sums
+        g_p = CPU.backward(dy, x5, st_r.mean, st_r.rstd, w, pshape, rms, batch_stats, (False, True, True),
+                           bias=b, activation=activation)
+        assert g_p.dx is None and torch.equal(g_p.dweight, g.dweight) and torch.equal(g_p.dbias, g.dbias)
 
 
 def test_fused_activation_keeps_nan_and_rejects_unknown_names():

@@ -295,6 +295,36 @@ def _act_grad_impl(d, z, act):
     return gelu
 
 
+def _keep(out, k, d, act):
+    """With an activation, ``out[k] = d``: the backward's first pass keeps the activation's gradient in
+    dx's memory (overwritten by dx in the second pass), which then reads it instead of taking the
+    activation's derivative again (an exp and a division per element). Not for bfloat16 dx (its
+    bits would round the gradient) nor without an activation (the gradient is dy)."""
+
+
+@overload(_keep, inline="always", prefer_literal=True)
+def _keep_impl(out, k, d, act):
+    if isinstance(act, types.NoneType) or isinstance(out.dtype, types.Integer):
+        return lambda out, k, d, act: None
+
+    def impl(out, k, d, act):
+        out[k] = d
+
+    return impl
+
+
+def _kept(out, k, ds, z, act):
+    """The gradient at the activation's input for ``dx``'s element ``k``: kept by ``_keep``, or
+    ``_act_grad(ds, z)`` where nothing was kept."""
+
+
+@overload(_kept, inline="always", prefer_literal=True)
+def _kept_impl(out, k, ds, z, act):
+    if isinstance(act, types.NoneType) or isinstance(out.dtype, types.Integer):
+        return lambda out, k, ds, z, act: _act_grad(ds, z, act)
+    return lambda out, k, ds, z, act: out[k]
+
+
 @njit(**_HELPER)
 def _finish(s, ss, inv_n, shift, eps, rms):
     """(mean, var, rstd) in float64 from shifted sums of ``1 / inv_n`` elements (a product: a division
@@ -432,19 +462,21 @@ def _seg_apply(x, y, g, r0, r1, b0, b1, mean, rstd, w, bias, act):
 
 
 @njit(**_HELPER)
-def _dot_sums(ds, xs, m, rs, wv, bv, act):
-    """sum(dz * xhat), sum(dz) of one segment, ``dz`` the gradient at the affine output ``xhat * wv + bv``:
-    float32 within blocks of ``_BLOCK``, float64 across."""
+def _dot_sums(ds, xs, m, rs, wv, bv, act, kept):
+    """sum(dz * xhat), sum(dz) of one segment, ``dz`` the gradient at the affine output ``xhat * wv + bv``
+    (kept in ``kept``, see ``_keep``): float32 within blocks of ``_BLOCK``, float64 across."""
     a_dw = 0.0
     a_db = 0.0
     for k0 in range(0, xs.shape[0], _BLOCK):
         bx = xs[k0:k0 + _BLOCK]
         bd = ds[k0:k0 + _BLOCK]
+        bk = kept[k0:k0 + _BLOCK]
         p_dw = _zero(m)
         p_db = p_dw
         for k in range(bx.shape[0]):
             xh = (_load(bx[k]) - m) * rs
             d = _act_grad(_load(bd[k]), xh * wv + bv, act)
+            _keep(bk, k, d, act)
             p_dw += d * xh
             p_db += d
         a_dw += np.float64(p_dw)
@@ -453,10 +485,11 @@ def _dot_sums(ds, xs, m, rs, wv, bv, act):
 
 
 @njit(**_HELPER)
-def _seg_grad_sums(dy, x, g, r0, r1, b0, b1, mean, rstd, w, bias, act, sg, sgx, dwt, dbt):
+def _seg_grad_sums(dy, x, dx, keep, g, r0, r1, b0, b1, mean, rstd, w, bias, act, sg, sgx, dwt, dbt):
     """Add sum(dy*w), sum(dy*w*xhat) per group to ``sg``, ``sgx`` (float64) and the dweight/dbias
     sums to the lane's ``dwt``, ``dbt`` (statistics dtype, as the reference sums them; added to the
-    float64 lanes after each unit)."""
+    float64 lanes after each unit). The activation's gradient is kept in ``dx`` (``_keep``), or in
+    ``keep`` where that is not empty (no dx wanted: ``_sink``)."""
     p = _slab_param(g, w)
     k1n = w.shape[1]
     for r in range(r0, r1):
@@ -466,8 +499,9 @@ def _seg_grad_sums(dy, x, g, r0, r1, b0, b1, mean, rstd, w, bias, act, sg, sgx, 
             rs = rstd[g, b]
             xs = x[g, r, b]
             ds = dy[g, r, b]
+            kept = dx[g, r, b] if keep.shape[0] == 0 else keep
             if w.shape[3] == 1:
-                a_dw, a_db = _dot_sums(ds, xs, m, rs, w[p, k1, b, 0], bias[p, k1, b, 0], act)
+                a_dw, a_db = _dot_sums(ds, xs, m, rs, w[p, k1, b, 0], bias[p, k1, b, 0], act, kept)
                 wv = np.float64(w[p, k1, b, 0])
                 sg[b - b0] += wv * a_db
                 sgx[b - b0] += wv * a_dw
@@ -483,6 +517,7 @@ def _seg_grad_sums(dy, x, g, r0, r1, b0, b1, mean, rstd, w, bias, act, sg, sgx, 
                 for k in range(xs.shape[0]):
                     xh = (_load(xs[k]) - m) * rs
                     d = _act_grad(_load(ds[k]), xh * ws[k] + bs[k], act)
+                    _keep(kept, k, d, act)
                     gg = d * ws[k]
                     a_g += gg
                     a_gx += gg * xh
@@ -511,7 +546,8 @@ def _flush_params(part, total, g0, g1, b0, b1):
 
 @njit(**_HELPER)
 def _seg_dx(dy, x, dx, g, r0, r1, b0, b1, mean, rstd, w, bias, act, c1, c2):
-    """dx = rstd * (dz*w - c1 - xhat*c2) with c1, c2 per group (zero for fixed statistics)."""
+    """dx = rstd * (dz*w - c1 - xhat*c2) with c1, c2 per group (zero for fixed statistics); ``dz`` as
+    the first pass kept it in ``dx`` (``_kept``)."""
     p = _slab_param(g, w)
     k1n = w.shape[1]
     for r in range(r0, r1):
@@ -529,14 +565,14 @@ def _seg_dx(dy, x, dx, g, r0, r1, b0, b1, mean, rstd, w, bias, act, c1, c2):
                 t = bias[p, k1, b, 0]
                 for k in range(xs.shape[0]):
                     xc = _load(xs[k]) - m
-                    _store(out, k, a * _act_grad(_load(ds[k]), xc * a + t, act) - bc * xc - cc)
+                    _store(out, k, a * _kept(out, k, _load(ds[k]), xc * a + t, act) - bc * xc - cc)
             else:
                 ws = w[p, k1, b]
                 bs = bias[p, k1, b]
                 for k in range(xs.shape[0]):
                     xc = _load(xs[k]) - m
                     a = rs * ws[k]
-                    _store(out, k, a * _act_grad(_load(ds[k]), xc * a + bs[k], act) - bc * xc - cc)
+                    _store(out, k, a * _kept(out, k, _load(ds[k]), xc * a + bs[k], act) - bc * xc - cc)
 
 
 # ---- col: rows of W = B*R2 columns, accumulated per column -----------------------------------
@@ -642,10 +678,11 @@ def _col_apply(x, y, g, r0, r1, j0, j1, r2, mean, rstd, w, bias, act):
 
 
 @njit(**_HELPER)
-def _col_grad_sums(dy, x, g, r0, r1, j0, j1, r2, mean, rstd, wc, tc, act, dws, dbs):
+def _col_grad_sums(dy, x, dx, keep, g, r0, r1, j0, j1, r2, mean, rstd, wc, tc, act, dws, dbs):
     """Add per-column sum(dz*xhat), sum(dz) of rows ``r0:r1`` to ``dws``, ``dbs``: one row per
     sweep into partials in the statistics dtype, added to the float64 sums every ``_COL_BLOCK`` rows.
-    ``wc``, ``tc``: weight and bias of columns ``j0:j1`` (``_col_param``)."""
+    ``wc``, ``tc``: weight and bias of columns ``j0:j1`` (``_col_param``). ``dx``, ``keep`` as in
+    ``_seg_grad_sums``."""
     mc = _col_expand(mean, g, j0, j1, r2)
     rc = _col_expand(rstd, g, j0, j1, r2)
     pw = _acc_zeros(mean[g, 0], j1 - j0)
@@ -653,9 +690,11 @@ def _col_grad_sums(dy, x, g, r0, r1, j0, j1, r2, mean, rstd, wc, tc, act, dws, d
     for r in range(r0, r1):
         xs = x[g, r, j0:j1]
         ds = dy[g, r, j0:j1]
+        kept = dx[g, r, j0:j1] if keep.shape[0] == 0 else keep
         for k in range(xs.shape[0]):
             xh = (_load(xs[k]) - mc[k]) * rc[k]
             d = _act_grad(_load(ds[k]), xh * wc[k] + tc[k], act)
+            _keep(kept, k, d, act)
             pw[k] += d * xh
             pb[k] += d
         if (r + 1 - r0) % _COL_BLOCK == 0 or r + 1 == r1:
@@ -682,7 +721,7 @@ def _col_dx(dy, x, dx, g, r0, r1, j0, j1, r2, mean, rstd, w, bias, act, c1, c2):
         out = dx[g, r, j0:j1]
         for k in range(xs.shape[0]):
             xc = _load(xs[k]) - mc[k]
-            _store(out, k, a[k] * _act_grad(_load(ds[k]), xc * a[k] + tc[k], act) - bc[k] * xc - cc[k])
+            _store(out, k, a[k] * _kept(out, k, _load(ds[k]), xc * a[k] + tc[k], act) - bc[k] * xc - cc[k])
 
 
 @njit(**_HELPER)
@@ -693,6 +732,13 @@ def _fold(v, r2):
         for i in range(r2):
             out[b] += v[b * r2 + i]
     return out
+
+
+@njit(**_HELPER)
+def _sink(dx, n, want_dx):
+    """Where the first backward pass keeps the activation's gradient (``_keep``): an empty array when
+    it goes to ``dx`` itself, else (no dx wanted) ``n`` elements of dx's type to drop it in."""
+    return np.empty(0 if want_dx else n, dx.dtype)
 
 
 @njit(**_DRIVER)
@@ -857,11 +903,15 @@ def backward_seg(dyp, xp, dxp, mp, rp, wp, bp, dwp, dbp, dims, val, acc, rms, ba
     for lane in prange(nlanes):
         dwt = np.zeros(dwl.shape[1:], mean.dtype)
         dbt = np.zeros(dwl.shape[1:], mean.dtype)
+        keep = _sink(dx, R2, want_dx)
         lo, hi = _lane(lane, nlanes, units)
         for u in range(lo, hi):
             g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
             for g in range(g0, g1):
-                _seg_grad_sums(dy, x, g, r0, r1, b0, b1, mean, rstd, w, bias, _ACT, ps[g, rc, b0:b1], pss[g, rc, b0:b1], dwt, dbt)
+                _seg_grad_sums(
+                    dy, x, dx, keep, g, r0, r1, b0, b1, mean, rstd, w, bias, _ACT, ps[g, rc, b0:b1], pss[g, rc, b0:b1],
+                    dwt, dbt,
+                )
                 if fused:
                     for b in range(b0, b1):
                         c1[g, b] = 0.0 if rms else ps[g, 0, b] * inv_n
@@ -905,6 +955,7 @@ def backward_col(dyp, xp, dxp, mp, rp, wp, bp, dwp, dbp, dims, val, acc, rms, ba
     ps = _zeros((G, nrc, B), 0.0)
     pss = _zeros((G, nrc, B), 0.0)
     for lane in prange(nlanes):
+        keep = _sink(dx, W, want_dx)
         lo, hi = _lane(lane, nlanes, units)
         for u in range(lo, hi):
             g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
@@ -915,7 +966,10 @@ def backward_col(dyp, xp, dxp, mp, rp, wp, bp, dwp, dbp, dims, val, acc, rms, ba
                 dws = np.zeros(j1 - j0)
                 dbs = np.zeros(j1 - j0)
                 wc = _col_param(w, p, j0, j1, r2)
-                _col_grad_sums(dy, x, g, r0, r1, j0, j1, r2, mean, rstd, wc, _col_param(bias, p, j0, j1, r2), _ACT, dws, dbs)
+                _col_grad_sums(
+                    dy, x, dx, keep[: 0 if want_dx else j1 - j0], g, r0, r1, j0, j1, r2, mean, rstd, wc,
+                    _col_param(bias, p, j0, j1, r2), _ACT, dws, dbs,
+                )
                 for b in range(b0, b1):
                     for j in range(b * r2, (b + 1) * r2):
                         wv = np.float64(wc[j - j0])
