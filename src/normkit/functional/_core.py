@@ -353,8 +353,9 @@ def normalize_batch(
     param_shape: Optional[Sequence[int]] = None,
 ) -> tuple[Tensor, Stats]:
     """Normalize ``x`` (contiguous, or channels-last in eager mode) with statistics of its 5-D view
-    ``shape`` (in memory order); returns the output and the statistics. The parameters are read as ``param_shape`` (P, K1, B, K2), by default their own
-    shape. Under torch.compile the custom op runs, in eager mode the same implementation without it."""
+    ``shape`` (in memory order); returns the output and the statistics. The parameters are read as
+    ``param_shape`` (P, K1, B, K2), by default their own shape. Under torch.compile the custom op
+    runs, in eager mode the same implementation without it."""
     if activation is not None:
         act.check(activation)
     if torch.compiler.is_compiling():
@@ -377,8 +378,9 @@ def normalize_fixed(
     var_eps: Optional[float] = None,
     param_shape: Optional[Sequence[int]] = None,
 ) -> Tensor:
-    """Normalize ``x`` (as in ``normalize_batch``) with given statistics, Q*P*B values each (see ``Backend.normalize``;
-    with ``var_eps`` the second is the variance); parameters as in ``normalize_batch``."""
+    """Normalize ``x`` (as in ``normalize_batch``) with given statistics, Q*P*B values each (see
+    ``Backend.normalize``; with ``var_eps`` the second is the variance); parameters as in
+    ``normalize_batch``."""
     if activation is not None:
         act.check(activation)
     var_eps = None if var_eps is None else float(var_eps)
