@@ -22,9 +22,12 @@ from normkit.selection import resolve
 
 
 @pytest.fixture(autouse=True)
-def _fresh_call_setups():
+def _fresh_call_setups(monkeypatch):
     """Calls work out their set-up once and read the module constants then: the tests that change a
-    constant start and end with none cached."""
+    constant start and end with none cached. No pause of the huge-page hint carries over from an
+    earlier call that happened to be slow (``_pages.observe``)."""
+    monkeypatch.setattr(_pages, "_pause", 0)
+    monkeypatch.setattr(_pages, "_next_pause", _pages.PAUSE)
     cpu._call.cache_clear()
     yield
     cpu._call.cache_clear()
@@ -364,6 +367,37 @@ def test_large_outputs_ask_for_huge_pages(monkeypatch):
     advised.clear()
     CPU.forward(x5[:, :, :1, :, :1000].contiguous(), w, b, 1e-5, False)
     assert advised == []
+
+
+def test_a_stalled_hinted_call_pauses_the_hint(monkeypatch):
+    """A call that wrote an advised output more slowly than ``STALL_BYTES_PER_S`` (the kernel compacting
+    memory on the faults) leaves the hint off for the next ``PAUSE`` large outputs; a stall on the retry
+    doubles the pause, a call that was not stalled resets it. The backend times its calls (``time``
+    patched here), not the first of each set-up, which may load the driver from the disk cache."""
+    advised = []
+    monkeypatch.setattr(_pages, "madvise", lambda addr, length, advice: advised.append(addr) or 0)
+    monkeypatch.setattr(_pages, "MIN_BYTES", 4 << 20)
+    monkeypatch.setattr(_pages, "PAUSE", 2)
+    monkeypatch.setattr(_pages, "_next_pause", 2)
+    monkeypatch.setattr(cpu, "_ran", set())
+    cpu._call.cache_clear()
+    x5 = torch.randn(1, 1, 8, 64, 2560)  # 5.2 MB
+    w, b = torch.ones(1, 1, 64, 1), torch.zeros(1, 1, 64, 1)
+    clock = iter(range(0, 10 ** 6, 1))  # one second a call: "stalled"
+    monkeypatch.setattr(cpu.time, "perf_counter", lambda: float(next(clock)))
+
+    def calls(n):
+        advised.clear()
+        for _ in range(n):
+            CPU.forward(x5, w, b, 1e-5, False)
+        return len(advised)
+
+    assert calls(2) == 2  # the first call is not judged; the second stalls
+    assert calls(3) == 1  # paused for 2, then retried: stalled again
+    assert calls(5) == 1  # paused for 4, then retried
+    monkeypatch.setattr(cpu.time, "perf_counter", lambda: 0.0)  # fast calls from here
+    assert calls(9) == 1  # paused for 8, then retried: not stalled, so the pause is reset ...
+    assert calls(3) == 3  # ... and every call is advised again
 
 
 def test_float16_copies_ask_for_huge_pages_too(monkeypatch):

@@ -8,6 +8,11 @@ own outputs whatever the environment. The hint is ``madvise(MADV_HUGEPAGE)`` on 
 interior of the new tensor, before anything is written there: the tensor stays an ordinary torch
 allocation, and as the whole interior is written at once, no memory is held beyond what it uses.
 Where transparent huge pages are off, or the call fails, nothing changes.
+
+Where the kernel finds no free 2 MB pages it compacts memory on the fault (``defrag``: ``madvise``),
+and a hinted write can stall for tens of milliseconds; on a VM the host may do the same. The backend
+times each call that wrote a hinted output (``observe``) and leaves the hint off for a while after one
+that wrote slower than without it.
 """
 
 from __future__ import annotations
@@ -27,6 +32,17 @@ MADV_HUGEPAGE = 14  # Linux's value (<sys/mman.h>); other systems number their a
 # 1.3 ms without; the whole step 199-206 ms against 205-209 with the hint from 4 MB up (torch.nn 192-193).
 # `normkit bench --cold` on the 8-26 MB shapes agreed: speed-up geomean 1.64-1.65x against 1.38-1.57x.
 MIN_BYTES = 32 << 20
+# A call that wrote a hinted output more slowly than this many bytes a second was stalled by the faults
+# (on a 2-core VM, GroupNorm on 16x128x64x64, a 33.5 MB output: 3.3-4.1 ms a call where huge pages
+# were served, 8.5-10 ms without the hint, 18-92 ms for stretches of calls with it; torch.nn 9 ms).
+STALL_BYTES_PER_S = 2e9
+# After a stalled call the hint is left off for this many large outputs, then tried again; each stall
+# on a retry doubles the pause, up to MAX_PAUSE, and a call that was not stalled resets it.
+PAUSE = 64
+MAX_PAUSE = 4096
+_pause = 0
+_next_pause = PAUSE
+_advised = 0  # the address of the last output advised
 
 
 def _madvise():
@@ -46,15 +62,33 @@ madvise = _madvise()
 
 def hint(t: Tensor) -> Tensor:
     """Ask for huge pages under ``t``'s whole 2 MB pages (a fresh tensor, not yet written); ``t``."""
+    global _pause, _advised
     nbytes = t.numel() * t.element_size()
     if madvise is None or nbytes < MIN_BYTES:
+        return t
+    if _pause:
+        _pause -= 1
         return t
     start = t.data_ptr()
     lo = -(-start // HUGE_PAGE) * HUGE_PAGE
     hi = (start + nbytes) // HUGE_PAGE * HUGE_PAGE
     if hi > lo:
         madvise(lo, hi - lo, MADV_HUGEPAGE)
+        _advised = start
     return t
+
+
+def observe(t: Tensor, seconds: float) -> None:
+    """The call that wrote the output ``t`` took ``seconds``: if ``t`` was advised and the call wrote it
+    more slowly than ``STALL_BYTES_PER_S``, the next large outputs go without the hint (see ``PAUSE``)."""
+    global _pause, _next_pause, _advised
+    if t.data_ptr() != _advised:
+        return
+    _advised = 0
+    if seconds * STALL_BYTES_PER_S > t.numel() * t.element_size():
+        _pause, _next_pause = _next_pause, min(2 * _next_pause, MAX_PAUSE)
+    else:
+        _next_pause = PAUSE
 
 
 def empty_like(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:

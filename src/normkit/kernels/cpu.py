@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
 from typing import NamedTuple
@@ -341,6 +342,18 @@ def _output(c: Call, xs: Tensor) -> Tensor:
     return pages.hint(y) if c.huge else y
 
 
+_ran: set[Call] = set()
+
+
+def _observe(c: Call, out: Tensor, start: float) -> None:
+    """Give ``_pages`` the time of a call that wrote the large output ``out`` (from ``start``), except
+    the first of its set-up: a first call may load the driver from the disk cache, or compile it."""
+    if c in _ran:
+        pages.observe(out, time.perf_counter() - start)
+    else:
+        _ran.add(c)
+
+
 def _widen(t: Tensor) -> Tensor:
     """The float32 copy the kernels read for float16 data (its layout, in huge pages if large)."""
     return pages.empty_like(t, torch.float32).copy_(t.detach())
@@ -383,6 +396,7 @@ class CpuBackend:
         c = _prepare("forward", x, shape, pshape, activation, self.threads)
         ln, acc = c.launch, c.stats
         xs = _widen(x) if c.widened else x
+        start = time.perf_counter() if c.huge else 0.0
         y = _output(c, xs)
         q, p, _, nb, _ = ln.shape5
         # three allocations: the statistics are outputs of a custom op, which may not alias each other.
@@ -393,6 +407,8 @@ class CpuBackend:
             xs.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(), st.mean.data_ptr(), st.rstd.data_ptr(),
             st.var.data_ptr(), ln.dims, ln.val, ln.acc, float(eps), rms, ln.lanes, ln.plan,
         )
+        if c.huge:
+            _observe(c, y, start)
         return (_narrow(y, x.dtype) if c.widened else y), st
 
     def normalize(
@@ -404,6 +420,7 @@ class CpuBackend:
         c = _prepare("apply", x, shape, pshape, activation, self.threads)
         ln, acc = c.launch, c.stats
         xs = _widen(x) if c.widened else x
+        start = time.perf_counter() if c.huge else 0.0
         y = _output(c, xs)
         w, b = _param(weight, pshape, c.param_numel, acc, 1.0), _param(bias, pshape, c.param_numel, acc, 0.0)
         mean, rstd = _stat(mean, acc, ln), _stat(rstd, acc, ln)
@@ -411,6 +428,8 @@ class CpuBackend:
             xs.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(), mean.data_ptr(), rstd.data_ptr(), ln.dims,
             ln.val, ln.acc, 0.0 if var_eps is None else float(var_eps), var_eps is not None, ln.plan,
         )
+        if c.huge:
+            _observe(c, y, start)
         return _narrow(y, x.dtype) if c.widened else y
 
     def update_running(
@@ -458,6 +477,7 @@ class CpuBackend:
         dy = laid_like(dy, x)
         xs, dys = (_widen(x), _widen(dy)) if c.widened else (x, dy)
         want_dx = output_mask[0]
+        start = time.perf_counter() if c.huge else 0.0
         dx = _output(c, xs) if want_dx else None
         gshape = grad_shape(weight, pshape, c.param_numel)  # the kernel writes param_numel elements to each
         dweight, dbias = torch.empty(gshape, dtype=acc), torch.empty(gshape, dtype=acc)
@@ -468,6 +488,8 @@ class CpuBackend:
             w.data_ptr(), b.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), ln.dims, ln.val, ln.acc,
             rms, batch_stats, want_dx, ln.lanes, ln.plan,
         )
+        if c.huge and want_dx:
+            _observe(c, dx, start)
         return Grads(
             (_narrow(dx, x.dtype) if c.widened else dx) if want_dx else None,
             dweight if output_mask[1] else None,
