@@ -28,6 +28,7 @@ def _fresh_call_setups(monkeypatch):
     earlier call that happened to be slow (``_pages.observe``)."""
     monkeypatch.setattr(_pages, "_pause", 0)
     monkeypatch.setattr(_pages, "_next_pause", _pages.PAUSE)
+    monkeypatch.setattr(_pages, "_recent", 0)
     cpu._call.cache_clear()
     yield
     cpu._call.cache_clear()
@@ -369,11 +370,12 @@ def test_large_outputs_ask_for_huge_pages(monkeypatch):
     assert advised == []
 
 
-def test_a_stalled_hinted_call_pauses_the_hint(monkeypatch):
+def test_stalled_hinted_calls_pause_the_hint(monkeypatch):
     """A call that wrote an advised output more slowly than ``STALL_BYTES_PER_S`` (the kernel compacting
-    memory on the faults) leaves the hint off for the next ``PAUSE`` large outputs; a stall on the retry
-    doubles the pause, a call that was not stalled resets it. The backend times its calls (``time``
-    patched here), not the first of each set-up, which may load the driver from the disk cache."""
+    memory on the faults) stalled. One stall alone changes nothing; ``STALLS`` of the last ``WINDOW``
+    hinted calls leave the hint off for the next ``PAUSE`` large outputs; a stall on the retry doubles
+    the pause, a retry that did not stall resets it. The backend times its calls (``time`` patched
+    here), not the first of each set-up, which may load the driver from the disk cache."""
     advised = []
     monkeypatch.setattr(_pages, "madvise", lambda addr, length, advice: advised.append(addr) or 0)
     monkeypatch.setattr(_pages, "MIN_BYTES", 4 << 20)
@@ -383,21 +385,22 @@ def test_a_stalled_hinted_call_pauses_the_hint(monkeypatch):
     cpu._call.cache_clear()
     x5 = torch.randn(1, 1, 8, 64, 2560)  # 5.2 MB
     w, b = torch.ones(1, 1, 64, 1), torch.zeros(1, 1, 64, 1)
-    clock = iter(range(0, 10 ** 6, 1))  # one second a call: "stalled"
-    monkeypatch.setattr(cpu.time, "perf_counter", lambda: float(next(clock)))
+    slow = iter(range(10 ** 6))  # a second between any two readings: every call stalls
 
-    def calls(n):
+    def calls(n, stalling):
+        monkeypatch.setattr(cpu.time, "perf_counter", (lambda: float(next(slow))) if stalling else (lambda: 0.0))
         advised.clear()
         for _ in range(n):
             CPU.forward(x5, w, b, 1e-5, False)
         return len(advised)
 
-    assert calls(2) == 2  # the first call is not judged; the second stalls
-    assert calls(3) == 1  # paused for 2, then retried: stalled again
-    assert calls(5) == 1  # paused for 4, then retried
-    monkeypatch.setattr(cpu.time, "perf_counter", lambda: 0.0)  # fast calls from here
-    assert calls(9) == 1  # paused for 8, then retried: not stalled, so the pause is reset ...
-    assert calls(3) == 3  # ... and every call is advised again
+    assert calls(1, False) == 1  # the first call of a set-up is not judged
+    assert calls(1, True) == 1 and calls(_pages.WINDOW, False) == _pages.WINDOW  # one stall: nothing changes
+    assert calls(2, True) == 2  # the second stall in the window ...
+    assert calls(3, True) == 1  # ... paused the hint for 2; the retry stalled
+    assert calls(5, True) == 1  # paused for 4; the retry stalled
+    assert calls(9, False) == 1  # paused for 8; the retry did not stall ...
+    assert calls(3, False) == 3  # ... and every call is advised again
 
 
 def test_float16_copies_ask_for_huge_pages_too(monkeypatch):
