@@ -11,8 +11,8 @@ Where transparent huge pages are off, or the call fails, nothing changes.
 
 Where the kernel finds no free 2 MB pages it compacts memory on the fault (``defrag``: ``madvise``),
 and a hinted write can stall for tens of milliseconds; on a VM the host may do the same. The backend
-times each call that wrote a hinted output (``observe``) and leaves the hint off for a while after one
-that wrote slower than without it.
+times each call that wrote a hinted output (``observe``) and leaves the hint off for a while where
+such stalls come often.
 """
 
 from __future__ import annotations
