@@ -27,7 +27,6 @@ def _fresh_call_setups(monkeypatch):
     constant start and end with none cached. No pause of the huge-page hint carries over from an
     earlier call that happened to be slow (``_pages.observe``)."""
     monkeypatch.setattr(_pages, "_pause", 0)
-    monkeypatch.setattr(_pages, "_next_pause", _pages.PAUSE)
     monkeypatch.setattr(_pages, "_recent", 0)
     cpu._call.cache_clear()
     yield
@@ -372,15 +371,14 @@ def test_large_outputs_ask_for_huge_pages(monkeypatch):
 
 def test_stalled_hinted_calls_pause_the_hint(monkeypatch):
     """A call that wrote an advised output more slowly than ``STALL_BYTES_PER_S`` (the kernel compacting
-    memory on the faults) stalled. One stall alone changes nothing; ``STALLS`` of the last ``WINDOW``
-    hinted calls leave the hint off for the next ``PAUSE`` large outputs; a stall on the retry doubles
-    the pause, a retry that did not stall resets it. The backend times its calls (``time`` patched
-    here), not the first of each set-up, which may load the driver from the disk cache."""
+    memory on the faults) stalled. Fewer than ``STALLS`` stalls in the last ``WINDOW`` hinted calls change
+    nothing; ``STALLS`` leave the hint off for the next ``PAUSE`` large outputs, after which it is tried
+    again with a fresh window. The backend times its calls (``time`` patched here), not the first of each
+    set-up, which may load the driver from the disk cache."""
     advised = []
     monkeypatch.setattr(_pages, "madvise", lambda addr, length, advice: advised.append(addr) or 0)
     monkeypatch.setattr(_pages, "MIN_BYTES", 4 << 20)
     monkeypatch.setattr(_pages, "PAUSE", 2)
-    monkeypatch.setattr(_pages, "_next_pause", 2)
     monkeypatch.setattr(cpu, "_ran", set())
     cpu._call.cache_clear()
     x5 = torch.randn(1, 1, 8, 64, 2560)  # 5.2 MB
@@ -394,13 +392,13 @@ def test_stalled_hinted_calls_pause_the_hint(monkeypatch):
             CPU.forward(x5, w, b, 1e-5, False)
         return len(advised)
 
+    stalls = _pages.STALLS
     assert calls(1, False) == 1  # the first call of a set-up is not judged
-    assert calls(1, True) == 1 and calls(_pages.WINDOW, False) == _pages.WINDOW  # one stall: nothing changes
-    assert calls(2, True) == 2  # the second stall in the window ...
-    assert calls(3, True) == 1  # ... paused the hint for 2; the retry stalled
-    assert calls(5, True) == 1  # paused for 4; the retry stalled
-    assert calls(9, False) == 1  # paused for 8; the retry did not stall ...
-    assert calls(3, False) == 3  # ... and every call is advised again
+    assert calls(stalls - 1, True) == stalls - 1 and calls(_pages.WINDOW, False) == _pages.WINDOW  # too few
+    assert calls(stalls, True) == stalls  # the last of these ...
+    assert calls(2, True) == 0  # ... paused the hint for 2
+    assert calls(stalls, True) == stalls  # tried again: paused after as many stalls ...
+    assert calls(2, False) == 0 and calls(3, False) == 3  # ... for 2; then fast calls keep the hint
 
 
 def test_float16_copies_ask_for_huge_pages_too(monkeypatch):

@@ -37,15 +37,14 @@ MIN_BYTES = 32 << 20
 # were served, 8.5-10 ms without the hint, 18-92 ms for stretches of calls with it; torch.nn 9 ms).
 STALL_BYTES_PER_S = 2e9
 # Stalls come and go: in one stretch on that VM 15% of hinted calls stalled (median 3.2 ms, mean about
-# 9.4 ms), in others most did. When STALLS of the last WINDOW hinted calls stalled, the hint is left off
-# for PAUSE large outputs, then tried again; each pause that follows a retry doubles, up to MAX_PAUSE,
-# and a retry that did not stall resets it.
-STALLS = 2
+# 9.4 ms), in others most did, often in the first calls of a process and rarely later. When STALLS of the
+# last WINDOW hinted calls stalled, the hint is left off for PAUSE large outputs, then tried again with a
+# fresh window. (Pausing after two stalls in eight, and doubling the pause after each stalled retry,
+# stayed paused after the stalls had stopped; the first stalled calls of a process often pass.)
+STALLS = 4
 WINDOW = 8
 PAUSE = 64
-MAX_PAUSE = 1024
 _pause = 0
-_next_pause = PAUSE
 _recent = 0  # the last WINDOW hinted calls, one bit each: 1 stalled
 _advised = 0  # the address of the last output advised
 
@@ -87,16 +86,14 @@ def observe(t: Tensor, seconds: float) -> None:
     """The call that wrote the output ``t`` took ``seconds``: if ``t`` was advised, note whether the call
     wrote it more slowly than ``STALL_BYTES_PER_S``, and pause the hint where that happened too often
     (see ``STALLS``)."""
-    global _pause, _next_pause, _advised, _recent
+    global _pause, _advised, _recent
     if t.data_ptr() != _advised:
         return
     _advised = 0
     stalled = seconds * STALL_BYTES_PER_S > t.numel() * t.element_size()
     _recent = ((_recent << 1) | stalled) & ((1 << WINDOW) - 1)
-    if not stalled:
-        _next_pause = PAUSE
-    elif _recent.bit_count() >= STALLS:
-        _pause, _next_pause, _recent = _next_pause, min(2 * _next_pause, MAX_PAUSE), 1
+    if stalled and _recent.bit_count() >= STALLS:
+        _pause, _recent = PAUSE, 0
 
 
 def empty_like(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
