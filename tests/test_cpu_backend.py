@@ -7,6 +7,7 @@ import json
 import math
 import multiprocessing
 import os
+import types
 
 import pytest
 import torch
@@ -386,7 +387,8 @@ def test_stalled_hinted_calls_pause_the_hint(monkeypatch):
     slow = iter(range(10 ** 6))  # a second between any two readings: every call stalls
 
     def calls(n, stalling):
-        monkeypatch.setattr(cpu.time, "perf_counter", (lambda: float(next(slow))) if stalling else (lambda: 0.0))
+        clock = (lambda: float(next(slow))) if stalling else (lambda: 0.0)
+        monkeypatch.setattr(cpu, "time", types.SimpleNamespace(perf_counter=clock))
         advised.clear()
         for _ in range(n):
             CPU.forward(x5, w, b, 1e-5, False)
