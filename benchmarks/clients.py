@@ -1,8 +1,8 @@
 """Whole models before and after ``to_normkit``: ``python benchmarks/clients.py [--per-call]``.
 
-A diffusers UNet2DModel (GroupNorm) and a transformers GPT-2 (LayerNorm), randomly initialised,
-timed for one training step (forward + backward) in the same process, alternating, best median of
-each. ``--per-call`` times the UNet's GroupNorm calls on 8x64x32x32 inside its training steps
+A diffusers UNet2DModel (GroupNorm), a transformers GPT-2 (LayerNorm) and a channels-last CNN
+(BatchNorm and GroupNorm on channels-last activations, torch.nn only), randomly initialised, timed for
+one training step (forward + backward) in the same process, alternating, best median of each. ``--per-call`` times the UNet's GroupNorm calls on 8x64x32x32 inside its training steps
 instead: each module's forward, and its backward node (between hooks on the output's grad_fn), as
 medians over six steps of each model. A norm's share of a step is below the step-to-step noise of a
 small machine; inside the step its calls run with the caches as training leaves them. Needs the
@@ -44,6 +44,23 @@ def _gpt2():
     )
     ids = torch.randint(0, 512, (8, 128))
     return transformers.GPT2LMHeadModel(config), lambda m: m(ids, labels=ids).loss
+
+
+def _cnn_channels_last():
+    """Conv-BatchNorm-ReLU and conv-GroupNorm-SiLU blocks at 64 and 128 channels, in channels-last memory
+    format (as torch recommends for convolutions on the CPU): the layout normkit's norms take as it is."""
+    from torch import nn
+
+    def block(c: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                             nn.Conv2d(c, c, 3, padding=1, bias=False), nn.GroupNorm(8, c), nn.SiLU())
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1), *[block(64) for _ in range(3)], nn.Conv2d(64, 128, 3, stride=2, padding=1),
+        *[block(128) for _ in range(3)],
+    ).to(memory_format=torch.channels_last)
+    x = torch.randn(16, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    return model, lambda m: m(x).square().mean()
 
 
 def _timed_calls(cls: type[torch.nn.Module], shape: tuple[int, ...], times: dict[str, list[float]], tag: str):
@@ -94,7 +111,9 @@ def main() -> None:
         per_call()
         return
     torch.manual_seed(0)
-    for name, build in (("UNet2DModel 8x3x32x32", _unet), ("GPT-2 8x128 tokens", _gpt2)):
+    for name, build in (
+        ("UNet2DModel 8x3x32x32", _unet), ("GPT-2 8x128 tokens", _gpt2), ("channels-last CNN 16x3x32x32", _cnn_channels_last)
+    ):
         model, loss = build()
         converted = to_normkit(copy.deepcopy(model))
         steps = [lambda m=m: loss(m).backward() for m in (model, converted)]
