@@ -374,8 +374,8 @@ def test_stalled_hinted_calls_pause_the_hint(monkeypatch):
     """A call that wrote an advised output more slowly than ``STALL_BYTES_PER_S`` (the kernel compacting
     memory on the faults) stalled. Fewer than ``STALLS`` stalls in the last ``WINDOW`` hinted calls change
     nothing; ``STALLS`` leave the hint off for the next ``PAUSE`` large outputs, after which it is tried
-    again with a fresh window. The backend times its calls (``time`` patched here), not the first of each
-    set-up, which may load the driver from the disk cache."""
+    again with a fresh window. The hint is timed from the advice to the written output (``time`` patched
+    here), not on the first call of each set-up, which may load the driver from the disk cache."""
     advised = []
     monkeypatch.setattr(_pages, "madvise", lambda addr, length, advice: advised.append(addr) or 0)
     monkeypatch.setattr(_pages, "MIN_BYTES", 4 << 20)
@@ -388,7 +388,7 @@ def test_stalled_hinted_calls_pause_the_hint(monkeypatch):
 
     def calls(n, stalling):
         clock = (lambda: float(next(slow))) if stalling else (lambda: 0.0)
-        monkeypatch.setattr(cpu, "time", types.SimpleNamespace(perf_counter=clock))
+        monkeypatch.setattr(_pages, "time", types.SimpleNamespace(perf_counter=clock))
         advised.clear()
         for _ in range(n):
             CPU.forward(x5, w, b, 1e-5, False)

@@ -14,6 +14,7 @@ an autograd.Function with the same context and backward when one is.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import NamedTuple, Optional
 
@@ -22,22 +23,10 @@ from torch import Tensor
 
 from ..selection import resolve
 from ..kernels import contract, load
-from ..kernels.contract import Grads, Stats, given_rstd, grad_shape, stat_shape, stats_dtype
+from ..kernels.contract import Grads, Stats, given_rstd, grad_shape, params_shape, stat_shape, stats_dtype
 from . import activation as act
 
 Shape5 = list[int]
-
-
-def _param_shape(
-    shape: Shape5, weight: Optional[Tensor], bias: Optional[Tensor], given: Optional[Sequence[int]]
-) -> tuple[int, ...]:
-    """The parameters' (P, K1, B, K2) view: as given, else their own shape, else per channel."""
-    if given is not None:
-        return tuple(given)
-    p = weight if weight is not None else bias
-    if p is not None:
-        return tuple(p.shape)
-    return (shape[1], 1, shape[3], 1)
 
 
 class _Spec(NamedTuple):
@@ -131,30 +120,18 @@ def _backward(
     return backend.backward(dy, *args, shape=shape)
 
 
-def _backward_op(
-    dy: Tensor,
-    x: Tensor,
-    shape: Shape5,
-    mean: Tensor,
-    rstd: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    param_shape: list[int],
-    rms: bool,
-    batch_stats: bool,
-    output_mask: list[bool],
-    activation: Optional[str],
-) -> tuple[Tensor, Tensor, Tensor]:
+def _backward_op(*args) -> tuple[Tensor, Tensor, Tensor]:
     """``_backward`` as an op's outputs, which may be neither None nor share storage: an unrequested
     gradient is a fresh empty tensor, and dweight and dbias, which a backend may return as two rows of
-    one buffer (finished by one reduction), are copied apart."""
-    grads = _backward(dy, x, shape, mean, rstd, weight, bias, param_shape, rms, batch_stats, output_mask, activation)
-    dx, dw, db = (x.new_empty(0) if t is None else t for t in grads)
+    one buffer (finished by one reduction), are copied apart. Its schema is ``_backward``'s arguments."""
+    x = args[1]
+    dx, dw, db = (x.new_empty(0) if t is None else t for t in _backward(*args))
     if dw.numel() and db.numel() and dw.untyped_storage().data_ptr() == db.untyped_storage().data_ptr():
         db = db.clone()
     return dx, dw, db
 
 
+_backward_op.__signature__ = inspect.signature(_backward).replace(return_annotation="tuple[Tensor, Tensor, Tensor]")
 _norm_backward = torch.library.custom_op("normkit::norm_backward", _backward_op, mutates_args=())
 
 
@@ -191,7 +168,7 @@ def _grads_via_op(ctx, dy: Tensor, batch_stats: bool) -> tuple[Optional[Tensor],
     spec = ctx.spec
     need_x, need_w, need_b = _needs(ctx)
     mask = (need_x, need_w and weight is not None, need_b and bias is not None)
-    pshape = _param_shape(spec.shape, weight, bias, spec.param_shape)
+    pshape = params_shape(spec.shape, weight, bias, spec.param_shape)
     if spec.eager:
         dx, dw, db = _backward(
             dy, x, spec.shape, mean, rstd, weight, bias, pshape, spec.rms, batch_stats, mask, spec.activation

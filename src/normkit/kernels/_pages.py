@@ -10,15 +10,16 @@ allocation, and as the whole interior is written at once, no memory is held beyo
 Where transparent huge pages are off, or the call fails, nothing changes.
 
 Where the kernel finds no free 2 MB pages it compacts memory on the fault (``defrag``: ``madvise``),
-and a hinted write can stall for tens of milliseconds; on a VM the host may do the same. The backend
-times each call that wrote a hinted output (``observe``) and leaves the hint off for a while where
-such stalls come often.
+and a hinted write can stall for tens of milliseconds; on a VM the host may do the same. The time from
+the advice until the backend has written the output is measured (``observe``), and the hint is left
+off for a while where such stalls come often.
 """
 
 from __future__ import annotations
 
 import ctypes
 import sys
+import time
 
 import torch
 from torch import Tensor
@@ -47,6 +48,7 @@ PAUSE = 64
 _pause = 0
 _recent = 0  # the last WINDOW hinted calls, one bit each: 1 stalled
 _advised = 0  # the address of the last output advised
+_advised_at = 0.0  # and when
 
 
 def _madvise():
@@ -66,7 +68,7 @@ madvise = _madvise()
 
 def hint(t: Tensor) -> Tensor:
     """Ask for huge pages under ``t``'s whole 2 MB pages (a fresh tensor, not yet written); ``t``."""
-    global _pause, _advised
+    global _pause, _advised, _advised_at
     nbytes = t.numel() * t.element_size()
     if madvise is None or nbytes < MIN_BYTES:
         return t
@@ -78,19 +80,19 @@ def hint(t: Tensor) -> Tensor:
     hi = (start + nbytes) // HUGE_PAGE * HUGE_PAGE
     if hi > lo:
         madvise(lo, hi - lo, MADV_HUGEPAGE)
-        _advised = start
+        _advised, _advised_at = start, time.perf_counter()
     return t
 
 
-def observe(t: Tensor, seconds: float) -> None:
-    """The call that wrote the output ``t`` took ``seconds``: if ``t`` was advised, note whether the call
-    wrote it more slowly than ``STALL_BYTES_PER_S``, and pause the hint where that happened too often
+def observe(t: Tensor) -> None:
+    """The output ``t`` is written: if it was advised, note whether that took longer than
+    ``STALL_BYTES_PER_S`` allows since the advice, and pause the hint where that happened too often
     (see ``STALLS``)."""
     global _pause, _advised, _recent
     if t.data_ptr() != _advised:
         return
     _advised = 0
-    stalled = seconds * STALL_BYTES_PER_S > t.numel() * t.element_size()
+    stalled = (time.perf_counter() - _advised_at) * STALL_BYTES_PER_S > t.numel() * t.element_size()
     _recent = ((_recent << 1) | stalled) & ((1 << WINDOW) - 1)
     if stalled and _recent.bit_count() >= STALLS:
         _pause, _recent = PAUSE, 0

@@ -124,6 +124,21 @@ def view_param(p: Tensor | None, param_shape: Sequence[int] | None) -> Tensor | 
     return p.reshape(*param_shape) if p.numel() == math.prod(param_shape) else p.expand(*param_shape)
 
 
+def params_shape(
+    shape5: Sequence[int], weight: Tensor | None, bias: Tensor | None, given: Sequence[int] | None
+) -> tuple[int, ...]:
+    """The parameters' ``(P, K1, B, K2)`` view: ``given``, else their own (broadcast) shape, else one per
+    channel of the view ``shape5``."""
+    if given is not None:
+        return tuple(given)
+    if weight is not None and bias is not None and weight.shape != bias.shape:
+        return tuple(torch.broadcast_shapes(weight.shape, bias.shape))
+    t = weight if weight is not None else bias
+    if t is not None:
+        return tuple(t.shape)
+    return (shape5[1], 1, shape5[3], 1)
+
+
 def grad_shape(weight: Tensor | None, param_shape: Sequence[int], param_numel: int | None = None) -> tuple[int, ...]:
     """The shape of dweight and dbias: the weight's own where it holds the view's elements (a module's
     gradient then needs no view), the view's otherwise (autograd sums a broadcast parameter's)."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
 from typing import NamedTuple
@@ -31,8 +30,8 @@ from torch import Tensor
 from . import _pages as pages
 from ._numba_kernels import DRIVERS, running_update
 from .contract import (
-    ACTIVATIONS, Grads, Stats, channels_last, check_activation, check_view, grad_shape, laid_like, update_running,
-    view_param,
+    ACTIVATIONS, Grads, Stats, channels_last, check_activation, check_view, grad_shape, laid_like, params_shape,
+    update_running, view_param,
 )
 
 NATIVE = (torch.float32, torch.float64, torch.bfloat16)
@@ -321,21 +320,6 @@ def _stat(t: Tensor, acc: torch.dtype, ln: Launch) -> Tensor:
     return t if t.dtype == acc and t.is_contiguous() else t.detach().to(acc).contiguous()
 
 
-def _pshape(
-    shape: Sequence[int] | None, x: Tensor, weight: Tensor | None, bias: Tensor | None, given: Sequence[int] | None
-) -> tuple[int, ...]:
-    """The parameters' view: as given, else their own (broadcast) shape, else per channel of the view."""
-    if given is not None:
-        return tuple(given)
-    if weight is not None and bias is not None and weight.shape != bias.shape:
-        return tuple(np.broadcast_shapes(tuple(weight.shape), tuple(bias.shape)))
-    t = weight if weight is not None else bias
-    if t is not None:
-        return tuple(t.shape)
-    shape5 = x.shape if shape is None else shape
-    return (shape5[1], 1, shape5[3], 1)
-
-
 def _output(c: Call, xs: Tensor) -> Tensor:
     """A fresh tensor like ``xs`` (its layout), in huge pages where it is large enough to profit."""
     y = torch.empty_like(xs)
@@ -345,11 +329,11 @@ def _output(c: Call, xs: Tensor) -> Tensor:
 _ran: set[Call] = set()
 
 
-def _observe(c: Call, out: Tensor, start: float) -> None:
-    """Give ``_pages`` the time of a call that wrote the large output ``out`` (from ``start``), except
-    the first of its set-up: a first call may load the driver from the disk cache, or compile it."""
+def _observe(c: Call, out: Tensor) -> None:
+    """Tell ``_pages`` that the large output ``out`` is written, except after the first call of its set-up:
+    a first call may load the driver from the disk cache, or compile it."""
     if c in _ran:
-        pages.observe(out, time.perf_counter() - start)
+        pages.observe(out)
     else:
         _ran.add(c)
 
@@ -392,11 +376,10 @@ class CpuBackend:
         activation: str | None = None, *, shape: Sequence[int] | None = None,
         param_shape: Sequence[int] | None = None,
     ) -> tuple[Tensor, Stats]:
-        pshape = _pshape(shape, x, weight, bias, param_shape)
+        pshape = params_shape(x.shape if shape is None else shape, weight, bias, param_shape)
         c = _prepare("forward", x, shape, pshape, activation, self.threads)
         ln, acc = c.launch, c.stats
         xs = _widen(x) if c.widened else x
-        start = time.perf_counter() if c.huge else 0.0
         y = _output(c, xs)
         q, p, _, nb, _ = ln.shape5
         # three allocations: the statistics are outputs of a custom op, which may not alias each other.
@@ -408,7 +391,7 @@ class CpuBackend:
             st.var.data_ptr(), ln.dims, ln.val, ln.acc, float(eps), rms, ln.lanes, ln.plan,
         )
         if c.huge:
-            _observe(c, y, start)
+            _observe(c, y)
         return (_narrow(y, x.dtype) if c.widened else y), st
 
     def normalize(
@@ -416,11 +399,10 @@ class CpuBackend:
         activation: str | None = None, var_eps: float | None = None, *, shape: Sequence[int] | None = None,
         param_shape: Sequence[int] | None = None,
     ) -> Tensor:
-        pshape = _pshape(shape, x, weight, bias, param_shape)
+        pshape = params_shape(x.shape if shape is None else shape, weight, bias, param_shape)
         c = _prepare("apply", x, shape, pshape, activation, self.threads)
         ln, acc = c.launch, c.stats
         xs = _widen(x) if c.widened else x
-        start = time.perf_counter() if c.huge else 0.0
         y = _output(c, xs)
         w, b = _param(weight, pshape, c.param_numel, acc, 1.0), _param(bias, pshape, c.param_numel, acc, 0.0)
         mean, rstd = _stat(mean, acc, ln), _stat(rstd, acc, ln)
@@ -429,7 +411,7 @@ class CpuBackend:
             ln.val, ln.acc, 0.0 if var_eps is None else float(var_eps), var_eps is not None, ln.plan,
         )
         if c.huge:
-            _observe(c, y, start)
+            _observe(c, y)
         return _narrow(y, x.dtype) if c.widened else y
 
     def update_running(
@@ -477,7 +459,6 @@ class CpuBackend:
         dy = laid_like(dy, x)
         xs, dys = (_widen(x), _widen(dy)) if c.widened else (x, dy)
         want_dx = output_mask[0]
-        start = time.perf_counter() if c.huge else 0.0
         dx = _output(c, xs) if want_dx else None
         gshape = grad_shape(weight, pshape, c.param_numel)  # the kernel writes param_numel elements to each
         dweight, dbias = torch.empty(gshape, dtype=acc), torch.empty(gshape, dtype=acc)
@@ -489,7 +470,7 @@ class CpuBackend:
             rms, batch_stats, want_dx, ln.lanes, ln.plan,
         )
         if c.huge and want_dx:
-            _observe(c, dx, start)
+            _observe(c, dx)
         return Grads(
             (_narrow(dx, x.dtype) if c.widened else dx) if want_dx else None,
             dweight if output_mask[1] else None,
