@@ -7,6 +7,7 @@ import json
 import math
 import multiprocessing
 import os
+import threading
 import types
 
 import pytest
@@ -26,12 +27,14 @@ from normkit.selection import resolve
 def _fresh_call_setups(monkeypatch):
     """Calls work out their set-up once and read the module constants then: the tests that change a
     constant start and end with none cached. No pause of the huge-page hint carries over from an
-    earlier call that happened to be slow (``_pages.observe``)."""
+    earlier call that happened to be slow (``_pages.observe``), and no kept output block either."""
     monkeypatch.setattr(_pages, "_pause", 0)
     monkeypatch.setattr(_pages, "_recent", 0)
+    _pages.empty_cache()
     cpu._call.cache_clear()
     yield
     cpu._call.cache_clear()
+    _pages.empty_cache()
 
 
 REF = kernels.load("reference")
@@ -340,12 +343,15 @@ def test_output_units_run_through_memory_in_order(monkeypatch, shape5, threads):
         assert _numba_kernels._units(ln.plan, g_total) >= min(threads, g_total * r_total * b_total)
 
 
-def test_large_outputs_ask_for_huge_pages(monkeypatch):
+@pytest.mark.parametrize("cached", [True, False], ids=["cache", "no-cache"])
+def test_large_outputs_ask_for_huge_pages(monkeypatch, cached):
     """y, dx and normalize's output of ``_pages.MIN_BYTES`` and more (here lowered to 4 MB, to keep the
-    tensors small) are advised into huge pages over the whole 2 MB pages inside them, before they are
-    written; smaller ones are left alone; results are unchanged."""
+    tensors small) are advised into huge pages before they are written: a new block of the output cache
+    from the output's start over its 2 MB pages, or without the cache the whole 2 MB pages inside the
+    output; smaller ones are left alone; results are unchanged."""
     advised = []
     monkeypatch.setattr(_pages, "madvise", lambda addr, length, advice: advised.append((addr, length, advice)) or 0)
+    monkeypatch.setattr(_pages, "CACHE_LIMIT", (64 << 20) if cached else 0)
     x5 = torch.randn(1, 1, 8, 64, 2560) + 3.0  # 5.2 MB
     w, b = torch.rand(1, 1, 64, 1) + 0.5, torch.randn(1, 1, 64, 1)
     CPU.forward(x5, w, b, 1e-5, False)
@@ -359,7 +365,10 @@ def test_large_outputs_ask_for_huge_pages(monkeypatch):
     for out, (addr, length, advice) in zip((y, g.dx, y_fixed), advised):
         start, end = out.data_ptr(), out.data_ptr() + out.numel() * out.element_size()
         assert advice == _pages.MADV_HUGEPAGE and addr % _pages.HUGE_PAGE == 0 and length % _pages.HUGE_PAGE == 0
-        assert start <= addr < addr + length <= end and end - start - length < 2 * _pages.HUGE_PAGE
+        if cached:
+            assert addr == start and end <= addr + length < end + _pages.HUGE_PAGE
+        else:
+            assert start <= addr < addr + length <= end and end - start - length < 2 * _pages.HUGE_PAGE
     y_r, st_r = REF.forward(x5, w, b, 1e-5, False)
     _close(y, y_r, 1e-5, "y")
     _close(y_fixed, y_r, 1e-5, "normalize")
@@ -368,6 +377,81 @@ def test_large_outputs_ask_for_huge_pages(monkeypatch):
     advised.clear()
     CPU.forward(x5[:, :, :1, :, :1000].contiguous(), w, b, 1e-5, False)
     assert advised == []
+
+
+def test_freed_large_outputs_are_reused(monkeypatch):
+    """A large output's memory is kept when the tensor is freed and is the next output of its size: no
+    new pages to fault in. Such an output is an ordinary tensor (no view of another, its input's layout)
+    and never shares memory with a live one."""
+    monkeypatch.setattr(_pages, "MIN_BYTES", 4 << 20)
+    monkeypatch.setattr(_pages, "CACHE_LIMIT", 64 << 20)
+    layer = nk.BatchNorm2d(64).eval()
+    x = torch.randn(8, 64, 48, 48).to(memory_format=torch.channels_last)  # 4.7 MB
+    with torch.no_grad():
+        y = layer(x)
+        first = y.data_ptr()
+        expected = torch.nn.functional.batch_norm(x, layer.running_mean, layer.running_var, layer.weight, layer.bias)
+        _close(y, expected, 1e-6, "y")
+        del y
+        assert _pages.cached_bytes() == 6 << 20  # rounded up to whole 2 MB pages
+        y = layer(x)
+        assert y.data_ptr() == first and _pages.cached_bytes() == 0
+        assert y._base is None and y.is_contiguous(memory_format=torch.channels_last)
+        _close(y, expected, 1e-6, "y on reused memory")
+        kept = y.clone()
+        z = layer(x * 2.0)
+        assert z.data_ptr() != y.data_ptr() and torch.equal(y, kept)
+    assert torch.equal(y.add_(1.0), kept + 1.0)  # in place, as on any tensor
+
+
+def test_output_cache_limit_and_empty_cache(monkeypatch):
+    """At most ``CACHE_LIMIT`` bytes of freed blocks are kept; 0 turns the cache off (outputs are torch
+    allocations again); ``empty_cache`` lets go of what is kept."""
+    monkeypatch.setattr(_pages, "MIN_BYTES", 4 << 20)
+    t = torch.empty(5 << 20, dtype=torch.uint8)
+    monkeypatch.setattr(_pages, "CACHE_LIMIT", 8 << 20)
+    a, b = _pages.empty_like(t), _pages.empty_like(t)
+    assert not a.untyped_storage().resizable()  # memory torch did not allocate
+    del a, b
+    assert _pages.cached_bytes() == 6 << 20  # the second block was over the limit
+    normkit.empty_cache()
+    assert _pages.cached_bytes() == 0
+    monkeypatch.setattr(_pages, "CACHE_LIMIT", 0)
+    c = _pages.empty_like(t)
+    assert c.untyped_storage().resizable()
+    del c
+    assert _pages.cached_bytes() == 0
+    monkeypatch.setenv("NORMKIT_OUTPUT_CACHE_MB", "0")
+    assert _pages._cache_limit() == 0
+    monkeypatch.setenv("NORMKIT_OUTPUT_CACHE_MB", "256")
+    assert _pages._cache_limit() == 256 << 20
+    monkeypatch.delenv("NORMKIT_OUTPUT_CACHE_MB")
+    assert 0 < _pages._cache_limit() <= 1 << 30
+    a = _pages.empty_like(t)
+    del a
+    assert _pages.cached_bytes() == 0  # off
+
+
+def test_output_blocks_are_never_shared_between_threads(monkeypatch):
+    """Threads taking and freeing large outputs at once each write and read back their own memory."""
+    monkeypatch.setattr(_pages, "MIN_BYTES", 1 << 20)
+    monkeypatch.setattr(_pages, "CACHE_LIMIT", 64 << 20)
+    like = torch.empty(1 << 18)  # 1 MB
+    errors = []
+
+    def work(k: int) -> None:
+        for i in range(200):
+            live = [_pages.empty_like(like).fill_(k * 1000 + i + j) for j in range(3)]
+            if any(not torch.all(t == k * 1000 + i + j) for j, t in enumerate(live)):
+                errors.append((k, i))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    # at most six blocks live per thread (a list of three and the one before), so at most that many kept
+    assert errors == [] and 0 < _pages.cached_bytes() <= 4 * 6 * (2 << 20)
 
 
 def test_stalled_hinted_calls_pause_the_hint(monkeypatch):
@@ -380,6 +464,7 @@ def test_stalled_hinted_calls_pause_the_hint(monkeypatch):
     monkeypatch.setattr(_pages, "madvise", lambda addr, length, advice: advised.append(addr) or 0)
     monkeypatch.setattr(_pages, "MIN_BYTES", 4 << 20)
     monkeypatch.setattr(_pages, "PAUSE", 2)
+    monkeypatch.setattr(_pages, "CACHE_LIMIT", 0)  # each output new memory, advised
     monkeypatch.setattr(cpu, "_ran", set())
     cpu._call.cache_clear()
     x5 = torch.randn(1, 1, 8, 64, 2560)  # 5.2 MB

@@ -8,6 +8,7 @@ import platform
 import torch
 
 from . import __version__, kernels
+from .kernels import _pages
 from .selection import get_backend
 
 
@@ -32,6 +33,8 @@ def describe() -> dict[str, object]:
         "backend in force": get_backend(),
         "auto order": {dev: list(order) + ["reference"] for dev, order in kernels.AUTO_ORDER.items()} or "reference",
         "backends": backends,
+        "output cache": f"{_pages.cached_bytes() >> 20} MB kept, at most {_pages.CACHE_LIMIT >> 20} MB "
+        "(NORMKIT_OUTPUT_CACHE_MB)",
     }
 
 

@@ -1,13 +1,19 @@
-"""Outputs backed by huge pages on Linux.
+"""Large outputs: reused memory in huge pages.
 
 An output larger than glibc's mmap threshold (32 MB at most) is fresh memory on every call, and the
-kernel faults it in 4 KB at a time as the first write touches it: on a 2-core VM a 98 MB output took
-26 ms to write, against 5.3 ms in 2 MB pages (561 faults instead of 25,089). torch does the same for every
-allocation when ``THP_MEM_ALLOC_ENABLE=1`` is set before it starts; here it applies to the backend's
-own outputs whatever the environment. The hint is ``madvise(MADV_HUGEPAGE)`` on the 2 MB-aligned
-interior of the new tensor, before anything is written there: the tensor stays an ordinary torch
-allocation, and as the whole interior is written at once, no memory is held beyond what it uses.
-Where transparent huge pages are off, or the call fails, nothing changes.
+kernel faults it in, zeroing each page, as the first write touches it: on a 2-core VM a 98 MB output took
+26 ms to write in 4 KB pages, 5.3 ms in 2 MB pages (561 faults instead of 25,089), and about 2.5 ms
+into memory written before. So the backend's outputs of ``MIN_BYTES`` and more come from blocks that
+are kept when their tensor is freed and handed to the next output of their size (``empty_like``), as
+torch's CUDA allocator keeps device memory: in a training loop each step's activations and gradients
+take the memory of the step before's. At most ``CACHE_LIMIT`` bytes of freed blocks are kept
+(``NORMKIT_OUTPUT_CACHE_MB``; 0 turns the cache off), ``empty_cache`` returns them. An output from a
+block is an ordinary tensor on memory torch did not allocate (its storage cannot be resized).
+
+A new block asks for huge pages (``madvise(MADV_HUGEPAGE)``, what torch does for every allocation under
+``THP_MEM_ALLOC_ENABLE=1``) over its 2 MB-aligned memory before anything is written there; without the
+cache each large output is advised the same way. Where transparent huge pages are off, or the call
+fails, nothing changes.
 
 Where the kernel finds no free 2 MB pages it compacts memory on the fault (``defrag``: ``madvise``),
 and a hinted write can stall for tens of milliseconds; on a VM the host may do the same. The time from
@@ -18,8 +24,13 @@ off for a while where such stalls come often.
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
+import threading
 import time
+import weakref
+
+import numpy as np
 
 import torch
 from torch import Tensor
@@ -66,21 +77,27 @@ def _madvise():
 madvise = _madvise()
 
 
-def hint(t: Tensor) -> Tensor:
-    """Ask for huge pages under ``t``'s whole 2 MB pages (a fresh tensor, not yet written); ``t``."""
+def hint_range(start: int, nbytes: int) -> None:
+    """Ask for huge pages under the whole 2 MB pages of ``nbytes`` fresh bytes at ``start``, not yet
+    written, unless the hint is paused (``observe``)."""
     global _pause, _advised, _advised_at
-    nbytes = t.numel() * t.element_size()
-    if madvise is None or nbytes < MIN_BYTES:
-        return t
+    if madvise is None:
+        return
     if _pause:
         _pause -= 1
-        return t
-    start = t.data_ptr()
+        return
     lo = -(-start // HUGE_PAGE) * HUGE_PAGE
     hi = (start + nbytes) // HUGE_PAGE * HUGE_PAGE
     if hi > lo:
         madvise(lo, hi - lo, MADV_HUGEPAGE)
         _advised, _advised_at = start, time.perf_counter()
+
+
+def hint(t: Tensor) -> Tensor:
+    """``hint_range`` over the fresh tensor ``t`` when it is large (``MIN_BYTES``); ``t``."""
+    nbytes = t.numel() * t.element_size()
+    if nbytes >= MIN_BYTES:
+        hint_range(t.data_ptr(), nbytes)
     return t
 
 
@@ -98,7 +115,92 @@ def observe(t: Tensor) -> None:
         _pause, _recent = PAUSE, 0
 
 
+def _cache_limit() -> int:
+    """Bytes of freed blocks kept: ``NORMKIT_OUTPUT_CACHE_MB``, by default an eighth of the memory, at
+    most 1 GiB."""
+    mb = os.environ.get("NORMKIT_OUTPUT_CACHE_MB")
+    if mb is not None:
+        return max(0, int(mb)) << 20
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        memory = 8 << 30
+    return min(1 << 30, memory // 8)
+
+
+CACHE_LIMIT = _cache_limit()
+_free: dict[int, list[np.ndarray]] = {}  # freed blocks by size, each a 2 MB multiple
+_cached = 0  # their bytes
+_lock = threading.RLock()  # re-entrant: a block may come back (garbage collection) while one is taken
+
+
+def _reset_lock() -> None:
+    global _lock
+    _lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_reset_lock)
+
+
+def cached_bytes() -> int:
+    """Bytes of freed output blocks kept for reuse."""
+    return _cached
+
+
+def empty_cache() -> None:
+    """Return the memory kept for large CPU outputs to the system (``normkit.empty_cache``)."""
+    global _cached
+    with _lock:
+        _free.clear()
+        _cached = 0
+
+
+def _give_back(size: int, block: np.ndarray) -> None:
+    """``block``'s tensor was freed: keep the block for the next output of its size, within the limit."""
+    global _cached
+    with _lock:
+        if _cached + size <= CACHE_LIMIT:
+            _free.setdefault(size, []).append(block)
+            _cached += size
+
+
+def _block(size: int) -> np.ndarray:
+    """``size`` bytes at a 2 MB boundary: a freed block of that size, or new memory asked into huge pages."""
+    global _cached, _advised
+    with _lock:
+        kept = _free.get(size)
+        if kept:
+            _cached -= size
+            block = kept.pop()
+            if block.ctypes.data == _advised:  # advised when new, and written since: not to be timed again
+                _advised = 0
+            return block
+    raw = np.empty(size + HUGE_PAGE, np.uint8)
+    start = -raw.ctypes.data % HUGE_PAGE
+    block = raw[start:start + size]
+    hint_range(block.ctypes.data, size)
+    return block
+
+
+def _from_block(t: Tensor, dtype: torch.dtype, nbytes: int) -> Tensor:
+    """An empty tensor of ``t``'s shape and strides on a block; the block comes back when its storage is
+    freed (the storage holds the array ``view``, whose end the finalizer marks)."""
+    size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
+    block = _block(size)
+    view = block[:nbytes]
+    weakref.finalize(view, _give_back, size, block).atexit = False
+    storage = torch.from_numpy(view).untyped_storage()
+    return torch.empty(0, dtype=dtype).set_(storage, 0, t.shape, t.stride())
+
+
 def empty_like(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """``torch.empty_like(t, dtype=dtype)`` in the layout of the dense ``t`` (contiguous or channels-last),
-    in huge pages where it is large enough to profit."""
+    """``torch.empty_like(t, dtype=dtype)`` in the layout of the dense ``t`` (contiguous or channels-last):
+    from a kept block where it is large enough (``MIN_BYTES``), else an ordinary allocation, which is
+    advised into huge pages when it is that large but the cache is off."""
+    dtype = t.dtype if dtype is None else dtype
+    nbytes = t.numel() * dtype.itemsize
+    if nbytes < MIN_BYTES:
+        return torch.empty_like(t, dtype=dtype)
+    if CACHE_LIMIT:
+        return _from_block(t, dtype, nbytes)
     return hint(torch.empty_like(t, dtype=dtype))

@@ -240,7 +240,7 @@ class Call(NamedTuple):
     threads: int
     stats: torch.dtype
     widened: bool  # float16 data, read by the kernels as a float32 copy
-    huge: bool  # outputs large enough for huge pages (``_pages``)
+    huge: bool  # large outputs: reused memory in huge pages (``_pages``)
     param_numel: int
 
 
@@ -321,9 +321,8 @@ def _stat(t: Tensor, acc: torch.dtype, ln: Launch) -> Tensor:
 
 
 def _output(c: Call, xs: Tensor) -> Tensor:
-    """A fresh tensor like ``xs`` (its layout), in huge pages where it is large enough to profit."""
-    y = torch.empty_like(xs)
-    return pages.hint(y) if c.huge else y
+    """An empty tensor like ``xs`` (its layout); a large one on reused memory (``_pages``)."""
+    return pages.empty_like(xs) if c.huge else torch.empty_like(xs)
 
 
 _ran: set[Call] = set()
@@ -339,7 +338,7 @@ def _observe(c: Call, out: Tensor) -> None:
 
 
 def _widen(t: Tensor) -> Tensor:
-    """The float32 copy the kernels read for float16 data (its layout, in huge pages if large)."""
+    """The float32 copy the kernels read for float16 data (its layout; a large one on reused memory)."""
     return pages.empty_like(t, torch.float32).copy_(t.detach())
 
 
