@@ -345,7 +345,7 @@ def test_output_units_run_through_memory_in_order(monkeypatch, shape5, threads):
 
 @pytest.mark.parametrize("cached", [True, False], ids=["cache", "no-cache"])
 def test_large_outputs_ask_for_huge_pages(monkeypatch, cached):
-    """y, dx and normalize's output of ``_pages.MIN_BYTES`` and more (here lowered to 4 MB, to keep the
+    """y, dx and normalize's output of ``_pages.HINT_BYTES`` and more (here lowered to 4 MB, to keep the
     tensors small) are advised into huge pages before they are written: a new block of the output cache
     from the output's start over its 2 MB pages, or without the cache the whole 2 MB pages inside the
     output; smaller ones are left alone; results are unchanged."""
@@ -357,6 +357,7 @@ def test_large_outputs_ask_for_huge_pages(monkeypatch, cached):
     CPU.forward(x5, w, b, 1e-5, False)
     assert advised == []  # the default threshold: heap memory, left alone
     monkeypatch.setattr(_pages, "MIN_BYTES", 4 << 20)
+    monkeypatch.setattr(_pages, "HINT_BYTES", 4 << 20)
     cpu._call.cache_clear()  # the threshold is read with a call's set-up
     y, st = CPU.forward(x5, w, b, 1e-5, False)
     g = CPU.backward(torch.ones_like(x5), x5, st.mean, st.rstd, w, (1, 1, 64, 1), False, True, (True, True, True))
@@ -383,6 +384,8 @@ def test_freed_large_outputs_are_reused(monkeypatch):
     """A large output's memory is kept when the tensor is freed and is the next output of its size: no
     new pages to fault in. Such an output is an ordinary tensor (no view of another, its input's layout)
     and never shares memory with a live one."""
+    advised = []
+    monkeypatch.setattr(_pages, "madvise", lambda addr, length, advice: advised.append(addr) or 0)
     monkeypatch.setattr(_pages, "MIN_BYTES", 4 << 20)
     monkeypatch.setattr(_pages, "CACHE_LIMIT", 64 << 20)
     layer = nk.BatchNorm2d(64).eval()
@@ -402,13 +405,14 @@ def test_freed_large_outputs_are_reused(monkeypatch):
         z = layer(x * 2.0)
         assert z.data_ptr() != y.data_ptr() and torch.equal(y, kept)
     assert torch.equal(y.add_(1.0), kept + 1.0)  # in place, as on any tensor
+    assert advised == []  # blocks under HINT_BYTES stay in the pages they get
 
 
 def test_output_cache_limit_and_empty_cache(monkeypatch):
     """At most ``CACHE_LIMIT`` bytes of freed blocks are kept; 0 turns the cache off (outputs are torch
     allocations again); ``empty_cache`` lets go of what is kept."""
     monkeypatch.setattr(_pages, "MIN_BYTES", 4 << 20)
-    t = torch.empty(5 << 20, dtype=torch.uint8)
+    t = torch.empty(5 << 18)  # 5 MB
     monkeypatch.setattr(_pages, "CACHE_LIMIT", 8 << 20)
     a, b = _pages.empty_like(t), _pages.empty_like(t)
     assert not a.untyped_storage().resizable()  # memory torch did not allocate
@@ -430,6 +434,24 @@ def test_output_cache_limit_and_empty_cache(monkeypatch):
     a = _pages.empty_like(t)
     del a
     assert _pages.cached_bytes() == 0  # off
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_outputs_on_kept_blocks_are_like_torch_empty_like(monkeypatch, dtype):
+    """Dtype, shape and strides (channels-last too) as ``torch.empty_like``'s, and no view of another
+    tensor, whichever dtype: autograd refuses in-place changes of a custom Function's outputs that are views."""
+    monkeypatch.setattr(_pages, "MIN_BYTES", 1 << 20)
+    monkeypatch.setattr(_pages, "CACHE_LIMIT", 64 << 20)
+    for like in (torch.empty(4, 32, 64, 64), torch.empty(4, 32, 64, 64).to(memory_format=torch.channels_last)):
+        for _ in range(2):  # a new block, then the same one kept
+            out, ref = _pages.empty_like(like, dtype), torch.empty_like(like, dtype=dtype)
+            assert (out.dtype, out.shape, out.stride()) == (ref.dtype, ref.shape, ref.stride())
+            assert out._base is None and not out._is_view() and out.data_ptr() % _pages.HUGE_PAGE == 0
+            out.fill_(2.0)
+            assert torch.all(out == 2.0)
+            del out
+    nbytes = like.numel() * dtype.itemsize  # 1 MB and more
+    assert _pages.cached_bytes() == -(-nbytes // _pages.HUGE_PAGE) * _pages.HUGE_PAGE
 
 
 def test_output_blocks_are_never_shared_between_threads(monkeypatch):
@@ -463,6 +485,7 @@ def test_stalled_hinted_calls_pause_the_hint(monkeypatch):
     advised = []
     monkeypatch.setattr(_pages, "madvise", lambda addr, length, advice: advised.append(addr) or 0)
     monkeypatch.setattr(_pages, "MIN_BYTES", 4 << 20)
+    monkeypatch.setattr(_pages, "HINT_BYTES", 4 << 20)
     monkeypatch.setattr(_pages, "PAUSE", 2)
     monkeypatch.setattr(_pages, "CACHE_LIMIT", 0)  # each output new memory, advised
     monkeypatch.setattr(cpu, "_ran", set())
@@ -493,6 +516,7 @@ def test_float16_copies_ask_for_huge_pages_too(monkeypatch):
     advised = []
     monkeypatch.setattr(_pages, "madvise", lambda addr, length, advice: advised.append(length) or 0)
     monkeypatch.setattr(_pages, "MIN_BYTES", 4 << 20)
+    monkeypatch.setattr(_pages, "HINT_BYTES", 4 << 20)
     x5 = (torch.randn(1, 1, 8, 64, 4096) + 3.0).half()  # 4.2 MB in float16, 8.4 MB widened
     w, b = torch.rand(1, 1, 64, 1) + 0.5, torch.randn(1, 1, 64, 1)
     y, _ = CPU.forward(x5, w, b, 1e-5, False)

@@ -37,13 +37,18 @@ from torch import Tensor
 
 HUGE_PAGE = 1 << 21
 MADV_HUGEPAGE = 14  # Linux's value (<sys/mman.h>); other systems number their advice differently
-# glibc's largest mmap threshold: larger outputs are fresh memory on every call. Smaller ones are mostly
+# Outputs from kept blocks: from 16 MB, where glibc's heap often stops handing back memory it had (in one
+# `normkit bench --cold` run the cpu backend faulted in fresh pages, 1,000-11,000 a call, in half of the
+# 25 MB cases and a third of the 16 MB ones) and where a block's set-up (about 12 µs from a flushed
+# cache, against 5 for torch.empty_like) is small beside the kernel.
+MIN_BYTES = 16 << 20
+# New memory asked into huge pages: from glibc's largest mmap threshold: larger outputs are fresh memory on every call. Smaller ones are mostly
 # reused heap memory, and there the hint cost more than it saved: on memory fragmented by a training
 # step the kernel compacts memory to find 2 MB pages before the first write can proceed. In a
 # UNet2DModel step, GroupNorm's kernel on 8x192x32x32 (a 6.3 MB output) took 5.4 ms with the hint and
 # 1.3 ms without; the whole step 199-206 ms against 205-209 with the hint from 4 MB up (torch.nn 192-193).
 # `normkit bench --cold` on the 8-26 MB shapes agreed: speed-up geomean 1.64-1.65x against 1.38-1.57x.
-MIN_BYTES = 32 << 20
+HINT_BYTES = 32 << 20
 # A call that wrote a hinted output more slowly than this many bytes a second was stalled by the faults
 # (on a 2-core VM, GroupNorm on 16x128x64x64, a 33.5 MB output: 3.3-4.1 ms a call where huge pages
 # were served, 8.5-10 ms without the hint, 18-92 ms for stretches of calls with it; torch.nn 9 ms).
@@ -94,9 +99,9 @@ def hint_range(start: int, nbytes: int) -> None:
 
 
 def hint(t: Tensor) -> Tensor:
-    """``hint_range`` over the fresh tensor ``t`` when it is large (``MIN_BYTES``); ``t``."""
+    """``hint_range`` over the fresh tensor ``t`` when it is large (``HINT_BYTES``); ``t``."""
     nbytes = t.numel() * t.element_size()
-    if nbytes >= MIN_BYTES:
+    if nbytes >= HINT_BYTES:
         hint_range(t.data_ptr(), nbytes)
     return t
 
@@ -129,9 +134,12 @@ def _cache_limit() -> int:
 
 
 CACHE_LIMIT = _cache_limit()
-_free: dict[int, list[np.ndarray]] = {}  # freed blocks by size, each a 2 MB multiple
+_free: dict[int, list[tuple[np.ndarray, int]]] = {}  # freed blocks and their addresses, by size (2 MB multiples)
 _cached = 0  # their bytes
 _lock = threading.RLock()  # re-entrant: a block may come back (garbage collection) while one is taken
+_live: dict[int, tuple[weakref.ref, int, np.ndarray, int]] = {}  # blocks in use, by id of the array's weakref
+# numpy's type for each output dtype (bfloat16: its bits)
+_NUMPY = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16, torch.bfloat16: np.uint16}
 
 
 def _reset_lock() -> None:
@@ -155,52 +163,65 @@ def empty_cache() -> None:
         _cached = 0
 
 
-def _give_back(size: int, block: np.ndarray) -> None:
-    """``block``'s tensor was freed: keep the block for the next output of its size, within the limit."""
+def _freed(ref: weakref.ref) -> None:
+    """The array of a block's tensor is gone with its storage: keep the block for the next output of its
+    size, within the limit."""
     global _cached
+    entry = _live.pop(id(ref), None)
+    if entry is None:
+        return
+    _, size, block, addr = entry
     with _lock:
         if _cached + size <= CACHE_LIMIT:
-            _free.setdefault(size, []).append(block)
+            _free.setdefault(size, []).append((block, addr))
             _cached += size
 
 
-def _block(size: int) -> np.ndarray:
-    """``size`` bytes at a 2 MB boundary: a freed block of that size, or new memory asked into huge pages."""
+def _block(size: int) -> tuple[np.ndarray, int]:
+    """``size`` bytes at a 2 MB boundary and their address: a freed block of that size, or new memory
+    (asked into huge pages from ``HINT_BYTES``)."""
     global _cached, _advised
     with _lock:
         kept = _free.get(size)
         if kept:
             _cached -= size
-            block = kept.pop()
-            if block.ctypes.data == _advised:  # advised when new, and written since: not to be timed again
+            block, addr = kept.pop()
+            if addr == _advised:  # advised when new, and written since: not to be timed again
                 _advised = 0
-            return block
+            return block, addr
     raw = np.empty(size + HUGE_PAGE, np.uint8)
     start = -raw.ctypes.data % HUGE_PAGE
     block = raw[start:start + size]
-    hint_range(block.ctypes.data, size)
-    return block
+    addr = block.ctypes.data
+    if size >= HINT_BYTES:
+        hint_range(addr, size)
+    return block, addr
 
 
 def _from_block(t: Tensor, dtype: torch.dtype, nbytes: int) -> Tensor:
-    """An empty tensor of ``t``'s shape and strides on a block; the block comes back when its storage is
-    freed (the storage holds the array ``view``, whose end the finalizer marks)."""
+    """An empty tensor of ``t``'s shape and strides on a block. Its storage holds a numpy array of the
+    block made for it (``torch.from_numpy``: no view of another tensor), whose end gives the block back.
+    12 µs from a flushed cache, against 29 with a finalizer and ``set_`` (torch.empty_like 5)."""
     size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
-    block = _block(size)
-    view = block[:nbytes]
-    weakref.finalize(view, _give_back, size, block).atexit = False
-    storage = torch.from_numpy(view).untyped_storage()
-    return torch.empty(0, dtype=dtype).set_(storage, 0, t.shape, t.stride())
+    block, addr = _block(size)
+    item = dtype.itemsize
+    arr = np.ndarray(t.shape, _NUMPY[dtype], block, 0, tuple(s * item for s in t.stride()))
+    ref = weakref.ref(arr, _freed)
+    _live[id(ref)] = (ref, size, block, addr)
+    out = torch.from_numpy(arr)
+    if dtype == torch.bfloat16:  # from uint16 to bfloat16 in place, not by a view
+        out = torch.empty(0, dtype=dtype).set_(out.untyped_storage(), 0, t.shape, t.stride())
+    return out
 
 
 def empty_like(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """``torch.empty_like(t, dtype=dtype)`` in the layout of the dense ``t`` (contiguous or channels-last):
-    from a kept block where it is large enough (``MIN_BYTES``), else an ordinary allocation, which is
-    advised into huge pages when it is that large but the cache is off."""
+    from a kept block where it is large enough (``MIN_BYTES``), else an ordinary allocation (advised
+    into huge pages from ``HINT_BYTES`` when the cache is off)."""
     dtype = t.dtype if dtype is None else dtype
     nbytes = t.numel() * dtype.itemsize
     if nbytes < MIN_BYTES:
         return torch.empty_like(t, dtype=dtype)
-    if CACHE_LIMIT:
+    if CACHE_LIMIT and dtype in _NUMPY:
         return _from_block(t, dtype, nbytes)
     return hint(torch.empty_like(t, dtype=dtype))
