@@ -1,7 +1,8 @@
 """Whole models before and after ``to_normkit``: ``python benchmarks/clients.py [--per-call]``.
 
-A diffusers UNet2DModel (GroupNorm), a transformers GPT-2 (LayerNorm) and a channels-last CNN
-(BatchNorm and GroupNorm on channels-last activations, torch.nn only), randomly initialised, timed for
+A diffusers UNet2DModel (GroupNorm), a transformers GPT-2 (LayerNorm), a channels-last CNN
+(BatchNorm and GroupNorm on channels-last activations) and a ResNet stem at ImageNet resolution
+(BatchNorm on large activations; both torch.nn only), randomly initialised, timed for
 one training step (forward + backward) in the same process, alternating, best median of each. ``--per-call`` times the UNet's GroupNorm calls on 8x64x32x32 inside its training steps
 instead: each module's forward, and its backward node (between hooks on the output's grad_fn), as
 medians over six steps of each model. A norm's share of a step is below the step-to-step noise of a
@@ -63,6 +64,28 @@ def _cnn_channels_last():
     return model, lambda m: m(x).square().mean()
 
 
+def _resnet_stem():
+    """A ResNet stem and first stage at ImageNet resolution, 16x3x224x224: BatchNorm on 16x64x112x112
+    (51 MB) and 16x64x56x56 activations, sizes at which torch.nn's outputs are fresh pages every step."""
+    from torch import nn
+
+    class Basic(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                                      nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64))
+
+        def forward(self, x):
+            return torch.relu(x + self.body(x))
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.MaxPool2d(3, stride=2, padding=1), Basic(), Basic(),
+    )
+    x = torch.randn(16, 3, 224, 224)
+    return model, lambda m: m(x).square().mean()
+
+
 def _timed_calls(cls: type[torch.nn.Module], shape: tuple[int, ...], times: dict[str, list[float]], tag: str):
     """Wrap ``cls.forward`` to record, for inputs of ``shape``, the forward's and the backward node's µs."""
     forward = cls.forward
@@ -112,7 +135,8 @@ def main() -> None:
         return
     torch.manual_seed(0)
     for name, build in (
-        ("UNet2DModel 8x3x32x32", _unet), ("GPT-2 8x128 tokens", _gpt2), ("channels-last CNN 16x3x32x32", _cnn_channels_last)
+        ("UNet2DModel 8x3x32x32", _unet), ("GPT-2 8x128 tokens", _gpt2), ("channels-last CNN 16x3x32x32", _cnn_channels_last),
+        ("ResNet stem 16x3x224x224", _resnet_stem),
     ):
         model, loss = build()
         converted = to_normkit(copy.deepcopy(model))
