@@ -299,11 +299,12 @@ def test_backward_of_offset_data_matches_float64(backend, norm, shape, cl):
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("buffers", [torch.float32, torch.bfloat16, torch.float16, None], ids=["fp32", "bf16", "fp16", "absent"])
 @pytest.mark.parametrize("q", [1, 3])
-def test_update_running_blends_the_mean_over_q(backend, buffers, q):
+@pytest.mark.parametrize("only", [None, "mean", "var"])
+def test_update_running_blends_the_mean_over_q(backend, buffers, q, only):
     """r = (1 - m) r + m s per channel, s the mean over Q (InstanceNorm) and the variance unbiased by
-    ``var_scale``; absent buffers are skipped, buffers in another dtype than the statistics are blended
-    through the statistics' dtype, NaN statistics reach the buffers, and the buffers' version counters
-    move as with any in-place op."""
+    ``var_scale``; absent buffers (both, or one: ``only`` the other) are skipped, buffers in another dtype
+    than the statistics are blended through the statistics' dtype, NaN statistics reach the buffers, and
+    the buffers' version counters move as with any in-place op."""
     p, b = 2, 5
     mean, var = torch.randn(q, p, b), torch.rand(q, p, b)
     mean[0, 1, 2] = float("nan")
@@ -311,6 +312,16 @@ def test_update_running_blends_the_mean_over_q(backend, buffers, q):
     rv = None if buffers is None else torch.rand(p * b).to(buffers)
     before = None if rm is None else (rm.double(), rv.double())
     versions = None if rm is None else (rm._version, rv._version)
+    if only is not None and rm is not None:
+        kept = rm if only == "mean" else rv
+        old, version = kept.double(), kept._version
+        backend.update_running(kept if only == "mean" else None, kept if only == "var" else None, mean, var, 0.3, 1.25)
+        stat, scale = (mean, 1.0) if only == "mean" else (var, 1.25)
+        want = 0.7 * old + 0.3 * scale * stat.double().mean(0).reshape(-1)
+        tol = dict(rtol=1e-6, atol=1e-6) if buffers == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(kept.double(), want, equal_nan=True, **tol)
+        assert kept._version > version
+        return
     backend.update_running(rm, rv, mean, var, 0.3, 1.25)
     if before is None:
         return

@@ -999,11 +999,11 @@ def backward_col(dyp, xp, dxp, mp, rp, wp, bp, dwp, dbp, dims, val, acc, rms, ba
                 _col_dx(dy, x, dx, g, r0, r1, b0 * r2, b1 * r2, r2, mean, rstd, w, bias, _ACT, c1, c2)
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
-def running_update(rp, sp, n, q, val, acc, keep, take):
-    """``running = keep * running + take * mean_q(per_q)`` per channel, in float64, then rounded to
-    the buffer's dtype (bfloat16 buffers arrive as their bits): the running-statistics update of
-    ``n`` channels from statistics ``per_q`` (q, n) (a few hundred channels, serial)."""
+@njit(**_HELPER)
+def _blend(rp, sp, n, q, val, acc, keep, take):
+    """``running = keep * running + take * mean_q(per_q)`` per channel, in float64, then rounded to the
+    buffer's dtype (bfloat16 buffers arrive as their bits), for the buffer at ``rp`` from the statistics
+    ``per_q`` (q, n) at ``sp``."""
     running = _at(rp, (n,), val)
     per_q = _at(sp, (q, n), acc)
     for c in range(n):
@@ -1011,6 +1011,18 @@ def running_update(rp, sp, n, q, val, acc, keep, take):
         for i in range(q):
             s += per_q[i, c]
         _store(running, c, keep * _load(running[c]) + take * (s / q))
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def running_update(mp, vp, smp, svp, n, q, val, acc, keep, take_mean, take_var):
+    """The running-statistics update of ``n`` channels (a few hundred, serial): the running mean at
+    ``mp`` from the batch means at ``smp``, the running variance at ``vp`` from the variances at ``svp``
+    (``take_var`` carries the Bessel factor); address 0: no such buffer. Both in one call, as each call
+    from Python costs microseconds."""
+    if mp:
+        _blend(mp, smp, n, q, val, acc, keep, take_mean)
+    if vp:
+        _blend(vp, svp, n, q, val, acc, keep, take_var)
 
 
 @njit(**_HELPER)

@@ -417,21 +417,23 @@ class CpuBackend:
         self, running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor,
         momentum: float, var_scale: float,
     ) -> None:
-        """One serial kernel per buffer where the buffer can be written as an array (bfloat16 as its
-        bits); torch ops otherwise (float16, a buffer that requires grad). The write bumps the
-        buffer's version counter, as an in-place torch op would: a graph that saved the buffer then
-        refuses to use it."""
-        if not (_blendable(running_mean, mean) and _blendable(running_var, var)):
+        """One serial kernel for both buffers where they can be written as arrays (bfloat16 as their
+        bits, both of one dtype); torch ops otherwise (float16, a buffer that requires grad). The write
+        bumps the buffers' version counters, as an in-place torch op would: a graph that saved a buffer
+        then refuses to use it."""
+        if not _blendable(running_mean, running_var, mean, var):
             update_running(running_mean, running_var, mean, var, momentum, var_scale)
             return
-        for running, stat, scale in ((running_mean, mean, 1.0), (running_var, var, var_scale)):
-            if running is not None:
-                n = running.numel()
-                running_update(
-                    running.data_ptr(), stat.data_ptr(), n, stat.numel() // n, _TAG[running.dtype], _TAG[stat.dtype],
-                    1.0 - momentum, momentum * scale,
-                )
-                torch.autograd.graph.increment_version(running)
+        some = running_var if running_mean is None else running_mean
+        if some is None:
+            return
+        n = some.numel()
+        running_update(
+            0 if running_mean is None else running_mean.data_ptr(), 0 if running_var is None else running_var.data_ptr(),
+            mean.data_ptr(), var.data_ptr(), n, mean.numel() // n, _TAG[some.dtype], _TAG[mean.dtype],
+            1.0 - momentum, momentum, momentum * var_scale,
+        )
+        torch.autograd.graph.increment_version([t for t in (running_mean, running_var) if t is not None])
 
     def backward(
         self,
@@ -477,14 +479,24 @@ class CpuBackend:
         )
 
 
-def _blendable(running: Tensor | None, stat: Tensor) -> bool:
-    """A buffer the update kernel writes: the statistics' dtype, or bfloat16 (a bf16 model's buffers),
-    from dense statistics of the kernels' own dtypes."""
-    return running is None or (
-        (running.dtype == stat.dtype or (running.dtype == torch.bfloat16 and stat.dtype == torch.float32))
-        and stat.dtype in (torch.float32, torch.float64) and stat.is_cpu and stat.is_contiguous()
-        and running.is_cpu and running.is_contiguous() and not running.requires_grad
-    )
+def _blendable(running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor) -> bool:
+    """Buffers the update kernel writes: of one dtype, the statistics' or bfloat16 (a bf16 model's
+    buffers), dense CPU tensors that do not require grad, from dense CPU statistics of the kernels' own
+    dtypes."""
+    if mean.dtype not in (torch.float32, torch.float64) or var.dtype != mean.dtype:
+        return False
+    if not (mean.is_cpu and var.is_cpu and mean.is_contiguous() and var.is_contiguous()):
+        return False
+    dtype = None
+    for running in (running_mean, running_var):
+        if running is None:
+            continue
+        if dtype not in (None, running.dtype) or running.dtype not in (mean.dtype, torch.bfloat16):
+            return False
+        if not running.is_cpu or not running.is_contiguous() or running.requires_grad:
+            return False
+        dtype = running.dtype
+    return dtype is None or not (dtype == torch.bfloat16 and mean.dtype != torch.float32)
 
 
 def _lanes(v: View, pl: Plan, threads: int) -> int:
