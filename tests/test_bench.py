@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from normkit import bench
+from normkit.kernels import _pages
 from normkit.cli import main
 
 RESULT_KEYS = {
@@ -36,6 +37,7 @@ def test_bench_writes_results_and_summary(tmp_path, capsys):
     data = json.loads(out.read_text())
     meta, results = data["meta"], data["results"]
     assert meta["copy_gbps"] > 0 and meta["copy_into_new_gbps"] > 0 and meta["quick"] is True
+    assert meta["output_cache_mb"] == _pages.CACHE_LIMIT >> 20
     norms = {r["norm"] for r in results}
     assert norms == {"batch", "instance", "group", "group+silu", "layer", "rms"}
     assert {r["layout"] for r in results if r["norm"] == "group"} == {"nchw", "channels_last"}

@@ -29,6 +29,7 @@ import torch
 from torch.utils import benchmark
 
 from . import __version__
+from .kernels import _pages
 from .kernels.cpu import SERIAL_BELOW
 from .selection import backend
 
@@ -386,6 +387,7 @@ def run(args: argparse.Namespace) -> int:
         "machine": platform.machine(),
         "copy_gbps": copy_gbps,
         "copy_into_new_gbps": copy_new_gbps,
+        "output_cache_mb": _pages.CACHE_LIMIT >> 20,  # the cpu backend's kept outputs (NORMKIT_OUTPUT_CACHE_MB)
         "quick": args.quick,
     }
     results: list[Result] = []
