@@ -42,9 +42,10 @@ MADV_HUGEPAGE = 14  # Linux's value (<sys/mman.h>); other systems number their a
 # 25 MB cases and a third of the 16 MB ones) and where a block's set-up (about 12 µs from a flushed
 # cache, against 5 for torch.empty_like) is small beside the kernel.
 MIN_BYTES = 16 << 20
-# New memory asked into huge pages: from glibc's largest mmap threshold: larger outputs are fresh memory on every call. Smaller ones are mostly
-# reused heap memory, and there the hint cost more than it saved: on memory fragmented by a training
-# step the kernel compacts memory to find 2 MB pages before the first write can proceed. In a
+# New memory asked into huge pages: from glibc's largest mmap threshold, above which torch's outputs are
+# fresh memory on every call. Smaller ones are mostly reused heap memory, and there the hint (given on
+# every call, before the cache) cost more than it saved: on memory fragmented by a training step the
+# kernel compacts memory to find 2 MB pages before the first write can proceed. In a
 # UNet2DModel step, GroupNorm's kernel on 8x192x32x32 (a 6.3 MB output) took 5.4 ms with the hint and
 # 1.3 ms without; the whole step 199-206 ms against 205-209 with the hint from 4 MB up (torch.nn 192-193).
 # `normkit bench --cold` on the 8-26 MB shapes agreed: speed-up geomean 1.64-1.65x against 1.38-1.57x.
