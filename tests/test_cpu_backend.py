@@ -405,6 +405,15 @@ def test_freed_large_outputs_are_reused(monkeypatch):
         z = layer(x * 2.0)
         assert z.data_ptr() != y.data_ptr() and torch.equal(y, kept)
     assert torch.equal(y.add_(1.0), kept + 1.0)  # in place, as on any tensor
+    del y, z
+    layer.train()
+    xg = x.detach().requires_grad_()
+    out = layer(xg)
+    out.relu_()  # in place on the Function's output, on a kept block: refused were it a view
+    out.sum().backward()
+    twin, xt = torch.nn.BatchNorm2d(64), x.detach().requires_grad_()
+    twin(xt).relu_().sum().backward()
+    _close(xg.grad, xt.grad, 1e-4, "dx after an in-place ReLU")
     assert advised == []  # blocks under HINT_BYTES stay in the pages they get
 
 
