@@ -32,11 +32,12 @@ from normkit.kernels import _numba_kernels, cpu
 
 KERNELS = "src/normkit/kernels/_numba_kernels.py"
 # (norm, shape, channels_last); GroupNorm with 32 groups, LayerNorm over the last dim; 7x7 planes show
-# the per-slab and per-row costs, 32 channels channels-last the short rows.
+# the per-slab and per-row costs, 32-128 channels channels-last the short rows.
 CASES = [
     ("batch", (8, 256, 32, 32), False), ("batch", (8, 256, 32, 32), True), ("group", (8, 256, 32, 32), False),
     ("group", (8, 256, 32, 32), True), ("layer", (8, 512, 768), False), ("instance", (32, 512, 7, 7), False),
-    ("group", (32, 512, 7, 7), False), ("group", (8, 32, 64, 64), True),
+    ("group", (32, 512, 7, 7), False), ("group", (8, 32, 64, 64), True), ("batch", (32, 64, 56, 56), True),
+    ("instance", (16, 128, 64, 64), True),
 ]
 SMALL = [("batch", (2, 64, 8, 8), True), ("group", (2, 64, 8, 8), False), ("layer", (2, 4, 64), False)]
 
