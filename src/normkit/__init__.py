@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 
 
 def empty_cache() -> None:
-    """Return the memory normkit keeps for large CPU outputs (32 MB and more, for reuse by the next
+    """Return the memory normkit keeps for large CPU outputs (16 MB and more, for reuse by the next
     output of their size) to the system, as ``torch.cuda.empty_cache`` does for CUDA memory."""
     from .kernels import _pages
 
