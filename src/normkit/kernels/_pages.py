@@ -10,9 +10,9 @@ take the memory of the step before's. At most ``CACHE_LIMIT`` bytes of freed blo
 (``NORMKIT_OUTPUT_CACHE_MB``; 0 turns the cache off), ``empty_cache`` returns them. An output from a
 block is an ordinary tensor on memory torch did not allocate (its storage cannot be resized).
 
-A new block asks for huge pages (``madvise(MADV_HUGEPAGE)``, what torch does for every allocation under
-``THP_MEM_ALLOC_ENABLE=1``) over its 2 MB-aligned memory before anything is written there; without the
-cache each large output is advised the same way. Where transparent huge pages are off, or the call
+A new block of ``HINT_BYTES`` and more asks for huge pages (``madvise(MADV_HUGEPAGE)``, what torch does
+for every allocation under ``THP_MEM_ALLOC_ENABLE=1``) over its 2 MB-aligned memory before anything is
+written there; without the cache each output that large is advised the same way. Where transparent huge pages are off, or the call
 fails, nothing changes.
 
 Where the kernel finds no free 2 MB pages it compacts memory on the fault (``defrag``: ``madvise``),
@@ -31,7 +31,6 @@ import time
 import weakref
 
 import numpy as np
-
 import torch
 from torch import Tensor
 
