@@ -147,7 +147,8 @@ def _reset_lock() -> None:
     _lock = threading.RLock()
 
 
-os.register_at_fork(after_in_child=_reset_lock)
+if hasattr(os, "register_at_fork"):  # POSIX; elsewhere processes do not fork
+    os.register_at_fork(after_in_child=_reset_lock)
 
 
 def cached_bytes() -> int:

@@ -292,7 +292,8 @@ def _enter_parallel(threads: int) -> None:
         _numba_threads.n = threads
 
 
-os.register_at_fork(after_in_child=_call.cache_clear)
+if hasattr(os, "register_at_fork"):  # POSIX; elsewhere processes do not fork
+    os.register_at_fork(after_in_child=_call.cache_clear)
 
 
 @lru_cache(maxsize=64)
