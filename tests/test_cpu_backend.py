@@ -452,13 +452,16 @@ def test_outputs_on_kept_blocks_are_like_torch_empty_like(monkeypatch, dtype):
     monkeypatch.setattr(_pages, "MIN_BYTES", 1 << 20)
     monkeypatch.setattr(_pages, "CACHE_LIMIT", 64 << 20)
     for like in (torch.empty(4, 32, 64, 64), torch.empty(4, 32, 64, 64).to(memory_format=torch.channels_last)):
+        addresses = []
         for _ in range(2):  # a new block, then the same one kept
             out, ref = _pages.empty_like(like, dtype), torch.empty_like(like, dtype=dtype)
+            addresses.append(out.data_ptr())
             assert (out.dtype, out.shape, out.stride()) == (ref.dtype, ref.shape, ref.stride())
             assert out._base is None and not out._is_view() and out.data_ptr() % _pages.HUGE_PAGE == 0
             out.fill_(2.0)
             assert torch.all(out == 2.0)
             del out
+        assert addresses[0] == addresses[1]
     nbytes = like.numel() * dtype.itemsize  # 1 MB and more
     assert _pages.cached_bytes() == -(-nbytes // _pages.HUGE_PAGE) * _pages.HUGE_PAGE
 

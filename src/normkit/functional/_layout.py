@@ -7,33 +7,21 @@ import math
 import torch
 from torch import Tensor
 
-from ..kernels.contract import channels_last
-
-
-def _last_perm(dim: int) -> tuple[int, ...]:
-    """The permutation that moves the channel dim of a ``dim``-D tensor last."""
-    return (0, *range(2, dim), 1)
-
-
-# Permutations and their inverses for the usual ranks: each call would otherwise build them again.
-_LAST = {d: _last_perm(d) for d in range(3, 7)}
-_INVERSE = {p: tuple(sorted(range(len(p)), key=p.__getitem__)) for p in _LAST.values()}
+from ..kernels.contract import channels_last, from_memory_order, memory_order
 
 
 def channels_last_perm(x: Tensor) -> tuple[int, ...] | None:
     """The permutation that makes a channels-last tensor contiguous, or None for any other layout."""
     if x.dim() < 3 or x.is_contiguous():
         return None
-    perm = _LAST.get(x.dim()) or _last_perm(x.dim())
+    perm = memory_order(x.dim())
     return perm if x.permute(perm).is_contiguous() else None
 
 
 def restore(y: Tensor, perm: tuple[int, ...] | None) -> Tensor:
-    """Undo ``channels_last_perm`` on an output computed in the permuted (contiguous) layout."""
-    if perm is None:
-        return y
-    inverse = _INVERSE.get(perm) or tuple(sorted(range(len(perm)), key=perm.__getitem__))
-    return y.permute(inverse)
+    """Undo the permutation of ``dense`` (or ``channels_last_perm``) on an output computed in the
+    permuted (contiguous) layout."""
+    return y if perm is None else y.permute(from_memory_order(len(perm)))
 
 
 def dense(x: Tensor) -> tuple[Tensor, tuple[int, ...] | None]:
@@ -42,7 +30,7 @@ def dense(x: Tensor) -> tuple[Tensor, tuple[int, ...] | None]:
     if x.is_contiguous():  # the common case without a torch call
         return x, None
     if x.dim() >= 3:
-        perm = _LAST.get(x.dim()) or _last_perm(x.dim())
+        perm = memory_order(x.dim())
         xp = x.permute(perm)
         if xp.is_contiguous():
             return xp, perm

@@ -64,9 +64,20 @@ def stat_shape(x5: Tensor) -> tuple[int, int, int]:
 
 
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
-# The dims of a channels-last tensor in memory order, and back.
-_ORDER = {4: (0, 2, 3, 1), 5: (0, 2, 3, 4, 1)}
-_UNORDER = {4: (0, 3, 1, 2), 5: (0, 4, 1, 2, 3)}
+# The dims of a channels-last tensor in memory order (N, spatial..., C), and back, for the usual ranks:
+# each call would otherwise build them again.
+_ORDER = {d: (0, *range(2, d), 1) for d in range(3, 7)}
+_UNORDER = {d: (0, d - 1, *range(1, d - 1)) for d in range(3, 7)}
+
+
+def memory_order(dim: int) -> tuple[int, ...]:
+    """The permutation that moves the channel dim of a ``dim``-D tensor last (channels-last memory order)."""
+    return _ORDER.get(dim) or (0, *range(2, dim), 1)
+
+
+def from_memory_order(dim: int) -> tuple[int, ...]:
+    """The inverse of ``memory_order(dim)``."""
+    return _UNORDER.get(dim) or (0, dim - 1, *range(1, dim - 1))
 
 
 def channels_last(x: Tensor) -> bool:

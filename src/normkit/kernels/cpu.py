@@ -270,10 +270,9 @@ def _prepare(
 ) -> Call:
     """The call's set-up for ``x`` (viewed as ``shape``), after checking that the view covers ``x``:
     the kernels index raw memory by it. Enters numba's thread pool when the call runs in parallel."""
-    if shape is None:
-        check_view(x, shape)
-        shape = x.shape
-    c = _call(op, tuple(shape), pshape, x.dtype, activation, threads, torch.get_num_threads())
+    check_view(x, shape)
+    c = _call(op, tuple(x.shape if shape is None else shape), pshape, x.dtype, activation, threads,
+              torch.get_num_threads())
     if x.numel() != c.launch.numel:
         raise ValueError(f"a view of {c.launch.numel} elements for a tensor of {x.numel()}")
     if c.threads > 1:
