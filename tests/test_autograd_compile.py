@@ -72,15 +72,99 @@ def test_custom_ops_pass_opcheck(activation):
     torch.library.opcheck(_core._norm_fixed, (x, shape, mean.flatten(), rstd.flatten(), w4, b4, activation, 1e-5, None))
 
 
-@pytest.mark.parametrize("transform", ["grad", "vmap"])
-def test_functorch_transforms_take_the_public_apply(transform):
-    """The eager Function is entered below its Python ``apply`` only outside functorch: under a transform
-    the public ``apply`` runs and torch refuses the Function with its own message, rather than the
-    layer computing as if no transform were active."""
-    layer, x = nk.LayerNorm(4), torch.randn(2, 3, 4)
-    fn = torch.func.grad(lambda t: layer(t).sum()) if transform == "grad" else torch.func.vmap(layer)
-    with pytest.raises(RuntimeError, match="functorch transforms"):
-        fn(x)
+def _twins(name):
+    """A normkit layer and its torch.nn twin with the same (non-trivial) state, and an input for one sample."""
+    make, shape = {
+        "layer_norm": (lambda m: m.LayerNorm(4), (2, 4)),
+        "group_norm": (lambda m: m.GroupNorm(2, 4), (2, 4, 5)),
+        "group_norm-channels_last": (lambda m: m.GroupNorm(2, 4), (2, 4, 3, 2)),
+        "instance_norm": (lambda m: m.InstanceNorm1d(4, affine=True), (4, 5)),
+        "rms_norm": (lambda m: m.RMSNorm(4), (2, 4)),
+        "batch_norm-eval": (lambda m: m.BatchNorm1d(4).eval(), (3, 4)),
+        "batch_norm-untracked": (lambda m: m.BatchNorm1d(4, track_running_stats=False), (3, 4)),
+    }[name]
+    ours, theirs = make(nk), make(torch.nn)
+    for t in list(ours.parameters()) + list(ours.buffers()):
+        if t.is_floating_point():
+            t.data.uniform_(0.5, 1.5)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(shape)
+    if name.endswith("channels_last"):
+        x = x.to(memory_format=torch.channels_last)
+    return ours, theirs, x
+
+
+def _transformed(transform, layer, x):
+    """``layer`` under a functorch transform, on ``x`` (one sample) or a batch of three."""
+    batch = torch.stack([x, 2 * x + 1, -x])
+    if transform == "vmap":
+        return torch.func.vmap(layer)(batch)
+    if transform == "vmap-no_grad":
+        with torch.no_grad():
+            return torch.func.vmap(layer)(batch)
+    if transform == "grad":
+        return torch.func.grad(lambda t: layer(t).square().sum())(x)
+    if transform == "jacrev":
+        return torch.func.jacrev(layer)(x)
+    if transform == "jvp":
+        return torch.stack(torch.func.jvp(layer, (x,), (torch.ones_like(x),)))
+    if transform == "vmap-grad":
+        return torch.func.vmap(torch.func.grad(lambda t: layer(t).tanh().sum()))(batch)
+    params = dict(layer.named_parameters())
+    grads = torch.func.grad(lambda p: torch.func.functional_call(layer, p, (x,)).square().sum())(params)
+    return torch.cat([g.flatten() for g in grads.values()])
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("transform", ["vmap", "vmap-no_grad", "grad", "jacrev", "jvp", "vmap-grad", "functional_call-grad"])
+@pytest.mark.parametrize(
+    "name",
+    ["layer_norm", "group_norm", "group_norm-channels_last", "instance_norm", "rms_norm", "batch_norm-eval",
+     "batch_norm-untracked"],
+)
+def test_functorch_transforms_match_torch_nn(name, transform, backend):
+    """The kernels read raw memory, which no transform can follow: under one the core runs torch ops,
+    so every transform gives what it gives on torch.nn's layer."""
+    ours, theirs, x = _twins(name)
+    with normkit.backend(backend):
+        got = _transformed(transform, ours, x)
+    # torch.nn's GroupNorm fails on a channels-last sample under vmap (a view of its strides)
+    torch.testing.assert_close(got, _transformed(transform, theirs, x.contiguous()), atol=1e-5, rtol=1e-5)
+
+
+def test_ensembles_vmap_over_stacked_parameters():
+    layers = [nk.GroupNorm(2, 4) for _ in range(3)]
+    for layer in layers:
+        torch.nn.init.uniform_(layer.weight, 0.5, 1.5)
+        torch.nn.init.uniform_(layer.bias)
+    params, buffers = torch.func.stack_module_state(layers)
+    x = torch.randn(2, 4, 5)
+    got = torch.func.vmap(lambda p, b: torch.func.functional_call(layers[0], (p, b), (x,)))(params, buffers)
+    torch.testing.assert_close(got, torch.stack([layer(x) for layer in layers]))
+
+
+def test_vmap_refuses_to_update_unbatched_running_stats_as_torch_does():
+    x = torch.randn(3, 5, 4, 6)
+    with pytest.raises(RuntimeError) as theirs:
+        torch.func.vmap(torch.nn.BatchNorm1d(4))(x)
+    with pytest.raises(RuntimeError) as ours:
+        torch.func.vmap(nk.BatchNorm1d(4))(x)
+    assert str(ours.value) == str(theirs.value)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_jit_trace_records_the_computation(train):
+    """A traced model computes on new inputs of the traced shape (running statistics included) as a
+    traced torch.nn model does, not the kernels' outputs frozen at tracing time."""
+    def model(m):
+        return torch.nn.Sequential(m.BatchNorm2d(3), m.GroupNorm(3, 3), m.LayerNorm(5)).train(train)
+
+    ours, theirs = model(nk), model(torch.nn)
+    first, x = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5) * 3 + 1
+    traced_ours, traced_theirs = torch.jit.trace(ours, first), torch.jit.trace(theirs, first)
+    torch.testing.assert_close(traced_ours(x), traced_theirs(x))
+    torch.testing.assert_close(ours.state_dict(), theirs.state_dict())
 
 
 class SmallCNN(nk.Module):

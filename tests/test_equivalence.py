@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as tnn
 
+import normkit
 import normkit.nn as nk
 
 # (normkit class, torch class, constructor args, input shapes)
@@ -185,3 +186,23 @@ def test_eval_backward_after_a_training_step_uses_the_forward_statistics(cls):
         grads.append((x.grad, layer.weight.grad, layer.bias.grad))
     for without, with_step in zip(*grads):
         torch.testing.assert_close(with_step, without, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("name,training", [("BatchNorm2d", True), ("BatchNorm2d", False), ("InstanceNorm2d", True),
+                                           ("GroupNorm", True), ("LayerNorm", True), ("RMSNorm-2d", True)])
+def test_in_place_activation_after_the_norm(name, training, backend):
+    """``ReLU(inplace=True)`` after a norm changes its output in place, which autograd allows on a
+    layer's own output: every backend hands one out, not a view of its temporaries."""
+    ours, theirs = _pair(name, {}, torch.float32)
+    ours.train(training), theirs.train(training)
+    shape = (2, 6, 5, 7) if name != "LayerNorm" else (3, 6, 5, 7)
+    x = torch.randn(shape)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with normkit.backend(backend):
+        out = torch.nn.functional.relu(ours(xa), inplace=True)
+        out.backward(torch.ones_like(out))
+    expected = torch.nn.functional.relu(theirs(xb), inplace=True)
+    expected.backward(torch.ones_like(expected))
+    torch.testing.assert_close(out, expected, rtol=2e-5, atol=1e-5)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=2e-5, atol=1e-5)

@@ -9,7 +9,9 @@ only the input, mean and rstd (and the parameters). When a graph of the backward
 
 torch.compile sees the custom ops. Eager calls skip the custom-op dispatch, which costs more than
 the kernels on small tensors: the same implementation runs bare when no gradient is wanted and under
-an autograd.Function with the same context and backward when one is.
+an autograd.Function with the same context and backward when one is. Under functorch transforms
+(``torch.func.vmap``, ``grad``, ``jvp``, ...) and ``torch.jit.trace`` the reference backend's torch ops
+run without a Function, so that the transform or the tracer sees (and differentiates) every op.
 """
 
 from __future__ import annotations
@@ -256,6 +258,15 @@ _norm_batch.register_autograd(_backward_batch, setup_context=_setup_batch)
 _norm_fixed.register_autograd(_backward_fixed, setup_context=_setup_fixed)
 
 
+def _own(y: Tensor) -> Tensor:
+    """``y`` as a tensor of its own where a backend returned a view of its temporaries (the reference
+    backend's reshaped 5-D result): autograd forbids in-place changes to a Function's view outputs,
+    and a layer such as ``ReLU(inplace=True)`` follows a norm. The same memory, no copy."""
+    if y._base is None:
+        return y
+    return y.new_empty(0).set_(y.untyped_storage(), y.storage_offset(), y.shape, y.stride())
+
+
 class _EagerBatch(torch.autograd.Function):
     """``norm_batch`` without the custom-op dispatch (tens of microseconds a call), with the op's
     backward. Its forward takes ``ctx`` itself: a separate ``setup_context`` makes every call bind the
@@ -266,7 +277,7 @@ class _EagerBatch(torch.autograd.Function):
     def forward(ctx, *inputs) -> tuple[Tensor, Stats]:
         y, st = _forward_batch(*inputs)
         _save_batch(ctx, inputs, st.mean, st.rstd, True)
-        return y, st
+        return _own(y), st
 
     backward = staticmethod(_backward_batch)
 
@@ -278,7 +289,7 @@ class _EagerFixed(torch.autograd.Function):
     def forward(ctx, *inputs) -> Tensor:
         y = _fixed(*inputs)
         _save_fixed(ctx, inputs, True)
-        return y
+        return _own(y)
 
     backward = staticmethod(_backward_fixed)
 
@@ -287,6 +298,14 @@ class _EagerFixed(torch.autograd.Function):
 _raw_apply = {f: super(torch.autograd.Function, f).apply for f in (_EagerBatch, _EagerFixed)}
 _functorch_active = torch._C._are_functorch_transforms_active
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_jit_tracing = torch._C._is_tracing
+_batched = torch._C._functorch.is_batchedtensor
+_UNBATCHED_RUNNING = (  # torch's words
+    "Batch norm got a batched tensor as input while the running_mean or running_var, which will be updated in "
+    "place, were not batched.\nIf you are using a module and do not need eval mode, please set "
+    "`track_running_stats` to be False.If you are using a prebuilt module and do not need eval mode, please see "
+    "the functorch website for resources on how to patch your module to work with vmap"
+)
 
 
 def records_graph(*inputs: Optional[Tensor]) -> bool:
@@ -304,18 +323,38 @@ def _listed(shape: Optional[Sequence[int]]) -> Optional[list[int]]:
     return None if shape is None else list(shape)
 
 
-def _eager(function: type[torch.autograd.Function], impl, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]):
+def traced(x: Tensor) -> bool:
+    """Whether a functorch transform (``x`` wrapped by one, or one active over other inputs) or
+    ``torch.jit.trace`` sees the call: the kernels read raw memory, which neither can follow."""
+    return _functorch_active() or _jit_tracing() or _functorch_wrapped(x)
+
+
+def _plain_batch(
+    x: Tensor, shape: Shape5, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, rms: bool,
+    activation: Optional[str], param_shape: Optional[Sequence[int]],
+) -> tuple[Tensor, Stats]:
+    y, st = load("reference").forward(x, weight, bias, eps, rms, shape=shape, param_shape=param_shape)
+    return act.apply(activation, y), st
+
+
+def _plain_fixed(
+    x: Tensor, shape: Shape5, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+    activation: Optional[str], var_eps: Optional[float], param_shape: Optional[Sequence[int]],
+) -> Tensor:
+    y = load("reference").normalize(x, mean, rstd, weight, bias, var_eps=var_eps, shape=shape, param_shape=param_shape)
+    return act.apply(activation, y)
+
+
+def _eager(function: type[torch.autograd.Function], impl, plain, x: Tensor, weight: Optional[Tensor],
+           bias: Optional[Tensor]):
     """In eager mode: the autograd.Function when a gradient is wanted, the bare implementation when
-    none is (each layer of dispatch costs microseconds). The Function is entered below its Python
-    ``apply``, whose argument binding and unwrapping of functorch tensors cost about 16 µs from a
-    cold cache; that layer only matters under functorch (transforms, or tensors left over from one),
-    where the public ``apply`` is taken."""
+    none is (each layer of dispatch costs microseconds), ``plain`` torch ops where a transform or a
+    tracer sees the call. The Function is entered below its Python ``apply``, whose argument binding
+    and unwrapping of functorch tensors cost about 16 µs from a cold cache."""
+    if traced(x):
+        return plain
     if not records_graph(x, weight, bias):
         return impl
-    if _functorch_active() or _functorch_wrapped(x):
-        return function.apply
-    if (weight is not None and _functorch_wrapped(weight)) or (bias is not None and _functorch_wrapped(bias)):
-        return function.apply
     return _raw_apply[function]
 
 
@@ -340,7 +379,7 @@ def normalize_batch(
             x, list(shape), weight, bias, float(eps), rms, activation, _listed(param_shape)
         )
         return y, Stats(mean, rstd, var)
-    run = _eager(_EagerBatch, _forward_batch, x, weight, bias)
+    run = _eager(_EagerBatch, _forward_batch, _plain_batch, x, weight, bias)
     return run(x, shape, weight, bias, float(eps), rms, activation, param_shape)
 
 
@@ -363,7 +402,7 @@ def normalize_fixed(
     var_eps = None if var_eps is None else float(var_eps)
     if torch.compiler.is_compiling():
         return _norm_fixed(x, list(shape), mean, rstd, weight, bias, activation, var_eps, _listed(param_shape))
-    run = _eager(_EagerFixed, _fixed, x, weight, bias)
+    run = _eager(_EagerFixed, _fixed, _plain_fixed, x, weight, bias)
     return run(x, shape, mean, rstd, weight, bias, activation, var_eps, param_shape)
 
 
@@ -379,8 +418,13 @@ def update_running(
     (see ``Backend.update_running``). The backend of the statistics does it: on the CPU one kernel
     instead of four small torch ops, which cost more than the kernels' gap to torch on mid-size
     tensors. Under torch.compile, torch ops that the compiler can trace."""
-    blend = contract.update_running if torch.compiler.is_compiling() else resolve(mean, None).update_running
+    if torch.compiler.is_compiling() or traced(mean):
+        if _batched(mean) and not all(_batched(t) for t in (running_mean, running_var) if t is not None):
+            raise RuntimeError(_UNBATCHED_RUNNING)
+        blend = contract.update_running
+    else:
+        blend = resolve(mean, None).update_running
     blend(running_mean, running_var, mean, var, momentum, var_scale)
 
 
-__all__ = ["normalize_batch", "normalize_fixed", "records_graph", "stat_shape", "update_running"]
+__all__ = ["normalize_batch", "normalize_fixed", "records_graph", "stat_shape", "traced", "update_running"]

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.contract import channels_last, from_memory_order, memory_order
+from ._core import traced
 
 
 def channels_last_perm(x: Tensor) -> tuple[int, ...] | None:
@@ -42,10 +43,11 @@ def stored(x: Tensor) -> tuple[Tensor, tuple[int, ...] | None, bool]:
     channels-last. In eager mode a channels-last 4-D/5-D tensor goes as it is, its view in memory
     order: the permuted view and its undoing cost microseconds each from a cold cache, and an autograd
     node each in backward. Under torch.compile (where views are free) the permuted view, so that the
-    custom ops only ever see contiguous tensors."""
+    custom ops only ever see contiguous tensors, and under a functorch transform or a trace (which
+    the kernels do not see) the same, where vmap cannot be asked about channels-last at all."""
     if x.is_contiguous():
         return x, None, False
-    if channels_last(x) and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and not traced(x) and channels_last(x):
         return x, None, True
     xc, perm = dense(x)
     return xc, perm, perm is not None

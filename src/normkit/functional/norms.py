@@ -16,7 +16,7 @@ from ..kernels.contract import stats_dtype
 from . import _layout as L
 from . import activation as A
 from . import masked as M
-from ._core import normalize_batch, normalize_fixed, records_graph, update_running
+from ._core import normalize_batch, normalize_fixed, records_graph, traced, update_running
 
 
 def _scalar_name(dtype: torch.dtype) -> str:
@@ -54,7 +54,7 @@ def _per_channel_eval(
     xc, perm, cl = L.stored(x)
     shape = L.per_channel_view(x, cl)
     acc = stats_dtype(x.dtype)
-    copy = records_graph(x, weight, bias) or running_mean.dtype != acc
+    copy = records_graph(x, weight, bias) or running_mean.dtype != acc or traced(x)
     mean = running_mean.to(acc, copy=True) if copy else running_mean
     var = running_var if running_var.dtype == acc else running_var.to(acc)
     ps = L.param_shape(shape, False, False)
@@ -190,7 +190,7 @@ def group_norm(
             f"{list(input.shape)} and num_groups={num_groups}"
         )
     for t, name in ((weight, "weight"), (bias, "bias")):
-        if t is not None and t.shape != (c,):
+        if t is not None and (t.dim() != 1 or t.shape[0] != c):
             raise RuntimeError(
                 f"Expected {name} to be a vector of size equal to the number of channels in input, but got "
                 f"{name} of shape {list(t.shape)} and input of shape {list(size)}"

@@ -91,17 +91,27 @@ def _varies_innermost(operand: Tensor, like: Tensor) -> bool:
 
 def _owned_sub(t: Tensor, other: Tensor) -> Tensor:
     """``t - other``, in place when autograd does not track ``t`` (a temporary of ours)."""
-    return t - other if t.requires_grad else t.sub_(other)
+    return t - other if t.requires_grad or _transformed(t) else t.sub_(other)
+
+
+def _transformed(t: Tensor) -> bool:
+    """Whether ``t`` is seen by a functorch transform or ``torch.jit.trace``: no Python branch may
+    depend on its values (vmap refuses one; a trace keeps the branch taken while tracing), and no
+    temporary is updated in place or through ``out=`` (vmap and forward-mode AD refuse those)."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t) or torch._C._is_tracing()
 
 
 def centred_moments(x5: Tensor, eps: float, rms: bool) -> tuple[Stats, Tensor]:
-    """Statistics with keepdim shape (Q, P, 1, B, 1) and ``x - mean`` in the stats dtype; differentiable."""
+    """Statistics with keepdim shape (Q, P, 1, B, 1) and ``x - mean`` in the stats dtype; differentiable.
+    float32 statistics whose variance overflows are taken again in float64; where that test cannot
+    branch (``_transformed``), they are taken in float64 at once."""
     acc = stats_dtype(x5.dtype)
-    mean, var, centred = _centred_moments(x5.to(acc), rms)
-    if acc == torch.float32 and bool(torch.isinf(var).any()):
-        mean, var, centred = _centred_moments(x5.to(torch.float64), rms)
-        return Stats(mean.to(acc), torch.rsqrt(var + eps).to(acc), var.to(acc)), centred.to(acc)
-    return Stats(mean, torch.rsqrt(var + eps), var), centred
+    if acc == torch.float64 or not _transformed(x5):
+        mean, var, centred = _centred_moments(x5.to(acc), rms)
+        if acc == torch.float64 or not bool(torch.isinf(var).any()):
+            return Stats(mean, torch.rsqrt(var + eps), var), centred
+    mean, var, centred = _centred_moments(x5.to(torch.float64), rms)
+    return Stats(mean.to(acc), torch.rsqrt(var + eps).to(acc), var.to(acc)), centred.to(acc)
 
 
 def _bcast(t: Tensor) -> Tensor:
@@ -150,7 +160,10 @@ def _affine(
     ``owned``: ``centred`` is our temporary and may receive the result when autograd does not track it.
     """
     w, b = _param(weight, centred.dtype), _param(bias, centred.dtype)
-    tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (centred, rstd, w, b))
+    operands = [t for t in (centred, rstd, w, b) if t is not None]
+    tracked = any(_transformed(t) for t in operands) or (
+        torch.is_grad_enabled() and any(t.requires_grad for t in operands)
+    )
     out = centred if owned and not tracked else None
     if _folds(rstd, w, centred):
         scale = _spread(rstd if w is None else rstd * w, centred)
