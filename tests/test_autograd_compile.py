@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
@@ -10,6 +12,7 @@ from torch.profiler import ProfilerActivity, profile
 import normkit
 import normkit.functional as F
 import normkit.nn as nk
+from normkit.distributed import SyncBatchNorm
 from normkit.functional import _core
 from normkit.kernels.contract import ACTIVATIONS
 
@@ -226,3 +229,20 @@ def test_eager_backward_makes_no_zero_gradients_for_the_statistics(layer):
     filled = [e.key for e in prof.key_averages() if e.key in fills]
     assert not filled, filled
     assert x.grad is not None and layer.weight.grad is not None
+
+
+def test_fx_symbolic_trace_keeps_each_layer_whole():
+    """FX's tracer keeps torch.nn's layers as ``call_module`` nodes; a normkit layer's forward checks
+    shapes a Proxy cannot answer, so it makes itself such a node, and a model converted to normkit
+    still traces (feature extractors, FX quantization and fusion passes rely on it)."""
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), nk.BatchNorm2d(8), nk.GroupNorm(2, 8), nk.InstanceNorm2d(8, affine=True),
+        nk.LayerNorm2d(8), nk.FrozenBatchNorm2d(8), SyncBatchNorm(8), nk.LayerNorm(4), nk.RMSNorm(4),
+    )
+    twin = copy.deepcopy(model)
+    graph_module = torch.fx.symbolic_trace(model)
+    nodes = [(n.op, n.target) for n in graph_module.graph.nodes if n.op not in ("placeholder", "output")]
+    assert nodes == [("call_module", str(i)) for i in range(len(model))]
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(graph_module(x), twin(x))
+    torch.testing.assert_close(graph_module.state_dict(), twin.state_dict())

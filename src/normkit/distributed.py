@@ -14,13 +14,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.fx import Proxy
 
 from .functional import _layout as L
 from .functional import batch_norm
 from .functional._core import normalize_fixed
 from .functional.norms import _bessel
 from .kernels.contract import blend_running, stats_dtype
-from .nn._base import NormBase
+from .nn._base import NormBase, fx_node
 
 
 def _local_moments(x5: Tensor) -> tuple[int, Tensor, Tensor]:
@@ -133,6 +134,8 @@ class SyncBatchNorm(NormBase):
         return group if dist.get_world_size(group) > 1 else None
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, Proxy):
+            return fx_node(self, input)
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         factor = 0.0 if self.momentum is None else self.momentum

@@ -1,9 +1,11 @@
-"""Shared base of BatchNorm and InstanceNorm: parameters, running buffers, reset, versioned loading."""
+"""Shared base of BatchNorm and InstanceNorm: parameters, running buffers, reset, versioned loading;
+and what every normkit layer shares (input checks, its node in an FX graph)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.fx import Proxy
 from torch.nn import Module, Parameter, init
 
 
@@ -100,3 +102,13 @@ def check_dims(input: Tensor, allowed: tuple[int, ...]) -> None:
         return
     expected = " or ".join(f"{d}D" for d in allowed)
     raise ValueError(f"expected {expected} input (got {input.dim()}D input)")
+
+
+def fx_node(module: Module, *args: object) -> Proxy:
+    """The layer's call as one ``call_module`` node of the FX graph being traced (``args`` hold a
+    ``Proxy``): FX's tracer keeps torch.nn's layers whole, and a normkit layer's forward checks shapes
+    and dtypes, which a Proxy cannot answer. A traced model then runs the layer itself."""
+    while args and args[-1] is None:  # an absent mask: the node reads as torch.nn's layers' do
+        args = args[:-1]
+    proxy = next(a for a in args if isinstance(a, Proxy))
+    return proxy.tracer.create_proxy("call_module", proxy.tracer.path_of_module(module), args, {})

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from torch import Tensor
+from torch.fx import Proxy
 
 from .. import functional as F
-from ._base import NormBase, check_dims
+from ._base import NormBase, check_dims, fx_node
 
 
 class _BatchNorm(NormBase):
@@ -16,6 +17,8 @@ class _BatchNorm(NormBase):
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         """``mask`` (bool, True = valid) keeps padding out of the batch and running statistics."""
+        if isinstance(input, Proxy):
+            return fx_node(self, input, mask)
         return self._normalize(input, mask, None)
 
     def _normalize(self, input: Tensor, mask: Tensor | None, activation: str | None) -> Tensor:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.fx import Proxy
 from torch.nn import Module
 
 from .. import functional as F
+from ._base import fx_node
 
 
 class FrozenBatchNorm2d(Module):
@@ -38,6 +40,8 @@ class FrozenBatchNorm2d(Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, Proxy):
+            return fx_node(self, x)
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
     def extra_repr(self) -> str:

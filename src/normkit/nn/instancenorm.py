@@ -5,9 +5,10 @@ from __future__ import annotations
 import warnings
 
 from torch import Tensor
+from torch.fx import Proxy
 
 from .. import functional as F
-from ._base import NormBase, check_dims
+from ._base import NormBase, check_dims, fx_node
 
 
 class _InstanceNorm(NormBase):
@@ -66,6 +67,8 @@ class _InstanceNorm(NormBase):
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         """``mask`` (bool, True = valid) keeps padding out of the statistics."""
+        if isinstance(input, Proxy):
+            return fx_node(self, input, mask)
         self._check_input_dim(input)
         feature_dim = input.dim() - self._no_batch_dim
         if input.size(feature_dim) != self.num_features:

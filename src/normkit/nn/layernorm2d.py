@@ -9,9 +9,11 @@ LayerNorm over the last dimension. Both layouts are served without a copy and ke
 from __future__ import annotations
 
 from torch import Tensor
+from torch.fx import Proxy
 
 from ..functional import _layout as L
 from ..functional._core import normalize_batch
+from ._base import fx_node
 from .normalization import LayerNorm
 
 
@@ -38,6 +40,8 @@ class LayerNorm2d(LayerNorm):
         super().__init__(num_channels, eps, elementwise_affine, bias, device, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, Proxy):
+            return fx_node(self, input)
         c = self.normalized_shape[0]
         if input.dim() < 2 or input.shape[1] != c:
             raise RuntimeError(

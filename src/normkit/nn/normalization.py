@@ -7,10 +7,11 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.fx import Proxy
 from torch.nn import Module, init
 
 from .. import functional as F
-from ._base import register_affine
+from ._base import fx_node, register_affine
 
 _shape_t = int | Sequence[int] | torch.Size
 
@@ -57,6 +58,8 @@ class LayerNorm(_AffineNorm):
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         """``mask`` (bool, True = valid) keeps padding out of each row's statistics."""
+        if isinstance(input, Proxy):
+            return fx_node(self, input, mask)
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, mask)
 
     def extra_repr(self) -> str:
@@ -94,6 +97,8 @@ class GroupNorm(_AffineNorm):
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         """``mask`` (bool, True = valid) keeps padding out of the group statistics."""
+        if isinstance(input, Proxy):
+            return fx_node(self, input, mask)
         return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps, mask)
 
     def extra_repr(self) -> str:
@@ -124,6 +129,8 @@ class RMSNorm(_AffineNorm):
         self.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, Proxy):
+            return fx_node(self, x)
         return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
     def extra_repr(self) -> str:
