@@ -206,3 +206,36 @@ def test_in_place_activation_after_the_norm(name, training, backend):
     expected.backward(torch.ones_like(expected))
     torch.testing.assert_close(out, expected, rtol=2e-5, atol=1e-5)
     torch.testing.assert_close(xa.grad, xb.grad, rtol=2e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["BatchNorm2d", "GroupNorm", "LayerNorm", "RMSNorm-2d"])
+def test_empty_batch_gives_zero_parameter_gradients(name):
+    """An empty batch's output is empty, and the parameters still get gradients, zeros as torch.nn's.
+    (torch.nn's affine InstanceNorm raises an IndexError on an empty batch; normkit's returns one.)"""
+    ours, theirs = _pair(name, {}, torch.float32)
+    x = torch.randn(0, 6, 5, 7)
+    out, expected = ours(x.clone().requires_grad_()), theirs(x.clone().requires_grad_())
+    assert out.shape == expected.shape
+    out.sum().backward()
+    expected.sum().backward()
+    for (pname, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        assert q.grad is not None and p.grad is not None, pname
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+@pytest.mark.parametrize(
+    "name,shape,perm",
+    [("BatchNorm1d", (4, 7, 5), (0, 2, 1)), ("InstanceNorm1d", (3, 9, 5), (0, 2, 1)), ("GroupNorm", (3, 4, 6), (0, 2, 1)),
+     ("BatchNorm2d", (2, 6, 7, 5), (0, 1, 3, 2)), ("GroupNorm", (3, 3, 6, 2), (0, 2, 1, 3)),
+     ("BatchNorm2d", (2, 5, 7, 6), (0, 3, 1, 2))],
+    ids=["bn1d-transposed", "in1d-transposed", "gn-3d-transposed", "bn2d-permuted", "gn-4d-permuted", "bn2d-channels_last"],
+)
+def test_output_strides_follow_torch_nn(name, shape, perm):
+    """Strided inputs give outputs in torch.nn's layout: contiguous, except channels-last 4-D/5-D
+    input, which stays channels-last. A transposed sequence (N, L, C) -> (N, C, L) is no channels-last
+    tensor: its output must allow ``view`` as torch's does."""
+    ours, theirs = _pair(name, {}, torch.float32)
+    x = torch.randn(shape).permute(*perm)
+    out, expected = ours(x), theirs(x)
+    assert out.stride() == expected.stride()
+    torch.testing.assert_close(out, expected, rtol=2e-5, atol=1e-5)

@@ -12,8 +12,10 @@ from ._core import traced
 
 
 def channels_last_perm(x: Tensor) -> tuple[int, ...] | None:
-    """The permutation that makes a channels-last tensor contiguous, or None for any other layout."""
-    if x.dim() < 3 or x.is_contiguous():
+    """The permutation that makes a channels-last 4-D/5-D tensor contiguous, or None for any other
+    layout. A 3-D (N, L, C)-ordered tensor (a transposed sequence) has no memory format of torch's,
+    whose layers return it contiguous: so does normkit (a ``view`` of the output may follow)."""
+    if x.dim() not in (4, 5) or x.is_contiguous():
         return None
     perm = memory_order(x.dim())
     return perm if x.permute(perm).is_contiguous() else None
@@ -30,7 +32,7 @@ def dense(x: Tensor) -> tuple[Tensor, tuple[int, ...] | None]:
     permuted view, tested and kept: each view costs microseconds from a cold cache."""
     if x.is_contiguous():  # the common case without a torch call
         return x, None
-    if x.dim() >= 3:
+    if x.dim() in (4, 5):  # channels-last (see ``channels_last_perm``)
         perm = memory_order(x.dim())
         xp = x.permute(perm)
         if xp.is_contiguous():

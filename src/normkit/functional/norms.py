@@ -73,9 +73,15 @@ def _batch_view(
     return L.restore(y, perm), st.mean, st.var
 
 
-def _empty(input: Tensor, activation: str | None) -> Tensor:
+def _empty(input: Tensor, weight: Tensor | None, bias: Tensor | None, activation: str | None) -> Tensor:
+    """The (empty) output of an empty input, joined to the parameters in the graph as torch's is: their
+    gradients are zeros, not None (an optimizer step or a DDP rank with an empty batch expects them)."""
     A.check(activation)
-    return input.clone()
+    y = input.clone()
+    for p in (weight, bias):
+        if records_graph(p):
+            y = y + p.sum() * 0
+    return y
 
 
 def batch_norm(
@@ -110,7 +116,7 @@ def batch_norm(
             raise RuntimeError("running_mean must be defined in evaluation mode")
         return _per_channel_eval(input, running_mean, running_var, weight, bias, eps, activation)
     if input.numel() == 0:
-        return _empty(input, activation)
+        return _empty(input, weight, bias, activation)
     if mask is not None:
         y = M.batch_norm(input, mask, running_mean, running_var, weight, bias, momentum, eps)
         return A.apply(activation, y)
@@ -153,7 +159,7 @@ def instance_norm(
             raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false")
         return _per_channel_eval(input, running_mean, running_var, weight, bias, eps, activation)
     if input.numel() == 0:
-        return _empty(input, activation)
+        return _empty(input, weight, bias, activation)
     if mask is not None:
         y = M.instance_norm(input, mask, running_mean, running_var, weight, bias, momentum, eps)
         return A.apply(activation, y)
@@ -196,7 +202,7 @@ def group_norm(
                 f"{name} of shape {list(t.shape)} and input of shape {list(size)}"
             )
     if input.numel() == 0:
-        return _empty(input, activation)
+        return _empty(input, weight, bias, activation)
     if mask is not None:
         return A.apply(activation, M.group_norm(input, mask, num_groups, weight, bias, eps))
     y, _, _ = _batch_view(input, lambda x, cl: (L.per_group_view(x, num_groups, cl), not cl, cl), weight, bias, eps, activation)
@@ -229,7 +235,7 @@ def _check_normalized_shape(input: Tensor, normalized_shape: Sequence[int], weig
 
 def _trailing_norm(input: Tensor, d: int, weight, bias, eps: float, rms: bool, activation: str | None) -> Tensor:
     if input.numel() == 0:
-        return _empty(input, activation)
+        return _empty(input, weight, bias, activation)
     xc = input.contiguous()
     shape = L.trailing_view(xc, d)
     return normalize_batch(xc, shape, weight, bias, eps, rms, activation, L.param_shape(shape, True, False))[0]
