@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import warnings
 
 import pytest
@@ -187,6 +188,48 @@ def test_carries_training_mode_device_dtype_memory_format_and_hooks() -> None:
     assert calls == [True, True]
 
 
+def _register_every_hook(norm: nn.Module, calls: list) -> list:
+    """One hook of each kind torch keeps on a module; each records its name and the module it was given."""
+
+    def record(name):
+        return lambda module, *args: calls.append((name, module))
+
+    return [
+        norm.register_forward_pre_hook(record("forward_pre")),
+        norm.register_forward_pre_hook(record("forward_pre_kwargs"), with_kwargs=True),
+        norm.register_forward_hook(record("forward")),
+        norm.register_forward_hook(record("forward_kwargs"), with_kwargs=True, always_call=True),
+        norm.register_full_backward_pre_hook(record("backward_pre")),
+        norm.register_full_backward_hook(record("backward")),
+        norm.register_state_dict_pre_hook(record("state_dict_pre")),
+        norm.register_state_dict_post_hook(record("state_dict")),
+        norm.register_load_state_dict_pre_hook(record("load_state_dict_pre")),
+        norm.register_load_state_dict_post_hook(record("load_state_dict_post")),
+    ]
+
+
+@pytest.mark.parametrize("convert,make", [(to_normkit, nn.BatchNorm2d), (to_torch, nk.BatchNorm2d)])
+def test_hooks_carry_over_and_old_handles_still_remove_them(convert, make) -> None:
+    norm, calls = make(3), []
+    handles = _register_every_hook(norm, calls)
+    model = convert(nn.Sequential(norm))
+    assert type(model[0]) is not make
+    del norm
+    gc.collect()
+
+    def exercise() -> set:
+        calls.clear()
+        model(torch.randn(2, 3, 4, 4, requires_grad=True)).sum().backward()
+        model.load_state_dict(model.state_dict())
+        assert all(module is model[0] for _, module in calls)
+        return {name for name, _ in calls}
+
+    assert len(exercise()) == len(handles)
+    for handle in handles:
+        handle.remove()
+    assert exercise() == set()
+
+
 class MyNorm(nn.Module):
     def forward(self, x):
         return x / x.norm(dim=-1, keepdim=True)
@@ -202,6 +245,19 @@ def test_unsupported_norms_are_left_untouched_with_a_warning() -> None:
     with pytest.warns(UnsupportedNormWarning, match=r"1 \(MyNorm\).*2 \(ScaledLayerNorm\)"):
         to_normkit(model)
     assert type(model[1]) is MyNorm and type(model[2]) is ScaledLayerNorm and type(model[3]) is nk.LayerNorm
+
+
+def test_normkit_only_layers_convert_silently() -> None:
+    layers = [
+        FrozenBatchNorm2d(4), LayerNorm2d(4), nk.BatchRenorm1d(4), nk.BatchRenorm2d(4), nk.BatchRenorm3d(4),
+        nk.GhostBatchNorm(4), nk.SwitchableNorm1d(4), nk.SwitchableNorm2d(4), nk.SwitchableNorm3d(4),
+        nk.EvoNormS0(4), nk.EvoNormB0(4), nk.BatchNormAct2d(4), nk.GroupNormAct(2, 4), nk.AdaptiveInstanceNorm(),
+    ]
+    model = nn.ModuleList(layers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert to_normkit(model) is model
+    assert [type(m) for m in model] == [type(m) for m in layers]
 
 
 def test_model_without_norms_converts_silently() -> None:
@@ -236,6 +292,26 @@ def test_replace_norm_other_kinds() -> None:
     assert type(model[1]) is nn.Identity
     model = replace_norm(nn.BatchNorm2d(8), "in", affine=True)
     assert type(model) is nk.InstanceNorm2d and model.affine
+
+
+@pytest.mark.parametrize(
+    "norm",
+    [lambda: nn.InstanceNorm2d(4), lambda: nn.GroupNorm(2, 4, affine=False), lambda: LayerNorm2d(4, elementwise_affine=False)],
+)
+def test_replace_norm_places_layers_without_tensors_like_the_model(norm) -> None:
+    inner = nn.Sequential(nn.ReLU(), norm())
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), inner)
+    assert next(inner.parameters(), None) is None
+    bn = replace_norm(copy.deepcopy(model).to("meta"), "bn")[1][1]
+    assert bn.weight.device.type == "meta" and bn.running_mean.device.type == "meta"
+    bn = replace_norm(copy.deepcopy(model).double(), "bn")[1][1]
+    assert bn.weight.dtype == torch.float64 and bn.running_var.dtype == torch.float64
+
+
+def test_freeze_batchnorm_places_layers_without_tensors_like_the_model() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, affine=False, track_running_stats=False)).double()
+    frozen = freeze_batchnorm(model)[1]
+    assert type(frozen) is FrozenBatchNorm2d and frozen.running_var.dtype == torch.float64
 
 
 def test_replace_norm_copies_statistics_into_frozen() -> None:
@@ -296,6 +372,33 @@ def test_convert_sync_batchnorm_shares_state() -> None:
     assert SyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm3d(2)).num_features == 2
 
 
+class TorchSubclassBatchNorm(nn.BatchNorm2d):
+    pass
+
+
+class NormkitSubclassBatchNorm(nk.BatchNorm1d):
+    pass
+
+
+def test_convert_sync_batchnorm_converts_what_torch_converts() -> None:
+    def zoo() -> nn.Sequential:
+        return nn.Sequential(
+            TorchSubclassBatchNorm(4), nn.SyncBatchNorm(4), NormkitSubclassBatchNorm(4), SyncBatchNorm(4),
+            nk.BatchRenorm2d(4), nk.GhostBatchNorm(4), nk.BatchNormAct2d(4), nn.InstanceNorm2d(4),
+        )
+
+    group = object()
+    model = zoo()
+    weight = model[0].weight
+    ours = convert_sync_batchnorm(model, process_group=group)
+    theirs = nn.SyncBatchNorm.convert_sync_batchnorm(zoo())
+    assert type(theirs[0]) is nn.SyncBatchNorm and type(theirs[1]) is nn.SyncBatchNorm
+    for i in range(4):
+        assert type(ours[i]) is SyncBatchNorm and ours[i].process_group is group, i
+    assert ours[0].weight is weight
+    assert [type(m) for m in ours[4:]] == [nk.BatchRenorm2d, nk.GhostBatchNorm, nk.BatchNormAct2d, nn.InstanceNorm2d]
+
+
 def test_convert_sync_batchnorm_output_without_process_group() -> None:
     model = _randomize(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))
     x = torch.randn(3, 3, 4, 4)
@@ -339,7 +442,7 @@ class TwoPath(nn.Module):
         x = torch.relu(self.bn1(self.conv1(x)))
         x = self.bn3(self.up(self.bn2(self.conv2(x))))
         x = self.bn4(self.shared_conv(x)) + self.shared_conv(x)
-        return self.bn5(self.fc(x.mean((2, 3))))
+        return self.bn5(self.fc(torch.flatten(TF.adaptive_avg_pool2d(x, 1), 1)))
 
 
 def test_fuse_conv_bn_eval_traced_model() -> None:
@@ -353,6 +456,71 @@ def test_fuse_conv_bn_eval_traced_model() -> None:
         assert type(getattr(model, name)) is nn.Identity, name
     assert type(model.bn4) is nn.BatchNorm2d
     torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("groups,cin,cout", [(1, 3, 8), (2, 4, 8), (8, 8, 8), (8, 8, 16), (2, 6, 4)])
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fuse_grouped_conv_transpose(groups: int, cin: int, cout: int, dims: int, bias: bool) -> None:
+    conv = getattr(nn, f"ConvTranspose{dims}d")(cin, cout, 3, stride=2, groups=groups, bias=bias)
+    norm = getattr(nn, f"BatchNorm{dims}d")(cout)
+    model = _randomize(nn.Sequential(conv, norm).double()).eval()
+    x = torch.randn(2, cin, *[4] * dims, dtype=torch.float64)
+    expected = model(x)
+    fuse_conv_bn_eval(model)
+    assert type(model[1]) is nn.Identity and model[0].weight.shape == conv.weight.shape
+    torch.testing.assert_close(model(x), expected, **F64)
+
+
+class FlatHead(nn.Module):
+    """Linear + BatchNorm1d pairs after the flatten and view forms of a 2-D input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.bn1 = nn.Linear(12, 8), nn.BatchNorm1d(8)
+        self.fc2, self.bn2 = nn.Linear(8, 6), nn.BatchNorm1d(6, affine=False)
+        self.fc3, self.bn3 = nn.Linear(12, 6), nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        h = self.bn2(self.fc2(torch.relu(self.bn1(self.fc1(x.flatten(1))))))
+        return h + self.bn3(self.fc3(x.view(x.size(0), -1)))
+
+
+class MixedRank(nn.Module):
+    """Untraceable: Linear + BatchNorm1d on a 3-D input, then a flattened MLP head, in nn.Sequential."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8))
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(64, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3), nn.BatchNorm1d(3)
+        )
+
+    def forward(self, x):
+        return self.head(self.body(x)) if x.sum() > -1e9 else x
+
+
+def test_fuse_linear_batchnorm1d_only_where_input_is_2d() -> None:
+    x3 = torch.randn(2, 8, 5, dtype=torch.float64)
+    model = _randomize(nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8)).double()).eval()
+    expected = model(x3)
+    fuse_conv_bn_eval(model)
+    assert type(model[1]) is nn.BatchNorm1d
+    torch.testing.assert_close(model(x3), expected, **F64)
+
+    head = _randomize(FlatHead().double()).eval()
+    x = torch.randn(3, 3, 2, 2, dtype=torch.float64)
+    expected = head(x)
+    fuse_conv_bn_eval(head)
+    assert all(type(getattr(head, f"bn{i}")) is nn.Identity for i in (1, 2, 3))
+    torch.testing.assert_close(head(x), expected, **F64)
+
+    mixed = _randomize(MixedRank().double()).eval()
+    expected = mixed(x3)
+    fuse_conv_bn_eval(mixed)
+    assert type(mixed.body[1]) is nn.BatchNorm1d
+    assert type(mixed.head[2]) is nn.Identity and type(mixed.head[5]) is nn.Identity
+    torch.testing.assert_close(mixed(x3), expected, **F64)
 
 
 class Untraceable(nn.Module):

@@ -8,11 +8,14 @@ Parameter policy:
 
 - ``to_normkit``, ``to_torch`` and ``convert_sync_batchnorm`` keep the *same* Parameter and buffer
   objects (no copy): weight tying, optimizers already built on the parameters, hooks, training mode,
-  device, dtype and memory format all carry over.
+  device, dtype and memory format all carry over. The new layer takes over the very hook dicts of the
+  old one, so a handle returned before the conversion still removes its hook.
 - ``replace_norm`` builds new layers; it copies ``weight``, ``bias``, ``running_mean`` and
   ``running_var`` from the old layer when the new one has a tensor of the same shape (a pretrained
   model keeps its learned per-channel scale and shift) and leaves the rest at the new layer's
-  defaults (weight 1, bias 0, running mean 0, running var 1).
+  defaults (weight 1, bias 0, running mean 0, running var 1). It is placed on the old layer's device
+  and dtype, or, when the old layer holds no floating-point tensor, on those of its nearest enclosing
+  module that does.
 - ``freeze_batchnorm`` copies parameters and statistics into buffers of ``FrozenBatchNorm2d``.
 - ``fuse_conv_bn_eval`` replaces each folded Conv/Linear by a new module with fused parameters and
   the BatchNorm by ``nn.Identity``.
@@ -22,15 +25,17 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import re
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as TF
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval as _fuse_conv
-from torch.nn.utils.fusion import fuse_linear_bn_eval as _fuse_linear
+from torch.nn.modules.module import _WrappedHook
 
 from . import nn as nk
 from .distributed import SyncBatchNorm
@@ -62,7 +67,12 @@ _CHANNEL_NORMS = (
     *CHANNEL_VARIANTS,
 )
 _FOLDABLE = (*_BATCHNORMS, nn.SyncBatchNorm, SyncBatchNorm, FrozenBatchNorm2d)
-_NORMKIT_ONLY = (FrozenBatchNorm2d, LayerNorm2d, *CHANNEL_VARIANTS)
+_NORMKIT_LAYERS = tuple(
+    cls for cls in (getattr(nk, name) for name in nk.__all__) if isinstance(cls, type) and issubclass(cls, nn.Module)
+)
+_NORMKIT_ONLY = tuple(cls for cls in _NORMKIT_LAYERS if cls not in _TORCH_TWINS)
+# What torch.nn.SyncBatchNorm.convert_sync_batchnorm converts (any torch.nn BatchNorm), and normkit's counterparts.
+_SYNCABLE = (nn.modules.batchnorm._BatchNorm, nk.BatchNorm1d, nk.BatchNorm2d, nk.BatchNorm3d, SyncBatchNorm)
 
 
 class UnsupportedNormWarning(UserWarning):
@@ -91,10 +101,20 @@ def _walk(model: nn.Module, swap: Callable[[str, nn.Module], nn.Module | None]) 
 
 
 def _twin(module: nn.Module, cls: type[nn.Module], **attrs: Any) -> nn.Module:
-    """An instance of ``cls`` holding ``module``'s state: same Parameter and buffer objects, hooks, mode."""
+    """An instance of ``cls`` holding ``module``'s state: same Parameter and buffer objects, hooks, mode.
+
+    The hook dicts are the old module's own objects, not copies: a ``RemovableHandle`` removes its hook
+    from the dict it was registered in. Hooks registered with the module bound (load_state_dict pre
+    hooks) are rebound to the new module, which they would otherwise reach through a dead reference.
+    """
     new = cls.__new__(cls)
-    state = {k: copy.copy(v) if isinstance(v, (dict, set)) else v for k, v in vars(module).items()}
+    state = {
+        k: copy.copy(v) if isinstance(v, (dict, set)) and "_hooks" not in k else v for k, v in vars(module).items()
+    }
     object.__setattr__(new, "__dict__", {**state, **attrs})
+    for hook in new._load_state_dict_pre_hooks.values():
+        if isinstance(hook, _WrappedHook) and hook.with_module and hook.module() is module:
+            hook.module = weakref.ref(new)
     return new
 
 
@@ -223,11 +243,27 @@ def _num_channels(module: nn.Module) -> int:
     return module.num_features
 
 
-def _carry_state(old: nn.Module, new: nn.Module) -> None:
-    """Copy the per-channel tensors both layers have, with the same shape; place ``new`` like ``old``."""
-    ref = next((t for t in (*old.parameters(), *old.buffers()) if t.is_floating_point()), None)
-    if ref is not None:
-        new.to(device=ref.device, dtype=ref.dtype)
+def _floating_tensor(module: nn.Module) -> torch.Tensor | None:
+    return next((t for t in itertools.chain(module.parameters(), module.buffers()) if t.is_floating_point()), None)
+
+
+def _placement(model: nn.Module, name: str) -> torch.Tensor | None:
+    """A floating-point tensor of the module at ``name``, else of its nearest enclosing module that has one.
+
+    A layer without one (InstanceNorm, non-affine GroupNorm) says nothing of where the model lives.
+    """
+    parts = name.split(".") if name else []
+    for depth in range(len(parts), -1, -1):
+        ref = _floating_tensor(model.get_submodule(".".join(parts[:depth])))
+        if ref is not None:
+            return ref
+    return None
+
+
+def _carry_state(old: nn.Module, new: nn.Module, like: torch.Tensor | None) -> None:
+    """Copy the per-channel tensors both layers have, with the same shape; put ``new`` on ``like``'s device and dtype."""
+    if like is not None:
+        new.to(device=like.device, dtype=like.dtype)
     with torch.no_grad():
         for name in ("weight", "bias", "running_mean", "running_var"):
             src, dst = getattr(old, name, None), getattr(new, name, None)
@@ -260,29 +296,33 @@ def replace_norm(
                 f"replace_norm: cannot replace layer {name or '<model>'!r} ({type(module).__name__}, "
                 f"{channels} channels) by {spec!r}: {err}"
             ) from err
-        _carry_state(module, new)
+        _carry_state(module, new, _placement(model, name))
         return new
 
     return _walk(model, swap)
 
 
 def convert_sync_batchnorm(model: nn.Module, process_group: Any | None = None) -> nn.Module:
-    """Swap every BatchNorm1d/2d/3d (torch.nn or normkit) for normkit's SyncBatchNorm over ``process_group``.
+    """Swap every BatchNorm for normkit's SyncBatchNorm over ``process_group``.
 
-    Parameters and buffers are shared with the original layers, as in torch's converter.
+    As in ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, any instance of torch.nn's BatchNorm
+    base class is converted, subclasses and SyncBatchNorm included (an overridden ``forward`` is not
+    kept); so are normkit's BatchNorm1d/2d/3d and SyncBatchNorm and their subclasses. normkit's
+    variants built on BatchNorm (BatchRenorm, GhostBatchNorm, BatchNormAct2d) compute something else
+    and stay. Parameters and buffers are shared with the original layers, as in torch's converter.
     """
 
     def swap(name: str, module: nn.Module) -> nn.Module | None:
-        if type(module) in _BATCHNORMS:
+        if isinstance(module, _SYNCABLE) and not isinstance(module, _NORMKIT_ONLY):
             return _twin(module, SyncBatchNorm, process_group=process_group)
         return None
 
     return _walk(model, swap)
 
 
-def _frozen_from(module: nn.Module) -> FrozenBatchNorm2d:
+def _frozen_from(module: nn.Module, like: torch.Tensor | None) -> FrozenBatchNorm2d:
     frozen = FrozenBatchNorm2d(module.num_features, module.eps)
-    _carry_state(module, frozen)
+    _carry_state(module, frozen, like)
     frozen.train(False)
     return frozen
 
@@ -297,7 +337,7 @@ def freeze_batchnorm(model: nn.Module) -> nn.Module:
     kinds = (nn.BatchNorm2d, nk.BatchNorm2d, nn.SyncBatchNorm, SyncBatchNorm)
 
     def swap(name: str, module: nn.Module) -> nn.Module | None:
-        return _frozen_from(module) if type(module) in kinds else None
+        return _frozen_from(module, _placement(model, name)) if type(module) in kinds else None
 
     return _walk(model, swap)
 
@@ -309,8 +349,62 @@ class _NormLeafTracer(torch.fx.Tracer):
         return isinstance(m, _CHANNEL_NORMS) or super().is_leaf_module(m, module_qualified_name)
 
 
+# Layers and calls whose output has the rank of their (first) input.
+_KEEP_RANK_MODULES = (
+    nn.Linear, nn.Identity, nn.Dropout, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.GELU,
+    nn.SiLU, nn.Mish, nn.Hardswish, nn.Sigmoid, nn.Tanh, *_FOLDABLE,
+)
+_KEEP_RANK_CALLS = {
+    *(("call_function", f) for f in (torch.relu, torch.sigmoid, torch.tanh, TF.relu, TF.gelu, TF.silu, TF.dropout)),
+    *(("call_method", m) for m in ("relu", "sigmoid", "tanh")),
+}
+_FLATTEN_CALLS = {("call_function", torch.flatten), ("call_method", "flatten")}
+_RESHAPE_CALLS = {("call_function", torch.reshape), ("call_method", "view"), ("call_method", "reshape")}
+
+
+def _flattens_to_2d(module: nn.Module) -> bool:
+    return isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1
+
+
+def _traced_2d(node: Any, modules: dict[str, nn.Module]) -> bool:
+    """Whether the graph shows ``node``'s output is 2-D: a flatten from dim 1 or a view/reshape to two
+    sizes, followed only by layers and calls that keep the rank."""
+    while isinstance(node, torch.fx.Node) and node.args:
+        call, args = (node.op, node.target), node.args
+        if node.op == "call_module":
+            module = modules[node.target]
+            if _flattens_to_2d(module):
+                return True
+            if not isinstance(module, _KEEP_RANK_MODULES):
+                return False
+        elif call in _FLATTEN_CALLS:
+            start = args[1] if len(args) > 1 else node.kwargs.get("start_dim", 0)
+            end = args[2] if len(args) > 2 else node.kwargs.get("end_dim", -1)
+            return start == 1 and end == -1
+        elif call in _RESHAPE_CALLS:
+            sizes = args[1:]
+            if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+                sizes = sizes[0]
+            return len(sizes) == 2
+        elif call not in _KEEP_RANK_CALLS:
+            return False
+        node = args[0]
+    return False
+
+
+def _sequential_2d(children: list[nn.Module]) -> bool:
+    """Whether ``children`` run in order give a 2-D output: a flatten from dim 1, then layers that keep the rank."""
+    for module in reversed(children):
+        if _flattens_to_2d(module):
+            return True
+        if not isinstance(module, _KEEP_RANK_MODULES):
+            return False
+    return False
+
+
 def _traced_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """(layer, norm) names where a norm reads only the output of a Conv/Linear that nothing else reads."""
+    """(layer, norm) names where a norm reads only the output of a Conv/Linear that nothing else reads;
+    a Linear only where its output is 2-D."""
     graph = _NormLeafTracer().trace(model)
     calls: dict[str, int] = {}
     for node in graph.nodes:
@@ -328,40 +422,62 @@ def _traced_pairs(model: nn.Module) -> list[tuple[str, str]]:
             and len(prev.users) == 1
             and calls[prev.target] == 1
             and calls[node.target] == 1
+            and (not isinstance(modules[prev.target], nn.Linear) or _traced_2d(prev, modules))
         ):
             pairs.append((prev.target, node.target))
     return pairs
 
 
 def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """(layer, norm) names of adjacent children of each nn.Sequential, for models fx cannot trace."""
+    """(layer, norm) names of adjacent children of each nn.Sequential, for models fx cannot trace;
+    a Linear only where the children before it make its output 2-D."""
     pairs = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Sequential):
-            names = list(module._modules)
-            for a, b in zip(names, names[1:]):
-                prefix = f"{name}." if name else ""
-                pairs.append((prefix + a, prefix + b))
+            names, children = list(module._modules), list(module._modules.values())
+            prefix = f"{name}." if name else ""
+            for i in range(len(names) - 1):
+                if isinstance(children[i], nn.Linear) and not _sequential_2d(children[: i + 1]):
+                    continue
+                pairs.append((prefix + names[i], prefix + names[i + 1]))
     return pairs
 
 
-def _fuse(layer: nn.Module, norm: nn.Module) -> nn.Module | None:
-    if getattr(norm, "running_mean", None) is None or getattr(norm, "running_var", None) is None:
+def _fold(layer: nn.Module, norm: nn.Module) -> nn.Module | None:
+    """A copy of the Conv/Linear ``layer`` that outputs what eval-mode ``norm`` makes of its output, or None.
+
+    Output channel ``o`` is scaled by ``γ[o] / sqrt(running_var[o] + eps)`` and its bias moved to
+    match. A transposed convolution stores its weight as (in_channels, out_channels / groups, *kernel):
+    its output channel ``g · out/groups + j`` is ``weight[g · in/groups : (g + 1) · in/groups, j]``.
+    """
+    if isinstance(layer, nn.Linear):
+        channels = layer.out_features
+    elif isinstance(layer, nn.modules.conv._ConvNd):
+        channels = layer.out_channels
+    else:
         return None
-    if isinstance(norm, FrozenBatchNorm2d):
-        norm = _as_batchnorm(norm)
-    if isinstance(layer, nn.modules.conv._ConvNd) and layer.out_channels == norm.num_features:
-        return _fuse_conv(layer, norm, transpose=isinstance(layer, nn.modules.conv._ConvTransposeNd))
-    if isinstance(layer, nn.Linear) and layer.out_features == norm.num_features:
-        return _fuse_linear(layer, norm)
-    return None
-
-
-def _as_batchnorm(frozen: FrozenBatchNorm2d) -> nn.Module:
-    """A BatchNorm2d view of a frozen layer's statistics, for torch's fusion helpers."""
-    bn = nn.BatchNorm2d(frozen.num_features, frozen.eps)
-    _carry_state(frozen, bn)
-    return bn.eval()
+    mean, var = getattr(norm, "running_mean", None), getattr(norm, "running_var", None)
+    if mean is None or var is None or channels != norm.num_features:
+        return None
+    weight, bias = layer.weight, layer.bias
+    with torch.no_grad():
+        scale = torch.rsqrt(var + norm.eps)
+        if norm.weight is not None:
+            scale = scale * norm.weight
+        shift = (-mean if bias is None else bias - mean) * scale
+        if norm.bias is not None:
+            shift = shift + norm.bias
+        ones = [1] * (weight.dim() - 2)
+        if isinstance(layer, nn.modules.conv._ConvTransposeNd):
+            groups = layer.groups
+            folded = (weight.unflatten(0, (groups, -1)) * scale.view(groups, 1, -1, *ones)).flatten(0, 1)
+        else:
+            folded = weight * scale.view(-1, 1, *ones)
+    like = weight if bias is None else bias
+    fused = copy.deepcopy(layer)
+    fused.weight = nn.Parameter(folded.to(weight.dtype), weight.requires_grad)
+    fused.bias = nn.Parameter(shift.to(like.dtype), like.requires_grad)
+    return fused
 
 
 def fuse_conv_bn_eval(model: nn.Module) -> nn.Module:
@@ -370,6 +486,11 @@ def fuse_conv_bn_eval(model: nn.Module) -> nn.Module:
     Pairs are found by tracing the model with torch.fx (norm layers kept as leaves), or, when the model
     cannot be traced, among adjacent children of ``nn.Sequential``. A pair is folded only when the norm
     reads nothing but that layer's output, each is called once, and the norm has running statistics.
+    A Linear is folded only where its input is known to be 2-D (N, C): after a flatten from dim 1
+    (``torch.flatten(x, 1)``, ``x.flatten(1)``, ``nn.Flatten()``) or a view/reshape to two sizes,
+    with only Linear, norm, dropout and activation layers in between. On (N, C, L) input the norm
+    normalizes dim 1 while the Linear's features are the last dim, so no fold is exact for every input
+    rank; other Linear pairs stay unfused.
     Eval-mode outputs are unchanged up to rounding; the model must be in eval mode.
     """
     if model.training:
@@ -383,7 +504,7 @@ def fuse_conv_bn_eval(model: nn.Module) -> nn.Module:
         layer, norm = modules[layer_name], modules[norm_name]
         if layer.training or norm.training or not isinstance(norm, _FOLDABLE):
             continue
-        fused = _fuse(layer, norm) if isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear)) else None
+        fused = _fold(layer, norm)
         if fused is not None:
             model.set_submodule(layer_name, fused)
             model.set_submodule(norm_name, nn.Identity())
