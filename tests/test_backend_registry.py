@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import normkit
-from normkit import selection
-from normkit import kernels
+from normkit import info, kernels, selection
 
 
 def test_unknown_backend_is_a_clear_error():
@@ -67,6 +66,33 @@ def test_environment_variable_sets_the_default():
         [sys.executable, "-c", "import normkit; print(normkit.get_backend())"], env=env, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "reference"
+
+
+def test_info_shows_the_error_of_an_unknown_environment_backend(monkeypatch):
+    """``NORMKIT_BACKEND`` is read unchecked: ``info`` reports the error every layer call then raises."""
+    monkeypatch.setattr(selection, "_default", "bogus")
+    with pytest.raises(ValueError, match="unknown normkit backend 'bogus'") as raised:
+        normkit.functional.layer_norm(torch.randn(2, 4), (4,))
+    assert info.describe()["backend in force"] == f"error: {raised.value} (NORMKIT_BACKEND)"
+
+
+def test_info_says_when_the_backend_in_force_falls_back(monkeypatch):
+    def load(name):
+        raise ImportError("No module named 'numba'")
+
+    monkeypatch.setattr(selection, "_default", "cpu")
+    monkeypatch.setattr(kernels, "load", load)
+    in_force = info.describe()["backend in force"]
+    assert in_force == "cpu, unavailable (No module named 'numba'): calls use the reference backend"
+
+
+def test_info_command_prints_everything_with_an_unknown_backend():
+    env = dict(os.environ, NORMKIT_BACKEND="bogus")
+    out = subprocess.run(
+        [sys.executable, "-m", "normkit.cli", "info"], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    assert "backend in force: error: unknown normkit backend 'bogus'; choose one of" in out
+    assert "output cache:" in out
 
 
 def test_import_loads_no_kernel_backend():

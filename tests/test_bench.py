@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import subprocess
@@ -80,6 +81,66 @@ def test_json_keeps_the_cases_measured_before_an_interruption(tmp_path, monkeypa
     assert data["meta"]["summary"] and data["meta"]["seconds"] > 0
 
 
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="normkit bench")
+    bench.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--dtypes", "fp32,xyz"], "argument --dtypes: unknown dtypes ['xyz']; choose from fp32, bf16, fp64, fp16"),
+        (["--dtypes", ""], "argument --dtypes: unknown dtypes ''; choose from fp32, bf16, fp64, fp16"),
+        (["--norms", "foo"], "argument --norms: unknown norms ['foo']; choose from batch, instance, group, group+silu, layer, rms"),
+        (["--modes", "bar"], "argument --modes: unknown modes ['bar']; choose from fwd-train, fwd-eval, fwd+bwd"),
+        (["--shape", "abc"], "argument --shape: expected a positive integer, got 'abc'"),
+        (["--shape", "8,0,4"], "argument --shape: expected a positive integer, got '0'"),
+        (["--backend", "nosuch"], "argument --backend: unknown normkit backend 'nosuch'; choose one of ('auto', 'reference'"),
+        (["--threads", "-1"], "argument --threads: expected a positive integer, got '-1'"),
+        (["--threads", "0"], "argument --threads: expected a positive integer, got '0'"),
+        (["--rounds", "0"], "argument --rounds: expected a positive integer, got '0'"),
+    ],
+)
+def test_bad_option_values_are_usage_errors(argv, message, capsys):
+    """Rejected while parsing, so before any timing: usage, the error with the valid choices, status 2."""
+    with pytest.raises(SystemExit) as exit_:
+        _parse(*argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: normkit bench") and f"error: {message}" in err
+
+
+def test_cuda_without_a_cuda_device_is_a_usage_error(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--quick", "--device", "cuda"])
+    assert exit_.value.code == 2
+    assert "error: argument --device: no CUDA device is available" in capsys.readouterr().err
+
+
+def test_a_bad_value_stops_the_command_before_it_times_anything(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda *a: pytest.fail("timing started"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--quick", "--norms", "batch,foo"])
+    assert exit_.value.code == 2 and "unknown norms ['foo']" in capsys.readouterr().err
+
+
+def test_parsed_options_make_the_cases():
+    """Shapes go to the norms that take them (3 to 5 dims for the per-channel and group norms), and every
+    case builds its layers."""
+    args = _parse("--quick", "--dtypes", "fp64", "--modes", "fwd+bwd", "--shape", "2,8,6,6", "--shape", "2,4,2,2,2,3")
+    assert args.threads is None and args.backend == "auto"
+    got = bench.cases(args)
+    assert {(norm, shape) for norm, shape, *_ in got} == {
+        *((norm, (2, 8, 6, 6)) for norm in ("batch", "instance", "group", "group+silu")),
+        *((norm, shape) for norm in ("layer", "rms") for shape in ((2, 8, 6, 6), (2, 4, 2, 2, 2, 3))),
+    }
+    assert {(mode, dtype) for *_, mode, dtype in got} == {("fwd+bwd", "fp64")}
+    for norm, shape, *_ in got:
+        bench._modules(norm, shape)
+
+
 def test_cuda_graph_timing_needs_a_cuda_device():
     with pytest.raises(SystemExit, match="--cuda-graph needs --device cuda"):
         main(["bench", "--quick", "--cuda-graph"])
@@ -124,7 +185,8 @@ def test_cold_timing_flushes_the_cache_before_every_call(tmp_path, monkeypatch):
     assert json.loads(out.read_text())["meta"]["timing"] == "eager, caches flushed"
 
 
-def test_cold_timing_does_not_combine_with_graph_replay():
+def test_cold_timing_does_not_combine_with_graph_replay(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # --device cuda passes its own check
     with pytest.raises(SystemExit, match="--cold"):
         main(["bench", "--quick", "--device", "cuda", "--cuda-graph", "--cold"])
 

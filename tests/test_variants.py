@@ -195,6 +195,42 @@ def test_ghost_batch_norm_errors():
         nk.GhostBatchNorm(3, ghost_batch_size=1)(torch.randn(4, 3))
 
 
+
+@pytest.mark.parametrize(
+    "make,error,message",
+    [
+        (lambda: nk.EvoNormS0(4, num_groups=0), ValueError, "num_groups must be positive, got 0"),
+        (lambda: nk.EvoNormS0(4, num_groups=-2), ValueError, "num_groups must be positive, got -2"),
+        (lambda: nk.EvoNormS0(4, num_groups=2.0), TypeError, "num_groups must be an integer, got 2.0"),
+        (lambda: nk.EvoNormS0(4, num_groups=3), ValueError, r"num_channels \(4\) must be divisible by num_groups \(3\)"),
+        (lambda: sweep_groups(8, float, [0]), ValueError, "num_groups must be positive, got 0"),
+        (lambda: sweep_groups(8, float, [-2, 2]), ValueError, "num_groups must be positive, got -2"),
+        (lambda: nk.GhostBatchNorm(4, ghost_batch_size=2.5), TypeError, "ghost_batch_size must be an integer, got 2.5"),
+        (lambda: nk.GhostBatchNorm(4, ghost_batch_size=-1), ValueError, "ghost_batch_size must be positive, got -1"),
+        (lambda: nk.GroupNormAct(0, 4), ValueError, "num_groups must be positive, got 0"),
+        (lambda: nk.GroupNormAct(-2, 4), ValueError, "num_groups must be positive, got -2"),
+        (lambda: get_norm_layer("gnact0:silu")(8), ValueError, "num_groups must be positive, got 0"),
+        (lambda: nk.BatchRenorm2d(4, warmup_steps=2.5), TypeError, "warmup_steps must be an integer, got 2.5"),
+        (lambda: nk.BatchRenorm2d(4, ramp_steps=-1), ValueError, "ramp_steps must be non-negative, got -1"),
+    ],
+)
+def test_variant_arguments_are_checked_at_construction(make, error, message):
+    """A zero, negative or fractional count fails where it is given, not in the first forward or after
+    a silent truncation."""
+    with pytest.raises(error, match=message):
+        make()
+
+
+def test_variant_counts_accept_any_integer_type():
+    import numpy as np
+
+    evo = nk.EvoNormS0(4, num_groups=np.int64(2))
+    assert evo.num_groups == 2 and type(evo.num_groups) is int
+    brn = nk.BatchRenorm2d(4, warmup_steps=0, ramp_steps=0)
+    assert (brn.warmup_steps, brn.ramp_steps) == (0, 0)
+    assert sweep_groups(8, float, [np.int64(4)])[0] == 4
+
+
 # -------------------------------------------------------- SwitchableNorm (Luo et al. 2019, eq. 3–5)
 
 

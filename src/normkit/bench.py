@@ -29,9 +29,10 @@ import torch
 from torch.utils import benchmark
 
 from . import __version__
+from .cli import comma_list, device_type, positive_int
 from .kernels import _pages
 from .kernels.cpu import SERIAL_BELOW
-from .selection import backend
+from .selection import _validate, backend
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64, "fp16": torch.float16}
 MODES = ("fwd-train", "fwd-eval", "fwd+bwd")
@@ -80,19 +81,40 @@ class Result:
     normkit_faults: float
 
 
+def _backend_name(name: str) -> str:
+    """argparse type for ``--backend``: a backend the layers could not use is a usage error."""
+    try:
+        return _validate(name)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    except ImportError as exc:
+        raise argparse.ArgumentTypeError(f"backend {name!r} is unavailable: {exc}") from None
+
+
+def _shape(value: str) -> tuple[int, ...]:
+    """argparse type for ``--shape``: comma-separated positive sizes."""
+    return tuple(positive_int(v) for v in value.split(","))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``normkit bench`` options; every value is checked here, before any timing starts."""
     parser.add_argument("--quick", action="store_true", help="one shape per norm, short timings (under a minute)")
     parser.add_argument("--json", metavar="PATH", help="also write the results and summary as JSON")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--backend", default="auto", help="normkit backend to time (default: auto)")
-    parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16, fp64")
-    parser.add_argument("--norms", default=",".join(FULL), help="comma-separated subset of " + ",".join(FULL))
-    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
-    parser.add_argument("--shape", action="append", default=[], metavar="N,C,...",
-                        help="replace the default shapes (repeatable); the last dim is the feature size for layer/rms")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for both sides (default: as is)")
+    parser.add_argument("--device", default="cpu", type=device_type, choices=("cpu", "cuda"))
+    parser.add_argument("--backend", default="auto", type=_backend_name, help="normkit backend to time (default: auto)")
+    parser.add_argument("--dtypes", default="fp32,bf16", type=comma_list(DTYPES, "dtypes"),
+                        help="comma-separated subset of " + ",".join(DTYPES))
+    parser.add_argument("--norms", default=",".join(FULL), type=comma_list(FULL, "norms"),
+                        help="comma-separated subset of " + ",".join(FULL))
+    parser.add_argument("--modes", default=",".join(MODES), type=comma_list(MODES, "modes"),
+                        help="comma-separated subset of " + ",".join(MODES))
+    parser.add_argument("--shape", action="append", default=[], type=_shape, metavar="N,C,...",
+                        help="replace the default shapes (repeatable); the last dim is the feature size for layer/rms, "
+                        "the other norms take shapes of 3 to 5 dims")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch.set_num_threads for both sides (default: as is)")
     parser.add_argument("--min-time", type=float, default=None, help="seconds of timing per measurement")
-    parser.add_argument("--rounds", type=int, default=None,
+    parser.add_argument("--rounds", type=positive_int, default=None,
                         help="alternating repeats of both sides; each keeps its best median (robust to load spikes)")
     parser.add_argument("--cold", action="store_true",
                         help="flush the caches before every timed call (a training step reads activations from memory)")
@@ -334,28 +356,23 @@ def _table(results: list[Result], meta: dict[str, object]) -> None:
             console.print(f"[bold]{dtype}[/] norm+activation vs torch's two modules: {fused}")
 
 
-def _parse_shapes(specs: list[str]) -> list[tuple[int, ...]]:
-    return [tuple(int(v) for v in spec.split(",")) for spec in specs]
-
-
 def cases(args: argparse.Namespace) -> list[tuple[str, tuple[int, ...], str, str, str]]:
     """(norm, shape, layout, mode, dtype) to run. Eval differs from train only for BatchNorm (running
     statistics), so ``--quick`` times eval for BatchNorm alone."""
     grid = QUICK if args.quick else FULL
-    custom = _parse_shapes(args.shape)
     out = []
-    for norm in args.norms.split(","):
+    for norm in args.norms:
         shapes, layouts = grid[norm]
-        if custom:
-            shapes = custom if norm in ("layer", "rms") else [s for s in custom if len(s) >= 3]
+        if args.shape:
+            shapes = args.shape if norm in ("layer", "rms") else [s for s in args.shape if 3 <= len(s) <= 5]
         for shape in shapes:
             for layout in layouts:
                 if layout == "channels_last" and len(shape) not in (4, 5):
                     continue
-                for mode in args.modes.split(","):
+                for mode in args.modes:
                     if args.quick and mode == "fwd-eval" and norm != "batch":
                         continue
-                    for dtype in args.dtypes.split(","):
+                    for dtype in args.dtypes:
                         out.append((norm, shape, layout, mode, dtype))
     return out
 
@@ -371,7 +388,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--cuda-graph needs --device cuda")
     if args.cuda_graph and args.cold:
         raise SystemExit("--cold times eager calls; it does not combine with --cuda-graph")
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     min_time = args.min_time if args.min_time is not None else (0.02 if args.quick else 0.1)
     rounds = args.rounds if args.rounds is not None else (3 if args.quick else 5)

@@ -1,11 +1,13 @@
 """``normkit`` command line: ``lab`` (re-measure the article's claims), ``bench`` (speed vs torch.nn), ``info``,
-``precompile`` (the CPU kernels ahead of their first use)."""
+``precompile`` (the CPU kernels ahead of their first use); and the argument types the commands share, so that
+a bad value is a usage error before anything runs."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+from collections.abc import Callable, Iterable
 
 # subcommand -> module providing ``add_arguments(parser)`` and ``run(args) -> int``; imported on use.
 COMMANDS = {
@@ -14,6 +16,42 @@ COMMANDS = {
     "info": ("normkit.info", "versions, backends available and the backend in force"),
     "precompile": ("normkit.precompile", "compile the CPU kernels now instead of on their first call"),
 }
+
+
+def positive_int(value: str) -> int:
+    """argparse type for counts (seeds, jobs, threads, rounds): 0 would read as "unset" and fall back to a
+    default, a negative count fails deep inside the run."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def comma_list(choices: Iterable[str], what: str) -> Callable[[str], tuple[str, ...]]:
+    """argparse type for a comma-separated subset of ``choices`` (``--dtypes fp32,bf16``): an unknown name
+    is a usage error that lists the choices, not a KeyError once the run has started."""
+    allowed = tuple(choices)
+
+    def parse(value: str) -> tuple[str, ...]:
+        names = tuple(v for v in value.split(",") if v)
+        unknown = [v for v in names if v not in allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown {what} {unknown or value!r}; choose from {', '.join(allowed)}")
+        return names
+
+    return parse
+
+
+def device_type(value: str) -> str:
+    """argparse type for ``--device``: CUDA where torch has none is a usage error, not a failure inside torch."""
+    import torch
+
+    if value == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("no CUDA device is available")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

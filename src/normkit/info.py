@@ -9,14 +9,28 @@ import torch
 
 from . import __version__, kernels
 from .kernels import _pages
-from .selection import get_backend
+from .selection import _validate, get_backend
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """No options."""
 
 
+def _in_force() -> str:
+    """The backend in force as the layers will see it: ``NORMKIT_BACKEND`` is read unchecked at import,
+    so a name no backend has is shown as the error every layer call raises."""
+    name = get_backend()
+    try:
+        _validate(name)
+    except ValueError as exc:
+        return f"error: {exc} (NORMKIT_BACKEND)"
+    except ImportError as exc:
+        return f"{name}, unavailable ({exc}): calls use the reference backend"
+    return name
+
+
 def describe() -> dict[str, object]:
+    """What ``normkit info`` prints, by line title."""
     backends = {}
     for name in kernels.names():
         try:
@@ -30,7 +44,7 @@ def describe() -> dict[str, object]:
         "python": platform.python_version(),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
         "cuda": torch.cuda.is_available(),
-        "backend in force": get_backend(),
+        "backend in force": _in_force(),
         "auto order": {dev: list(order) + ["reference"] for dev, order in kernels.AUTO_ORDER.items()} or "reference",
         "backends": backends,
         "output cache": f"{_pages.cached_bytes() >> 20} MB kept, at most {_pages.CACHE_LIMIT >> 20} MB "

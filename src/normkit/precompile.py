@@ -11,34 +11,28 @@ import argparse
 import time
 
 from .bench import DTYPES
+from .cli import comma_list
+from .kernels.contract import ACTIVATIONS
 
 MODES = {"serial": False, "parallel": True}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtypes", default="fp32,bf16,fp64",
+    parser.add_argument("--dtypes", default="fp32,bf16,fp64", type=comma_list(DTYPES, "dtypes"),
                         help="comma-separated subset of " + ",".join(DTYPES) + " (fp16 runs the fp32 kernels)")
-    parser.add_argument("--activations", default="none,relu,silu,gelu",
-                        help="comma-separated: none (no fused activation) and any of relu, silu, gelu")
-    parser.add_argument("--modes", default="serial,parallel", help="comma-separated subset of " + ",".join(MODES))
-
-
-def _pick(value: str, choices: dict, what: str) -> tuple:
-    names = [v for v in value.split(",") if v]
-    unknown = [v for v in names if v not in choices]
-    if unknown or not names:
-        raise SystemExit(f"unknown {what} {unknown or value!r}; choose from {', '.join(choices)}")
-    return tuple(choices[v] for v in names)
+    parser.add_argument("--activations", default="none,relu,silu,gelu", type=comma_list(("none", *ACTIVATIONS), "activations"),
+                        help="comma-separated: none (no fused activation) and any of " + ", ".join(ACTIVATIONS))
+    parser.add_argument("--modes", default="serial,parallel", type=comma_list(MODES, "modes"),
+                        help="comma-separated subset of " + ",".join(MODES))
 
 
 def run(args: argparse.Namespace) -> int:
     from .kernels import cpu
-    from .kernels.contract import ACTIVATIONS
 
     families = cpu.precompile(
-        _pick(args.dtypes, DTYPES, "dtypes"),
-        _pick(args.activations, {"none": None, **{a: a for a in ACTIVATIONS}}, "activations"),
-        _pick(args.modes, MODES, "modes"),
+        tuple(DTYPES[d] for d in args.dtypes),
+        tuple(None if a == "none" else a for a in args.activations),
+        tuple(MODES[m] for m in args.modes),
     )
     start = time.perf_counter()
     for family in families:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 
 import pytest
+import torch
 
 from normkit.cli import main
+from normkit.lab import cli as lab_cli
 
 
 def test_user_data_needs_files_or_torchvision(tmp_path, capsys):
@@ -25,3 +28,32 @@ def test_only_rejects_unknown_studies(capsys):
         main(["lab", "--only", "no_such_study"])
     assert exit_.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="normkit lab")
+    lab_cli.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.mark.parametrize("option,value", [("--seeds", "0"), ("--seeds", "-2"), ("--jobs", "0"), ("--jobs", "x")])
+def test_counts_below_one_are_usage_errors(option, value, capsys):
+    """0 is not "the default": it is refused while parsing, before any run."""
+    with pytest.raises(SystemExit) as exit_:
+        _parse(option, value)
+    assert exit_.value.code == 2
+    assert f"error: argument {option}: expected a positive integer, got '{value}'" in capsys.readouterr().err
+
+
+def test_counts_keep_their_defaults_when_not_given():
+    args = _parse("--seeds", "1")
+    assert args.seeds == 1 and args.jobs >= 1
+    assert _parse().seeds is None
+
+
+def test_cuda_without_a_cuda_device_is_a_usage_error(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_:
+        main(["lab", "--tiny", "--device", "cuda"])
+    assert exit_.value.code == 2
+    assert "error: argument --device: no CUDA device is available" in capsys.readouterr().err

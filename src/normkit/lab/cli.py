@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from ..cli import device_type, positive_int
 from .data import DataUnavailable
 from .stats import HOLDS, NOT, PARTLY
 
@@ -25,13 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     size.add_argument("--tiny", dest="mode", action="store_const", const="tiny", help="smoke-test size (seconds); numbers mean nothing")
     parser.set_defaults(mode="quick")
     parser.add_argument("--only", nargs="+", metavar="STUDY", choices=list(STUDIES), help=f"run only these studies: {', '.join(STUDIES)}")
-    parser.add_argument("--seeds", type=int, help="seeds per configuration (default 3 quick, 5 full)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--seeds", type=positive_int, help="seeds per configuration (default 3 quick, 5 full)")
+    parser.add_argument("--device", type=device_type, choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--backend", choices=["auto", "reference", "torch"], default="auto",
                         help="normkit backend for the models' norms, or torch to use torch.nn's layers")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("lab-out"), help="results, cache and report directory (default lab-out/)")
     parser.add_argument("--force", action="store_true", help="rerun every job even when its result is cached")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel worker processes (default: all cores)")
+    parser.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1, help="parallel worker processes (default: all cores)")
     parser.add_argument("--executor", choices=["local", "ray"], default="local", help="local process pool, or a Ray cluster")
     parser.add_argument("--ray-address", help="Ray cluster address (default: start or join a local one)")
     parser.add_argument("--data", choices=["digits", "cifar10", "imagefolder"], default="digits",
@@ -52,17 +53,12 @@ def verdict_table(results: dict) -> Table:
 
 def run(args: argparse.Namespace) -> int:
     """Run the lab and print the verdict table and the report's path."""
-    import torch
-
     from .data import image_dataset
     from .pipeline import run_lab
     from .study import Profile
 
     console = Console()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        console.print("[red]--device cuda: no CUDA device is available[/]")
-        return 2
-    seeds = args.seeds or (5 if args.mode == "full" else 3 if args.mode == "quick" else 2)
+    seeds = args.seeds if args.seeds is not None else 5 if args.mode == "full" else 3 if args.mode == "quick" else 2
     profile = Profile(mode=args.mode, seeds=tuple(range(seeds)), backend=args.backend, device=args.device, data=args.data, data_dir=args.data_dir)
     try:
         if args.data != "digits":

@@ -57,9 +57,10 @@ def _auto_group_norm(num_channels: int, **kwargs: Any) -> nn.Module:
 
 def _group_norm_act(groups: int | None, act: str) -> Callable[..., nn.Module]:
     def make(num_channels: int, **kwargs: Any) -> nn.Module:
-        return GroupNormAct(groups or auto_groups(num_channels), num_channels, act_layer=act, **kwargs)
+        count = auto_groups(num_channels) if groups is None else groups
+        return GroupNormAct(count, num_channels, act_layer=act, **kwargs)
 
-    make.__name__ = f"gnact{groups or ''}:{act}"
+    make.__name__ = f"gnact{'' if groups is None else groups}:{act}"
     return make
 
 

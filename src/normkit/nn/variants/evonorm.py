@@ -26,6 +26,7 @@ from ...functional.masked import moments, normalize_with
 from ...functional.norms import _bessel, _verify_batch_size
 from ...kernels.contract import blend_running, stats_dtype
 from .._base import check_dims
+from ._checks import check_count
 from .groups import auto_groups
 
 
@@ -69,7 +70,7 @@ class EvoNormS0(_EvoNorm):
     def __init__(
         self, num_features: int, num_groups: int | None = None, eps: float = 1e-5, device=None, dtype=None
     ) -> None:
-        groups = auto_groups(num_features) if num_groups is None else num_groups
+        groups = auto_groups(num_features) if num_groups is None else check_count(num_groups, "num_groups")
         if num_features % groups:
             raise ValueError(f"num_channels ({num_features}) must be divisible by num_groups ({groups})")
         self.num_groups = groups

@@ -21,6 +21,7 @@ from ...functional import _layout as L
 from ...functional._core import normalize_batch
 from ...kernels.contract import blend_running
 from ..batchnorm import _BatchNorm
+from ._checks import check_count
 
 
 class GhostBatchNorm(_BatchNorm):
@@ -42,9 +43,7 @@ class GhostBatchNorm(_BatchNorm):
         ghost_batch_size: int = 32,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        if ghost_batch_size < 1:
-            raise ValueError(f"ghost_batch_size must be positive, got {ghost_batch_size}")
-        self.ghost_batch_size = int(ghost_batch_size)
+        self.ghost_batch_size = check_count(ghost_batch_size, "ghost_batch_size")
 
     def _sizes(self, n: int, per_sample: int) -> tuple[int, int]:
         """(number of full ghost batches, samples after them) — a single-value remainder joins the last batch."""

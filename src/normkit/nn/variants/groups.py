@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from ._checks import check_count
+
 
 def divisors(n: int) -> list[int]:
     """The positive divisors of ``n``, ascending."""
@@ -43,7 +45,7 @@ def sweep_groups(
     }
     scores: dict[int, float] = {}
     for g in sorted(set(pool)):
-        if num_channels % g:
+        if num_channels % check_count(g, "num_groups"):
             raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({g})")
         scores[g] = float(score(g))
     if not scores:

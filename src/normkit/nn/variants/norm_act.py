@@ -16,6 +16,7 @@ from ... import functional as F
 from ...kernels.contract import ACTIVATIONS
 from ..batchnorm import _BatchNorm
 from ..normalization import GroupNorm
+from ._checks import check_count
 
 ActLayer = str | type[nn.Module] | None
 
@@ -53,7 +54,7 @@ class GroupNormAct(_NormAct, GroupNorm):
     """GroupNorm followed by an activation (default ReLU); arguments of GroupNorm plus ``act_layer``."""
 
     def __init__(self, num_groups: int, num_channels: int, *args, act_layer: ActLayer = "relu", **kwargs) -> None:
-        super().__init__(num_groups, num_channels, *args, **kwargs)
+        super().__init__(check_count(num_groups, "num_groups"), num_channels, *args, **kwargs)
         self._set_act(act_layer)
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:

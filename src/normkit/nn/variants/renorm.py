@@ -19,6 +19,7 @@ from ... import functional as F
 from ...functional import _layout as L
 from ...functional.masked import moments, view_mask
 from ..batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
+from ._checks import check_count
 
 
 class _BatchRenorm(_BatchNorm):
@@ -42,7 +43,8 @@ class _BatchRenorm(_BatchNorm):
         if rmax < 1.0 or dmax < 0.0:
             raise ValueError(f"BatchRenorm needs rmax >= 1 and dmax >= 0, got rmax={rmax}, dmax={dmax}")
         self.rmax, self.dmax = float(rmax), float(dmax)
-        self.warmup_steps, self.ramp_steps = int(warmup_steps), int(ramp_steps)
+        self.warmup_steps = check_count(warmup_steps, "warmup_steps", allow_zero=True)
+        self.ramp_steps = check_count(ramp_steps, "ramp_steps", allow_zero=True)
 
     def limits(self, step: int) -> tuple[float, float]:
         """(rmax, dmax) at training step ``step``: (1, 0) during warm-up, then a linear ramp to the final values."""
