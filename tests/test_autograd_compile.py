@@ -236,13 +236,35 @@ def test_fx_symbolic_trace_keeps_each_layer_whole():
     shapes a Proxy cannot answer, so it makes itself such a node, and a model converted to normkit
     still traces (feature extractors, FX quantization and fusion passes rely on it)."""
     model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3), nk.BatchNorm2d(8), nk.GroupNorm(2, 8), nk.InstanceNorm2d(8, affine=True),
-        nk.LayerNorm2d(8), nk.FrozenBatchNorm2d(8), SyncBatchNorm(8), nk.LayerNorm(4), nk.RMSNorm(4),
+        nk.WSConv2d(3, 8, 3), nk.BatchNorm2d(8), nk.GroupNorm(2, 8), nk.InstanceNorm2d(8, affine=True),
+        nk.LayerNorm2d(8), nk.FrozenBatchNorm2d(8), SyncBatchNorm(8), nk.BatchRenorm2d(8, warmup_steps=0),
+        nk.GhostBatchNorm(8, ghost_batch_size=2), nk.SwitchableNorm2d(8), nk.EvoNormB0(8), nk.EvoNormS0(8),
+        nk.BatchNormAct2d(8), nk.GroupNormAct(2, 8), nk.LayerNorm(4), nk.RMSNorm(4),
     )
+    every_forward = {getattr(nk, name).forward for name in nk.__all__} - {nk.AdaptiveInstanceNorm.forward}
+    assert every_forward <= {type(m).forward for m in model}
     twin = copy.deepcopy(model)
     graph_module = torch.fx.symbolic_trace(model)
     nodes = [(n.op, n.target) for n in graph_module.graph.nodes if n.op not in ("placeholder", "output")]
     assert nodes == [("call_module", str(i)) for i in range(len(model))]
-    x = torch.randn(2, 3, 6, 6)
-    torch.testing.assert_close(graph_module(x), twin(x))
+    x = torch.randn(4, 3, 6, 6)
+    for _ in range(2):
+        torch.testing.assert_close(graph_module(x), twin(x))
     torch.testing.assert_close(graph_module.state_dict(), twin.state_dict())
+    twin.eval(), graph_module.eval()
+    torch.testing.assert_close(graph_module(x), twin(x))
+
+
+def test_fx_symbolic_trace_keeps_a_two_input_layer_whole():
+    class Stylize(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.adain = nk.AdaptiveInstanceNorm()
+
+        def forward(self, content, style):
+            return self.adain(content, style).relu()
+
+    graph_module = torch.fx.symbolic_trace(Stylize())
+    assert [n.op for n in graph_module.graph.nodes] == ["placeholder", "placeholder", "call_module", "call_method", "output"]
+    content, style = torch.randn(2, 3, 5, 5), torch.randn(2, 3, 4, 4) * 2 + 1
+    torch.testing.assert_close(graph_module(content, style), Stylize()(content, style))

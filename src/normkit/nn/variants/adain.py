@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.fx import Proxy
 from torch.nn import Module
 
 from ...functional import _layout as L
 from ...functional.masked import moments, normalize_with
+from .._base import fx_node
 
 
 def instance_moments(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -38,6 +40,8 @@ class AdaptiveInstanceNorm(Module):
         self.eps = eps
 
     def forward(self, content: Tensor, style: Tensor) -> Tensor:
+        if isinstance(content, Proxy) or isinstance(style, Proxy):
+            return fx_node(self, content, style)
         if content.dim() < 3 or style.dim() < 3:
             raise ValueError(f"expected (N, C, *) inputs with spatial dims, got {content.dim()}D and {style.dim()}D")
         n, c = content.shape[0], content.shape[1]

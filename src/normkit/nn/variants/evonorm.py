@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.fx import Proxy
 from torch.nn import Module, Parameter, init
 
 from ...functional import _layout as L
@@ -25,7 +26,7 @@ from ...functional._core import normalize_fixed
 from ...functional.masked import moments, normalize_with
 from ...functional.norms import _bessel, _verify_batch_size
 from ...kernels.contract import blend_running, stats_dtype
-from .._base import check_dims
+from .._base import check_dims, fx_node
 from ._checks import check_count
 from .groups import auto_groups
 
@@ -77,6 +78,8 @@ class EvoNormS0(_EvoNorm):
         super().__init__(num_features, eps, device, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, Proxy):
+            return fx_node(self, input)
         _check_channels(input, self.num_features)
         numerator = input * torch.sigmoid(self.v.view(1, -1, 1, 1) * input)
         xc, perm = L.dense(input)
@@ -117,6 +120,8 @@ class EvoNormB0(_EvoNorm):
         return var
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, Proxy):
+            return fx_node(self, input)
         _check_channels(input, self.num_features)
         xc, perm = L.dense(input)
         cl = perm is not None

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.fx import Proxy
 
 from ...functional import _layout as L
 from ...functional._core import normalize_batch
 from ...kernels.contract import blend_running
+from .._base import fx_node
 from ..batchnorm import _BatchNorm
 from ._checks import check_count
 
@@ -55,6 +57,8 @@ class GhostBatchNorm(_BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         """Ghost-batch statistics in training; BatchNorm with the running statistics in evaluation."""
+        if isinstance(input, Proxy):
+            return fx_node(self, input)
         if not self.training or input.dim() < 2 or input.shape[0] <= self.ghost_batch_size:
             return super().forward(input)
         self._check_input_dim(input)

@@ -11,9 +11,11 @@ unchanged.
 from __future__ import annotations
 
 from torch import Tensor, nn
+from torch.fx import Proxy
 
 from ... import functional as F
 from ...kernels.contract import ACTIVATIONS
+from .._base import fx_node
 from ..batchnorm import _BatchNorm
 from ..normalization import GroupNorm
 from ._checks import check_count
@@ -47,6 +49,8 @@ class BatchNormAct2d(_NormAct, _BatchNorm):
         self._set_act(act_layer)
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        if isinstance(input, Proxy):
+            return fx_node(self, input, mask)
         return self.act(self._normalize(input, mask, self.activation))
 
 
@@ -58,6 +62,8 @@ class GroupNormAct(_NormAct, GroupNorm):
         self._set_act(act_layer)
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        if isinstance(input, Proxy):
+            return fx_node(self, input, mask)
         y = F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps, mask, self.activation)
         return self.act(y)
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.fx import Proxy
 
 from ... import functional as F
 from ...functional import _layout as L
 from ...functional.masked import moments, view_mask
+from .._base import fx_node
 from ..batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 from ._checks import check_count
 
@@ -71,6 +73,8 @@ class _BatchRenorm(_BatchNorm):
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         """Train with r/d corrections after warm-up; evaluate as BatchNorm with the running statistics."""
+        if isinstance(input, Proxy):
+            return fx_node(self, input, mask)
         if not (self.training and self.track_running_stats):
             return super().forward(input, mask)
         self._check_input_dim(input)

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.fx import Proxy
 from torch.nn import Parameter
 
 from ...functional import _layout as L
 from ...functional.masked import moments, normalize_with
 from ...functional.norms import _bessel, _verify_batch_size
 from ...kernels.contract import blend_running
-from .._base import NormBase, check_dims
+from .._base import NormBase, check_dims, fx_node
 
 
 def _pool(mean: Tensor, var: Tensor, dim: int) -> tuple[Tensor, Tensor]:
@@ -77,6 +78,8 @@ class _SwitchableNorm(NormBase):
         return self.running_mean.to(mean_in.dtype).view(1, -1), self.running_var.to(var_in.dtype).view(1, -1)
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, Proxy):
+            return fx_node(self, input)
         self._check_input_dim(input)
         if self.training:
             _verify_batch_size(input.size())

@@ -12,8 +12,10 @@ the filters train through it. ``weight_standardize`` turns a model's Conv2d laye
 from __future__ import annotations
 
 from torch import Tensor, nn
+from torch.fx import Proxy
 
 from ... import functional as F
+from .._base import fx_node
 
 
 class WSConv2d(nn.Conv2d):
@@ -28,6 +30,8 @@ class WSConv2d(nn.Conv2d):
         return F.layer_norm(w, (w.shape[1],), eps=self.eps).view_as(self.weight)
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, Proxy):  # else the standardized weight would enter the graph as a constant
+            return fx_node(self, input)
         return self._conv_forward(input, self.standardized_weight(), self.bias)
 
     def extra_repr(self) -> str:
