@@ -134,12 +134,33 @@ def test_layer_norm_equals_per_row_gather(backend):
             assert_grads(grads(got, (x, w, b), g), grads(ref, (x, w, b), g))
 
 
+def test_rms_norm_equals_per_row_gather(backend):
+    x, w = leaf(2, 5, 8), leaf(8)
+    mask = torch.rand(2, 5, 8) < 0.7
+    mask[..., :2] = True
+    out = F.rms_norm(padded(x, mask), (8,), w, EPS, mask=mask)
+    layer = nk.RMSNorm(8, EPS, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+    torch.testing.assert_close(layer(padded(x, mask), mask), out.detach(), **F64)
+    for i in range(2):
+        for j in range(5):
+            m = mask[i, j]
+            ref = TF.rms_norm(x[i, j, m], (int(m.sum()),), w[m], EPS)
+            got = out[i, j, m]
+            torch.testing.assert_close(got, ref, **F64)
+            g = torch.randn_like(ref)
+            assert_grads(grads(got, (x, w), g), grads(ref, (x, w), g))
+    assert bool((out[~mask] == 0).all())
+
+
 def test_all_valid_mask_equals_unmasked():
     x = leaf(4, 3, 5, 5)
     ones = torch.ones(4, 5, 5, dtype=torch.bool)
     torch.testing.assert_close(F.group_norm(x, 3, mask=ones), TF.group_norm(x, 3), **F64)
     torch.testing.assert_close(F.instance_norm(x, mask=ones), TF.instance_norm(x), **F64)
     torch.testing.assert_close(F.layer_norm(x, (5,), mask=torch.ones(5, dtype=torch.bool)), TF.layer_norm(x, (5,)), **F64)
+    torch.testing.assert_close(F.rms_norm(x, (5,), mask=torch.ones(5, dtype=torch.bool)), TF.rms_norm(x, (5,)), **F64)
 
 
 def test_empty_groups_and_running_stats_kept():

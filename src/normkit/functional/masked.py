@@ -42,21 +42,22 @@ def view_mask(mask: Tensor, input: Tensor, perm: tuple[int, ...] | None, shape: 
     return (full if perm is None else full.permute(perm)).reshape(shape)
 
 
-def moments(x5: Tensor, mask5: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def moments(x5: Tensor, mask5: Tensor | None = None, rms: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """(mean, biased variance, count) of each group of the 5-D view, shape (Q, P, B); differentiable.
+    RMS: (0, mean square, count).
 
     Two passes in the statistics dtype with the mean accumulated in float64; a float32 variance that
     overflows is recomputed in float64.
     """
     acc = stats_dtype(x5.dtype)
-    mean, var, count = _moments(x5.to(acc), mask5)
+    mean, var, count = _moments(x5.to(acc), mask5, rms)
     if acc == torch.float32 and bool(torch.isinf(var).any()):
-        mean, var, count = (t.to(acc) for t in _moments(x5.to(torch.float64), mask5))
+        mean, var, count = (t.to(acc) for t in _moments(x5.to(torch.float64), mask5, rms))
     q, p, _, b, _ = x5.shape
     return mean.view(q, p, b), var.view(q, p, b), count.view(q, p, b)
 
 
-def _moments(xa: Tensor, mask5: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+def _moments(xa: Tensor, mask5: Tensor | None, rms: bool) -> tuple[Tensor, Tensor, Tensor]:
     if mask5 is None:
         count = torch.full((), xa.shape[2] * xa.shape[4], dtype=xa.dtype, device=xa.device)
         valid = xa
@@ -64,7 +65,10 @@ def _moments(xa: Tensor, mask5: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         count = mask5.sum(REDUCED_DIMS, keepdim=True, dtype=xa.dtype)
         valid = torch.where(mask5, xa, 0)
     total = count.clamp(min=1)
-    mean = (valid.sum(REDUCED_DIMS, keepdim=True, dtype=torch.float64) / total).to(xa.dtype)
+    if rms:
+        mean = xa.new_zeros(total.shape)
+    else:
+        mean = (valid.sum(REDUCED_DIMS, keepdim=True, dtype=torch.float64) / total).to(xa.dtype)
     centred = xa - mean if mask5 is None else torch.where(mask5, xa - mean, 0)
     var = centred.square().sum(REDUCED_DIMS, keepdim=True) / total
     return mean, var, count.expand_as(mean)
@@ -160,10 +164,12 @@ def group_norm(input: Tensor, mask: Tensor, num_groups: int, weight: Tensor | No
     )[0]
 
 
-def layer_norm(input: Tensor, mask: Tensor, d: int, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
-    """Layer norm with per-row statistics over the valid positions of the normalized dims only."""
+def layer_norm(
+    input: Tensor, mask: Tensor, d: int, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool = False
+) -> Tensor:
+    """Layer norm (RMS norm) with per-row statistics over the valid positions of the normalized dims only."""
     xc = input.contiguous()
     shape = L.trailing_view(xc, d)
     mask5 = expand_mask(mask, input, False).reshape(shape)
-    mean, var, _ = moments(xc.view(shape), mask5)
+    mean, var, _ = moments(xc.view(shape), mask5, rms)
     return normalize_with(xc, shape, mean, torch.rsqrt(var + eps), weight, bias, mask5, L.param_shape(shape, True, False))

@@ -268,15 +268,18 @@ def rms_norm(
     normalized_shape: Sequence[int],
     weight: Tensor | None = None,
     eps: float | None = None,
+    mask: Tensor | None = None,
     activation: str | None = None,
 ) -> Tensor:
     """RMS normalization with ``torch.nn.functional.rms_norm``'s signature (``eps=None``: the eps of the compute dtype).
 
-    ``activation`` as in ``batch_norm``.
+    ``mask`` as in ``layer_norm``, ``activation`` as in ``batch_norm``.
     """
     d = _check_normalized_shape(input, normalized_shape, weight, None, "")
     if not input.is_floating_point():
         raise _not_float(input, "rms_norm")
     if eps is None:
         eps = torch.finfo(stats_dtype(input.dtype)).eps
+    if mask is not None and input.numel():
+        return A.apply(activation, M.layer_norm(input, mask, d, weight, None, eps, rms=True))
     return _trailing_norm(input, d, weight, None, eps, True, activation)

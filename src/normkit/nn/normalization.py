@@ -128,10 +128,11 @@ class RMSNorm(_AffineNorm):
         register_affine(self, self.normalized_shape, elementwise_affine, None, {"device": device, "dtype": dtype})
         self.reset_parameters()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``mask`` (bool, True = valid) keeps padding out of each row's statistics."""
         if isinstance(x, Proxy):
-            return fx_node(self, x)
-        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+            return fx_node(self, x, mask)
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps, mask)
 
     def extra_repr(self) -> str:
         return "{normalized_shape}, eps={eps}, elementwise_affine={elementwise_affine}".format(**self.__dict__)
