@@ -57,11 +57,55 @@ BAD = {
     "ln-weight-shape": lambda nn, F: F.layer_norm(torch.randn(2, 4), [4], torch.ones(3)),
     "ln-integer-input": lambda nn, F: F.layer_norm(torch.randint(0, 3, (2, 4)), [4]),
     "rms-wrong-shape": lambda nn, F: nn.RMSNorm(4)(torch.randn(2, 5)),
+    "bn-one-buffer-train": lambda nn, F: F.batch_norm(torch.randn(2, 4, 3), torch.zeros(4), None, training=True),
+    "bn-one-buffer-eval": lambda nn, F: F.batch_norm(torch.randn(2, 4, 3), torch.zeros(4), None),
+    "in-one-buffer": lambda nn, F: F.instance_norm(torch.randn(2, 4, 3), None, torch.ones(4)),
+    "bn-eval-buffer-wants-grad": lambda nn, F: F.batch_norm(torch.randn(2, 4, 3), torch.zeros(4, requires_grad=True), torch.ones(4)),
+    "bn-train-buffer-wants-grad": lambda nn, F: F.batch_norm(
+        torch.randn(2, 4, 3), torch.zeros(4), torch.ones(4, requires_grad=True), training=True),
+    "in-buffer-wants-grad": lambda nn, F: F.instance_norm(torch.randn(2, 4, 3), torch.zeros(4, requires_grad=True), torch.ones(4)),
+    "bn-eps-zero-train": lambda nn, F: F.batch_norm(torch.randn(2, 4, 3), None, None, training=True, eps=0.0),
+    "bn-eps-negative-eval": lambda nn, F: F.batch_norm(torch.randn(2, 4, 3), torch.zeros(4), torch.ones(4), eps=-1e-5),
+    "bn-momentum-none": lambda nn, F: F.batch_norm(torch.randn(2, 4, 3), torch.zeros(4), torch.ones(4), momentum=None),
+    "bn-1d-input-train": lambda nn, F: F.batch_norm(torch.randn(5), None, None, training=True),
+    "bn-1d-input-eval": lambda nn, F: F.batch_norm(torch.randn(5), torch.zeros(1), torch.ones(1)),
+    "in-weight-size": lambda nn, F: F.instance_norm(torch.randn(4, 3, 5), weight=torch.ones(4)),
+    "gn-negative-groups": lambda nn, F: F.group_norm(torch.randn(2, 4, 3), -1),
+    "gn-float-groups": lambda nn, F: F.group_norm(torch.randn(2, 4, 3), 1.5),
+    "gn-integer-input": lambda nn, F: F.group_norm(torch.ones(2, 4, 3, dtype=torch.long), 1),
+    "gn-integer-input-float-weight": lambda nn, F: nn.GroupNorm(1, 4)(torch.ones(2, 4, 3, dtype=torch.long)),
+    "ln-integer-input-float-weight": lambda nn, F: nn.LayerNorm(3)(torch.ones(2, 4, 3, dtype=torch.long)),
+    "ln-int-normalized-shape": lambda nn, F: F.layer_norm(torch.randn(2, 4), 4),
+    "rms-int-normalized-shape": lambda nn, F: F.rms_norm(torch.randn(2, 4), 4),
+    "bn-double-input-float-module": lambda nn, F: nn.BatchNorm1d(4)(torch.randn(2, 4, 3, dtype=torch.float64)),
+    "bn-float-input-half-module": lambda nn, F: nn.BatchNorm1d(4).half()(torch.randn(2, 4, 3)),
+    "bn-eval-float-input-bfloat16-buffers": lambda nn, F: F.batch_norm(
+        torch.randn(2, 4, 3), torch.zeros(4, dtype=torch.bfloat16), torch.ones(4, dtype=torch.bfloat16)),
+    "bn-bfloat16-parameters-float-buffers": lambda nn, F: F.batch_norm(
+        torch.randn(2, 4, 3, dtype=torch.bfloat16), torch.zeros(4), torch.ones(4), torch.ones(4, dtype=torch.bfloat16),
+        torch.zeros(4, dtype=torch.bfloat16), training=True),
+    "ln-double-input-float-module": lambda nn, F: nn.LayerNorm(3)(torch.randn(2, 3, dtype=torch.float64)),
+    "ln-float-weight-double-bias": lambda nn, F: F.layer_norm(torch.randn(2, 3), [3], torch.ones(3), torch.zeros(3, dtype=torch.float64)),
+    "gn-float-input-bfloat16-module": lambda nn, F: nn.GroupNorm(1, 4).bfloat16()(torch.randn(2, 4, 3)),
+    "in-double-input-float-affine": lambda nn, F: nn.InstanceNorm1d(4, affine=True)(torch.randn(2, 4, 3, dtype=torch.float64)),
+}
+# Mixed precision torch allows on the CPU: a bfloat16/float16 input with float32 parameters and buffers.
+MIXED_OK = {
+    "bn-bfloat16-input-float-module": lambda nn, F: nn.BatchNorm1d(4)(torch.randn(2, 4, 3, dtype=torch.bfloat16)),
+    "ln-half-input-float-module": lambda nn, F: nn.LayerNorm(3)(torch.randn(2, 3, dtype=torch.float16)),
+    "gn-bfloat16-input-float-module": lambda nn, F: nn.GroupNorm(2, 4)(torch.randn(2, 4, 3, dtype=torch.bfloat16)),
+    "bn-eval-no-grad-buffer-wants-grad": lambda nn, F: torch.no_grad()(F.batch_norm)(
+        torch.randn(2, 4, 3), torch.zeros(4, requires_grad=True), torch.ones(4)),
 }
 
 
 # torch's message here reports the weight's shape as the bias's; normkit reports the bias's own shape.
 SAME_UP_TO_SHAPES = {"gn-bias-shape"}
+
+
+@pytest.mark.parametrize("case", list(MIXED_OK))
+def test_accepted_where_torch_accepts(case):
+    assert _both(MIXED_OK[case]) == [None, None]
 
 
 @pytest.mark.parametrize("case", list(BAD))

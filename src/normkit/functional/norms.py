@@ -29,6 +29,41 @@ def _not_float(x: Tensor, op: str) -> NotImplementedError:
     return NotImplementedError(f'"{op}" not implemented for \'{_scalar_name(x.dtype)}\'')
 
 
+_REDUCED = (torch.bfloat16, torch.float16)
+
+
+def _check_dtypes(input: Tensor, *params: Tensor | None) -> None:
+    """torch's CPU rule for the parameters' and buffers' dtypes: the input's, or float32 for a bfloat16 or
+    float16 input (mixed precision), with torch's messages; on other devices the kernels' own rules apply."""
+    dtype = input.dtype
+    given = [t for t in params if t is not None and t.dtype != dtype]
+    if not given or input.device.type != "cpu":
+        return
+    if dtype in _REDUCED and all(t.dtype == torch.float32 for t in params if t is not None):
+        return
+    first = next(t.dtype for t in params if t is not None)
+    other = next((t.dtype for t in params if t is not None and t.dtype != first), None)
+    if other is not None:
+        raise RuntimeError(f"expected scalar type {_scalar_name(first)} but found {_scalar_name(other)}")
+    if first in _REDUCED:
+        raise RuntimeError("mixed dtype (CPU): expect parameter to have scalar type of Float")
+    raise RuntimeError("mixed dtype (CPU): all inputs must share same datatype.")
+
+
+def _check_buffers(running_mean: Tensor | None, running_var: Tensor | None) -> None:
+    """torch's checks of the running buffers: both or neither, and neither one a tensor that wants a
+    gradient (which the update in place could not give)."""
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    if running_mean is not None and torch.is_grad_enabled():
+        for t, name in ((running_mean, "running_mean"), (running_var, "running_var")):
+            if t.requires_grad:
+                raise RuntimeError(
+                    f"The function 'native_batch_norm' is not differentiable with respect to argument '{name}'. "
+                    "This input cannot have requires_grad True."
+                )
+
+
 def _verify_batch_size(size: Sequence[int]) -> None:
     if size[0] * math.prod(size[2:]) == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
@@ -103,17 +138,27 @@ def batch_norm(
     ``activation`` is applied to the output.
     """
     size = input.shape
+    if momentum is None:
+        raise TypeError("batch_norm(): argument 'momentum' (position 7) must be float, not NoneType")
     if training:
         _verify_batch_size(size)
+        if eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     if not input.is_floating_point():
         raise _not_float(input, "batch_norm")
-    c = size[1]
+    if len(size) < 2 and training:
+        raise IndexError("Dimension out of range (expected to be in range of [-1, 0], but got 1)")
+    c = size[1] if len(size) > 1 else 0
     for t, name in ((running_mean, "running_mean"), (running_var, "running_var"), (weight, "weight"), (bias, "bias")):
         if t is not None and t.numel() != c:
             raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
+    if not training and (running_mean is None or running_var is None):
+        raise RuntimeError(f"{'running_mean' if running_mean is None else 'running_var'} must be defined in evaluation mode")
+    _check_buffers(running_mean, running_var)
+    _check_dtypes(input, weight, bias, running_mean, running_var)
     if not training:
-        if running_mean is None or running_var is None:
-            raise RuntimeError("running_mean must be defined in evaluation mode")
         return _per_channel_eval(input, running_mean, running_var, weight, bias, eps, activation)
     if input.numel() == 0:
         return _empty(input, weight, bias, activation)
@@ -148,15 +193,14 @@ def instance_norm(
     if not input.is_floating_point():
         raise _not_float(input, "batch_norm")
     n, c = size[0], size[1]
-    for t, name in ((running_mean, "running_mean"), (running_var, "running_var")):
-        if t is not None and t.numel() != c:
+    for t, name in ((running_mean, "running_mean"), (running_var, "running_var"), (weight, "weight"), (bias, "bias")):
+        if t is not None and t.numel() != c:  # torch counts them repeated over the batch
             raise RuntimeError(f"{name} should contain {n * c} elements not {t.numel() * n}")
-    for t, name in ((weight, "weight"), (bias, "bias")):
-        if t is not None and t.numel() != c:
-            raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
+    if not use_input_stats and (running_mean is None or running_var is None):
+        raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false")
+    _check_buffers(running_mean, running_var)
+    _check_dtypes(input, weight, bias, running_mean, running_var)
     if not use_input_stats:
-        if running_mean is None or running_var is None:
-            raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false")
         return _per_channel_eval(input, running_mean, running_var, weight, bias, eps, activation)
     if input.numel() == 0:
         return _empty(input, weight, bias, activation)
@@ -188,8 +232,13 @@ def group_norm(
     c = size[1]
     if size[0] * c // num_groups * math.prod(size[2:]) == 1:  # the list only for the message
         _verify_batch_size([size[0] * c // num_groups, num_groups] + list(size[2:]))
+    if isinstance(num_groups, float):
+        raise TypeError("group_norm(): argument 'num_groups' (position 2) must be int, not float")
+    if num_groups <= 0:
+        raise RuntimeError(f"Expected num groups to be greater than 0, got {num_groups}")
+    _check_dtypes(input, weight, bias)
     if not input.is_floating_point():
-        raise _not_float(input, "group_norm")
+        raise _not_float(input, "GroupNormKernelImpl")
     if c % num_groups:
         raise RuntimeError(
             "Expected number of channels in input to be divisible by num_groups, but got input of shape "
@@ -209,9 +258,13 @@ def group_norm(
     return y
 
 
-def _check_normalized_shape(input: Tensor, normalized_shape: Sequence[int], weight, bias, star: str) -> int:
+def _check_normalized_shape(input: Tensor, normalized_shape: Sequence[int], weight, bias, op: str) -> int:
     """The number of normalized elements, after torch's checks (tuples compared as they come: a module
-    holds its ``normalized_shape`` as one)."""
+    holds its ``normalized_shape`` as one) for ``op``, ``layer_norm`` or ``rms_norm``."""
+    if not isinstance(normalized_shape, (tuple, list, torch.Size)):
+        raise TypeError(
+            f"{op}(): argument 'normalized_shape' (position 2) must be tuple of ints, not {type(normalized_shape).__name__}"
+        )
     shape = tuple(normalized_shape)
     if not shape:
         raise RuntimeError(
@@ -227,7 +280,8 @@ def _check_normalized_shape(input: Tensor, normalized_shape: Sequence[int], weig
     size = input.shape
     if len(size) < len(shape) or size[len(size) - len(shape):] != shape:
         raise RuntimeError(
-            f"Given normalized_shape={list(shape)}, expected input with shape [*{star}{', '.join(map(str, shape))}], "
+            f"Given normalized_shape={list(shape)}, expected input with shape [*{', ' if op == 'layer_norm' else ''}"
+            f"{', '.join(map(str, shape))}], "
             f"but got input of size{list(size)}"
         )
     return shape[0] if len(shape) == 1 else math.prod(shape)
@@ -255,7 +309,8 @@ def layer_norm(
     ``mask`` (bool, True = valid, broadcastable to the input) restricts each row's statistics to its
     valid positions; ``activation`` as in ``batch_norm``.
     """
-    d = _check_normalized_shape(input, normalized_shape, weight, bias, ", ")
+    d = _check_normalized_shape(input, normalized_shape, weight, bias, "layer_norm")
+    _check_dtypes(input, weight, bias)
     if not input.is_floating_point():
         raise _not_float(input, "LayerNormKernelImpl")
     if mask is not None and input.numel():
@@ -275,7 +330,7 @@ def rms_norm(
 
     ``mask`` as in ``layer_norm``, ``activation`` as in ``batch_norm``.
     """
-    d = _check_normalized_shape(input, normalized_shape, weight, None, "")
+    d = _check_normalized_shape(input, normalized_shape, weight, None, "rms_norm")
     if not input.is_floating_point():
         raise _not_float(input, "rms_norm")
     if eps is None:
