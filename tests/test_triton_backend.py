@@ -101,6 +101,28 @@ if not INTERPRETING:
                 kinds.add((tile.fused, tile.flat))
         assert kinds == {(True, True), (True, False), (False, True), (False, False)}
 
+    @pytest.mark.parametrize(
+        "shape,groups",
+        [((1, 1, 512, 512, 512), 1), ((1, 8, 128, 1024, 1040), 8), ((2, 128, 4096, 4096), 32), ((64, 1, 8192), 1)],
+        ids=["one-channel-2**27", "8-channels", "2**31-elements", "long-rows"],
+    )
+    def test_launch_grids_fit_cuda_limits(shape, groups):
+        """Every launch for huge views (planned on meta tensors, nothing runs) keeps its second and third
+        grid dimensions within CUDA's 65,535 and its first within 2**31 - 1."""
+        grids = []
+        backend = TritonBackend(programs=4 * 132, launcher=lambda kernel, grid, *_: grids.append(grid))
+        x = torch.empty(shape, device="meta")
+        views = [L.trailing_view(x, shape[-1])] if len(shape) == 3 else [
+            L.per_channel_view(x, False), L.per_group_view(x, groups, False), L.per_instance_view(x, True)]
+        for shape5 in views:
+            x5 = torch.empty(shape5, device="meta")
+            q, p, r1, b, r2 = shape5
+            pshape = (p, 1, b, 1)
+            w, st = torch.empty(pshape, device="meta"), torch.empty(q, p, b, device="meta")
+            backend.forward(x5, w, w, 1e-5, False)
+            backend.backward(x5, x5, st, st, w, pshape, False, True, (True, True, True))
+        assert grids and all(g[0] < 2**31 and all(d <= 65535 for d in g[1:]) for g in grids), grids
+
     def test_kernels_under_the_interpreter(pytestconfig):
         """This file's interpreter checks and the contract grid for triton, in the child process that
         ``conftest.pytest_collection_finish`` started when this test was selected."""
@@ -204,7 +226,7 @@ else:
         pshape = (1, k1, 2, k2)
         w, b = torch.rand(pshape) + 0.5, torch.randn(pshape)
         _check_against_reference(backend, x5, w, b, pshape, False)
-        assert ("_bwd_kernel", (2, 12, 2)) in grids
+        assert ("_bwd_kernel", (12, 2, 2)) in grids
 
     def test_backward_op_returns_gradients_apart():
         """This backend finishes dweight and dbias in one buffer; torch.compile's graphs call the backward
@@ -253,6 +275,48 @@ else:
         assert torch.isfinite(y).all() and torch.isfinite(st.rstd).all()
         _close(y, y_r)
         _close(st.rstd / st_r.rstd, torch.ones_like(st.rstd))
+
+    @pytest.mark.parametrize("backend", [FUSED, SPLIT], ids=["fused", "split"])
+    @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+    @pytest.mark.parametrize("norm", ["batch", "group", "layer", "rms"])
+    def test_non_finite_values_poison_exactly_their_group(backend, value, norm):
+        """A group holding NaN or Inf normalizes to NaN, as the reference and torch.nn; the others not."""
+        shape = (3, 2, 70) if norm in ("layer", "rms") else (2, 6, 5, 3)
+        x5, w, b, _ = _make(norm, shape, False)
+        x5[0, 0, 0, 0, 0] = value
+        y, st = backend.forward(x5, w, b, 1e-5, norm == "rms")
+        y_r, st_r = REF.forward(x5, w, b, 1e-5, norm == "rms")
+        assert torch.equal(y.isnan(), y_r.isnan()) and bool(y_r.isnan().any())
+        finite = ~y_r.isnan()
+        _close(y[finite], y_r[finite])
+        assert torch.equal(st.rstd.isnan(), st_r.rstd.isnan())
+
+    @pytest.mark.parametrize("backend", [FUSED, SPLIT], ids=["fused", "split"])
+    @pytest.mark.parametrize("norm", ["batch", "rms"])
+    def test_subnormal_spreads_keep_a_finite_variance(backend, norm):
+        """Deviations below 3e-39 (1 / spread overflows float32): the variance stays finite and equals
+        the reference's."""
+        shape = (3, 2, 70) if norm == "rms" else (4, 2, 3, 3)
+        x5, _, _, _ = _make(norm, shape, False, affine=False, scale=1.0e-39)
+        x5 = x5 - 0.5 if norm == "batch" else x5
+        y, st = backend.forward(x5, None, None, 1e-5, norm == "rms")
+        y_r, st_r = REF.forward(x5, None, None, 1e-5, norm == "rms")
+        assert torch.isfinite(st.var).all() and torch.isfinite(st.rstd).all()
+        _close(st.rstd, st_r.rstd)
+        _close(y, y_r)
+
+    def test_group_sizes_past_int32_keep_their_count():
+        """The finalize kernel of a streamed group of 2**31 elements (128 rows of 2**24): its count
+        taken in int32 would wrap to -2**31."""
+        from normkit.kernels import _triton_kernels as kern
+
+        n = 2**31
+        x = torch.tensor([3.0])  # the group's shift, its first element
+        part = torch.tensor([[0.5 * n], [1.25 * n]], dtype=torch.float64)  # sums of d and d*d, d = x - 3
+        mean, rstd, var = (torch.empty(1) for _ in range(3))
+        kern._stats_finalize_kernel[(1,)](x, part, mean, rstd, var, 1e-5, 128, 1, 2**24, 1, 1, BS=1, BG=1, RMS=False)
+        _close(mean, torch.tensor([3.5]))
+        _close(var, torch.tensor([1.0]))
 
     @pytest.mark.parametrize("backend", [FUSED, SPLIT], ids=["fused", "split"])
     @pytest.mark.parametrize("activation", ["relu", "silu", "gelu"])

@@ -39,14 +39,15 @@ def _tile(
     b = (bb * BB + tl.arange(0, BB))[None, :, None]
     r2 = (t2 * BR2 + tl.arange(0, BR2))[None, None, :]
     valid = (r1 < R1) & (b < B) & (r2 < R2)
-    base = qp.to(tl.int64) * R1 * B * R2
+    base = qp.to(tl.int64) * R1 * B * R2  # offsets in int64: one sample or row may pass 2**31 elements
     if FLAT:
         rows = (t1 * BR1 + tl.arange(0, BR1))[:, None]
-        cols = (bb * BB * BR2 + tl.arange(0, BB * BR2))[None, :]
-        offs = base + rows.to(tl.int64) * (B * R2) + cols
-        mask = (rows < R1) & (cols < B * R2)
+        cols = ((bb * BB).to(tl.int64) * BR2 + tl.arange(0, BB * BR2))[None, :]
+        row = tl.cast(B, tl.int64) * R2
+        offs = base + rows.to(tl.int64) * row + cols
+        mask = (rows < R1) & (cols < row)
     else:
-        offs = base + r1.to(tl.int64) * (B * R2) + b * R2 + r2
+        offs = base + (r1.to(tl.int64) * B + b) * R2 + r2
         mask = valid
     count = tl.minimum(R1 - t1 * BR1, BR1) * tl.minimum(R2 - t2 * BR2, BR2) * 1.0
     return offs, mask, valid, r1, b, r2, count
@@ -127,17 +128,22 @@ def _moments(xt, mask, count, BB: tl.constexpr, RMS: tl.constexpr):
         m = tl.sum(tl.sum(xt.to(tl.float64), axis=2), axis=0) / count
     c = tl.where(mask, xt - m.to(tl.float32)[None, :, None], 0.0)
     s = tl.max(tl.max(tl.abs(c), axis=2), axis=0)
-    c = c * (1.0 / tl.where(s > 0.0, s, 1.0))[None, :, None]
+    sb = s[None, :, None]
+    # c / s, not c * (1 / s), which overflows for a subnormal s; the largest deviations are exactly +-1,
+    # also where s is Inf (an RMS group holding Inf: its variance is Inf, not Inf / Inf = NaN)
+    c = tl.where((tl.abs(c) == sb) & (sb > 0.0), tl.where(c < 0.0, -1.0, 1.0), c / tl.where(sb > 0.0, sb, 1.0))
     return m, s, tl.sum(tl.sum(c * c, axis=2), axis=0)
 
 
 @triton.jit
 def _finish(n, m, s, q, eps):
-    """(mean, rstd, var) in float32; rstd comes from the standard deviation when the variance overflows."""
+    """(mean, rstd, var) in float32; rstd comes from the standard deviation when the variance overflows,
+    and is NaN where the variance is (a group holding NaN or Inf: its output is NaN)."""
     r = q / tl.maximum(n, 1.0)
     var = s * (s * r)
     std = s * tl.sqrt(r)
     rstd = tl.where(var < _HUGE, 1.0 / tl.sqrt(var + eps), 1.0 / tl.where(std > 0.0, std, 1.0))
+    rstd = tl.where(var == var, rstd, var)
     return m.to(tl.float32), rstd, var
 
 
@@ -235,7 +241,7 @@ def _stats_finalize_kernel(
     sv = tl.arange(0, BS)
     mask = (sv[:, None] < SPLIT) & gmask[None, :]
     at = part + sv[:, None] * G + gv[None, :]
-    n = tl.cast(R1 * R2, tl.float64)
+    n = tl.cast(R1, tl.float64) * R2  # R1 * R2 in int32 wraps from 2**31 elements a group
     m = tl.sum(tl.load(at, mask=mask, other=0.0), axis=0) / n
     v = tl.sum(tl.load(at + SPLIT * G, mask=mask, other=0.0), axis=0) / n
     mu = _shift(x, gv, R1, B, R2, gmask, RMS)
@@ -339,23 +345,23 @@ def _bwd_kernel(
 ):
     """dx for groups q = pid2, pid2 + QS, ... and their per-program partial dweight/dbias.
 
-    Grid (P * NB, chunks * NT2, QS): a program walks tile rows ``[TPC*chunk, ...)`` of tile column
-    ``t2 = pid1 % NT2``, accumulating dy * xhat and dy over its groups. Parameters that do not vary
+    Grid (chunks * NT2, P * NB, QS), the long axis first (CUDA's second and third stop at 65,535): a
+    program walks tile rows ``[TPC*chunk, ...)`` of tile column ``t2 = pid0 % NT2``, accumulating dy * xhat and dy over its groups. Parameters that do not vary
     along r1 take one reduction per program at the end; parameters along r1 are stored tile by tile.
     Each goes to its own slot of ``part[P * K1 * B * K2, NS * QS]`` (the slots innermost, so the
     caller's sum over them reads contiguous rows): one per chunk unless the parameters span r1, one
     per tile column unless they span r2, one per ``pid2``. FUSED: the tile is the whole
     group and the batch-statistics sums are computed here; otherwise ``sums[2, G]`` holds them.
     """
-    pid = tl.program_id(0)
+    pid = tl.program_id(1)
     pq = tl.program_id(2)
     p = pid // NB
     bb = pid % NB
     bv = bb * BB + tl.arange(0, BB)
     bmask = bv < B
-    inv_n = 1.0 / (R1 * R2 * 1.0)
-    t2 = tl.program_id(1) % NT2
-    chunk = tl.program_id(1) // NT2
+    inv_n = 1.0 / (tl.cast(R1, tl.float32) * R2)
+    t2 = tl.program_id(0) % NT2
+    chunk = tl.program_id(0) // NT2
     start = chunk * TPC
     slot = chunk * 0
     if not SPAN_R1:

@@ -260,7 +260,7 @@ class TritonBackend:
             dw_part = parts[0] if need_dw else x5
             db_part = parts[-1] if need_db else x5
             self._run(
-                kern._bwd_kernel, (p * nb, chunks.programs * nt2, qs),
+                kern._bwd_kernel, (chunks.programs * nt2, p * nb, qs),
                 (x5, dy5, x5 if dx is None else dx, wp, bp, mean, rstd, sums, dw_part, db_part,
                  q, p, r1, b, r2, nb, nt2, nt1, chunks.per_program, n_stats, slots),
                 dict(
