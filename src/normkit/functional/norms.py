@@ -36,13 +36,13 @@ def _check_dtypes(input: Tensor, *params: Tensor | None) -> None:
     """torch's CPU rule for the parameters' and buffers' dtypes: the input's, or float32 for a bfloat16 or
     float16 input (mixed precision), with torch's messages; on other devices the kernels' own rules apply."""
     dtype = input.dtype
-    given = [t for t in params if t is not None and t.dtype != dtype]
-    if not given or input.device.type != "cpu":
+    present = [t.dtype for t in params if t is not None]
+    if all(d == dtype for d in present) or input.device.type != "cpu":
         return
-    if dtype in _REDUCED and all(t.dtype == torch.float32 for t in params if t is not None):
+    if dtype in _REDUCED and all(d == torch.float32 for d in present):
         return
-    first = next(t.dtype for t in params if t is not None)
-    other = next((t.dtype for t in params if t is not None and t.dtype != first), None)
+    first = present[0]
+    other = next((d for d in present if d != first), None)
     if other is not None:
         raise RuntimeError(f"expected scalar type {_scalar_name(first)} but found {_scalar_name(other)}")
     if first in _REDUCED:
@@ -155,7 +155,8 @@ def batch_norm(
         if t is not None and t.numel() != c:
             raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
     if not training and (running_mean is None or running_var is None):
-        raise RuntimeError(f"{'running_mean' if running_mean is None else 'running_var'} must be defined in evaluation mode")
+        missing = "running_mean" if running_mean is None else "running_var"
+        raise RuntimeError(f"{missing} must be defined in evaluation mode")
     _check_buffers(running_mean, running_var)
     _check_dtypes(input, weight, bias, running_mean, running_var)
     if not training:

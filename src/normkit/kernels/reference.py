@@ -89,16 +89,17 @@ def _varies_innermost(operand: Tensor, like: Tensor) -> bool:
     return inner is not None and operand.shape[inner] == like.shape[inner]
 
 
-def _owned_sub(t: Tensor, other: Tensor) -> Tensor:
-    """``t - other``, in place when autograd does not track ``t`` (a temporary of ours)."""
-    return t - other if t.requires_grad or _transformed(t) else t.sub_(other)
-
-
 def _transformed(t: Tensor) -> bool:
     """Whether ``t`` is seen by a functorch transform or ``torch.jit.trace``: no Python branch may
     depend on its values (vmap refuses one; a trace keeps the branch taken while tracing), and no
     temporary is updated in place or through ``out=`` (vmap and forward-mode AD refuse those)."""
     return torch._C._functorch.is_functorch_wrapped_tensor(t) or torch._C._is_tracing()
+
+
+def _owned_sub(t: Tensor, other: Tensor) -> Tensor:
+    """``t - other``, in place when autograd does not track ``t`` (a temporary of ours)
+    and no transform sees it."""
+    return t - other if t.requires_grad or _transformed(t) else t.sub_(other)
 
 
 def centred_moments(x5: Tensor, eps: float, rms: bool) -> tuple[Stats, Tensor]:
