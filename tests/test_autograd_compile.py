@@ -6,7 +6,8 @@ import copy
 
 import pytest
 import torch
-from torch.autograd import gradcheck, gradgradcheck
+import torch.nn.functional as TF
+from torch.autograd import forward_ad, gradcheck, gradgradcheck
 from torch.profiler import ProfilerActivity, profile
 
 import normkit
@@ -268,3 +269,42 @@ def test_fx_symbolic_trace_keeps_a_two_input_layer_whole():
     assert [n.op for n in graph_module.graph.nodes] == ["placeholder", "placeholder", "call_module", "call_method", "output"]
     content, style = torch.randn(2, 3, 5, 5), torch.randn(2, 3, 4, 4) * 2 + 1
     torch.testing.assert_close(graph_module(content, style), Stylize()(content, style))
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_compile_fullgraph_eval_batchnorm_without_grad(affine):
+    """Inference: no input wants a gradient, so eval-mode BatchNorm takes its statistics as they are;
+    the compiler must see nothing it cannot trace on that path."""
+    torch._dynamo.reset()
+    layer = nk.BatchNorm2d(4, affine=affine).eval()
+    layer.running_mean.uniform_()
+    x = torch.randn(2, 4, 3, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer(x))
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("name", ["group_norm", "layer_norm", "batch_norm-train", "batch_norm-eval", "rms_norm",
+                                  "group_norm-silu"])
+def test_forward_mode_ad_matches_torch(name, backend):
+    """``torch.autograd.forward_ad`` dual tensors carry their tangent through every norm (the kernels
+    would drop it silently)."""
+    ours = {
+        "group_norm": lambda v: F.group_norm(v, 2), "layer_norm": lambda v: F.layer_norm(v, [5]),
+        "batch_norm-train": lambda v: F.batch_norm(v, None, None, training=True),
+        "batch_norm-eval": lambda v: F.batch_norm(v, RM, RV), "rms_norm": lambda v: F.rms_norm(v, [5]),
+        "group_norm-silu": lambda v: F.group_norm(v, 2, activation="silu"),
+    }[name]
+    theirs = {
+        "group_norm": lambda v: TF.group_norm(v, 2), "layer_norm": lambda v: TF.layer_norm(v, [5]),
+        "batch_norm-train": lambda v: TF.batch_norm(v, None, None, training=True),
+        "batch_norm-eval": lambda v: TF.batch_norm(v, RM, RV), "rms_norm": lambda v: TF.rms_norm(v, [5]),
+        "group_norm-silu": lambda v: TF.silu(TF.group_norm(v, 2)),
+    }[name]
+    x, tangent = torch.randn(3, 4, 5, **D), torch.randn(3, 4, 5, **D)
+    with normkit.backend(backend), forward_ad.dual_level():
+        got = forward_ad.unpack_dual(ours(forward_ad.make_dual(x, tangent)))
+        want = forward_ad.unpack_dual(theirs(forward_ad.make_dual(x, tangent)))
+    assert got.tangent is not None
+    torch.testing.assert_close(got.primal, want.primal)
+    torch.testing.assert_close(got.tangent, want.tangent)

@@ -158,6 +158,8 @@ NAN_CASES = {
     "gn": (lambda: nk.GroupNorm(3, 6), (4, 6, 5, 5), lambda x: x[2, 2:4]),
     "ln": (lambda: nk.LayerNorm(8), (4, 8), lambda x: x[2]),
     "rms": (lambda: nk.RMSNorm(8), (4, 8), lambda x: x[2]),
+    "gn-2d": (lambda: nk.GroupNorm(2, 8), (5, 8), lambda x: x[1, 4:]),
+    "ln-rows": (lambda: nk.LayerNorm(16), (64, 16), lambda x: x[5]),
 }
 
 
@@ -175,8 +177,11 @@ def test_non_finite_input_poisons_exactly_its_group(case, layout, value):
     group(poisoned).fill_(True)
     first = torch.zeros(shape, dtype=torch.bool)
     first[tuple(poisoned.nonzero()[0])] = True
-    x = x.masked_fill(first | (poisoned & (torch.rand(shape) < 0.3)), value)
+    x = x.masked_fill(first | (poisoned & (torch.rand(shape) < 0.3)), value).requires_grad_()
     y = make()(x)
+    y.backward(torch.randn_like(y))
+    assert torch.isfinite(x.grad[~poisoned]).all(), "a non-finite input leaked into other groups' gradients"
+    y = y.detach()
     assert not torch.isfinite(y[~torch.isfinite(x)]).any(), "a non-finite input was hidden"
     # RMSNorm divides finite elements by an infinite RMS, which gives 0 for them, as in float64 math.
     whole_group = not (case == "rms" and value == math.inf)

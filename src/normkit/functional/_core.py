@@ -25,7 +25,9 @@ from torch import Tensor
 
 from ..selection import resolve
 from ..kernels import contract, load
-from ..kernels.contract import Grads, Stats, given_rstd, grad_shape, params_shape, stat_shape, stats_dtype
+from ..kernels.contract import (
+    Grads, Stats, given_rstd, grad_shape, params_shape, seen_through, stat_shape, stats_dtype,
+)
 from . import activation as act
 
 Shape5 = list[int]
@@ -297,8 +299,6 @@ class _EagerFixed(torch.autograd.Function):
 # Function.apply's C++ implementation, bound to each Function (what its Python ``apply`` ends in).
 _raw_apply = {f: super(torch.autograd.Function, f).apply for f in (_EagerBatch, _EagerFixed)}
 _functorch_active = torch._C._are_functorch_transforms_active
-_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-_jit_tracing = torch._C._is_tracing
 _batched = torch._C._functorch.is_batchedtensor
 _UNBATCHED_RUNNING = (  # torch's words
     "Batch norm got a batched tensor as input while the running_mean or running_var, which will be updated in "
@@ -324,9 +324,10 @@ def _listed(shape: Optional[Sequence[int]]) -> Optional[list[int]]:
 
 
 def traced(x: Tensor) -> bool:
-    """Whether a functorch transform (``x`` wrapped by one, or one active over other inputs) or
-    ``torch.jit.trace`` sees the call: the kernels read raw memory, which neither can follow."""
-    return _functorch_active() or _jit_tracing() or _functorch_wrapped(x)
+    """Whether a functorch transform (``x`` wrapped by one, or one active over other inputs),
+    ``torch.jit.trace`` or forward-mode AD sees the call (``contract.seen_through``), outside
+    torch.compile, which sees the custom ops."""
+    return not torch.compiler.is_compiling() and (_functorch_active() or seen_through(x))
 
 
 def _plain_batch(

@@ -512,7 +512,7 @@ def _seg_grad_sums(dy, x, dx, keep, g, r0, r1, b0, b1, mean, rstd, w, bias, act,
                 bs = bias[p, k1, b]
                 dws = dwt[p, k1, b]
                 dbs = dbt[p, k1, b]
-                a_g = dws[0] - dws[0]
+                a_g = _zero(dws[0])  # not dws[0] - dws[0]: NaN once a non-finite row reached dws
                 a_gx = a_g
                 for k in range(xs.shape[0]):
                     xh = (_load(xs[k]) - m) * rs

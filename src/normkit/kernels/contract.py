@@ -29,6 +29,7 @@ from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 REDUCED_DIMS = (2, 4)
 # Activation epilogues the core offers after the affine transform (``activation=`` in the functional API).
@@ -61,6 +62,15 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
 def stat_shape(x5: Tensor) -> tuple[int, int, int]:
     q, p, _, b, _ = x5.shape
     return (q, p, b)
+
+
+def seen_through(t: Tensor) -> bool:
+    """Whether ``t`` is seen by a functorch transform (it is wrapped by one), ``torch.jit.trace`` or
+    forward-mode AD (a dual level is open): these follow torch ops only, so kernels that read raw
+    memory would drop what they track, and vmap and forward-mode AD refuse ``out=`` and in-place
+    updates of temporaries and Python branches on values."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor(t)
+    return wrapped or torch._C._is_tracing() or forward_ad._current_level >= 0
 
 
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from .contract import (
-    REDUCED_DIMS, Grads, Stats, given_rstd, grad_shape, param_reduce_dims, stat_shape, stats_dtype, update_running,
-    laid_like, shaped_like, view5, view_param,
+    REDUCED_DIMS, Grads, Stats, given_rstd, grad_shape, param_reduce_dims, seen_through, stat_shape, stats_dtype,
+    update_running, laid_like, shaped_like, view5, view_param,
 )
 
 _SLAB = 1 << 20  # elements of one slab's temporary: recycled from the heap, mostly in cache
@@ -89,25 +89,18 @@ def _varies_innermost(operand: Tensor, like: Tensor) -> bool:
     return inner is not None and operand.shape[inner] == like.shape[inner]
 
 
-def _transformed(t: Tensor) -> bool:
-    """Whether ``t`` is seen by a functorch transform or ``torch.jit.trace``: no Python branch may
-    depend on its values (vmap refuses one; a trace keeps the branch taken while tracing), and no
-    temporary is updated in place or through ``out=`` (vmap and forward-mode AD refuse those)."""
-    return torch._C._functorch.is_functorch_wrapped_tensor(t) or torch._C._is_tracing()
-
-
 def _owned_sub(t: Tensor, other: Tensor) -> Tensor:
     """``t - other``, in place when autograd does not track ``t`` (a temporary of ours)
     and no transform sees it."""
-    return t - other if t.requires_grad or _transformed(t) else t.sub_(other)
+    return t - other if t.requires_grad or seen_through(t) else t.sub_(other)
 
 
 def centred_moments(x5: Tensor, eps: float, rms: bool) -> tuple[Stats, Tensor]:
     """Statistics with keepdim shape (Q, P, 1, B, 1) and ``x - mean`` in the stats dtype; differentiable.
     float32 statistics whose variance overflows are taken again in float64; where that test cannot
-    branch (``_transformed``), they are taken in float64 at once."""
+    branch (``seen_through``), they are taken in float64 at once."""
     acc = stats_dtype(x5.dtype)
-    if acc == torch.float64 or not _transformed(x5):
+    if acc == torch.float64 or not seen_through(x5):
         mean, var, centred = _centred_moments(x5.to(acc), rms)
         if acc == torch.float64 or not bool(torch.isinf(var).any()):
             return Stats(mean, torch.rsqrt(var + eps), var), centred
@@ -162,7 +155,7 @@ def _affine(
     """
     w, b = _param(weight, centred.dtype), _param(bias, centred.dtype)
     operands = [t for t in (centred, rstd, w, b) if t is not None]
-    tracked = any(_transformed(t) for t in operands) or (
+    tracked = any(seen_through(t) for t in operands) or (
         torch.is_grad_enabled() and any(t.requires_grad for t in operands)
     )
     out = centred if owned and not tracked else None
