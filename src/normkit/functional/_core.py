@@ -325,9 +325,9 @@ def _listed(shape: Optional[Sequence[int]]) -> Optional[list[int]]:
 
 def traced(x: Tensor) -> bool:
     """Whether a functorch transform (``x`` wrapped by one, or one active over other inputs),
-    ``torch.jit.trace`` or forward-mode AD sees the call (``contract.seen_through``), outside
-    torch.compile, which sees the custom ops."""
-    return not torch.compiler.is_compiling() and (_functorch_active() or seen_through(x))
+    ``torch.jit.trace`` or forward-mode AD sees the call (``contract.seen_through``). Not for code
+    torch.compile traces, which cannot follow these queries (and sees the custom ops instead)."""
+    return _functorch_active() or seen_through(x)
 
 
 def _plain_batch(

@@ -16,7 +16,7 @@ from ..kernels.contract import stats_dtype
 from . import _layout as L
 from . import activation as A
 from . import masked as M
-from ._core import normalize_batch, normalize_fixed, records_graph, traced, update_running
+from ._core import normalize_batch, normalize_fixed, records_graph, update_running
 
 
 def _scalar_name(dtype: torch.dtype) -> str:
@@ -50,18 +50,23 @@ def _check_dtypes(input: Tensor, *params: Tensor | None) -> None:
     raise RuntimeError("mixed dtype (CPU): all inputs must share same datatype.")
 
 
-def _check_buffers(running_mean: Tensor | None, running_var: Tensor | None) -> None:
-    """torch's checks of the running buffers: both or neither, and neither one a tensor that wants a
-    gradient (which the update in place could not give)."""
+def _check_per_channel(input: Tensor, weight, bias, running_mean: Tensor | None, running_var: Tensor | None) -> None:
+    """torch's checks of BatchNorm's and InstanceNorm's tensors besides their sizes: the running buffers
+    both or neither, neither one wanting a gradient (the update in place could not give it), and the
+    dtypes (``_check_dtypes``). One call with the common case first: it runs on every call."""
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
-    if running_mean is not None and torch.is_grad_enabled():
-        for t, name in ((running_mean, "running_mean"), (running_var, "running_var")):
-            if t.requires_grad:
-                raise RuntimeError(
-                    f"The function 'native_batch_norm' is not differentiable with respect to argument '{name}'. "
-                    "This input cannot have requires_grad True."
-                )
+    dtype = input.dtype
+    for t in (weight, bias, running_mean, running_var):
+        if t is not None and t.dtype != dtype:
+            _check_dtypes(input, weight, bias, running_mean, running_var)
+            break
+    if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad) and torch.is_grad_enabled():
+        name = "running_mean" if running_mean.requires_grad else "running_var"
+        raise RuntimeError(
+            f"The function 'native_batch_norm' is not differentiable with respect to argument '{name}'. "
+            "This input cannot have requires_grad True."
+        )
 
 
 def _verify_batch_size(size: Sequence[int]) -> None:
@@ -85,11 +90,12 @@ def _per_channel_eval(
     """Normalize with the running statistics as they are: the core takes rstd from the variance
     (in the kernel on the CPU). When a backward may follow, the mean is a copy, as the backward uses
     the statistics of the forward and a training step in between updates the buffers in place
-    (torch.nn allows it); the core takes rstd at once then."""
+    (torch.nn allows it); the core takes rstd at once then. So is it under ``torch.jit.trace``, whose
+    graph must not depend on whether the traced call recorded a backward."""
     xc, perm, cl = L.stored(x)
     shape = L.per_channel_view(x, cl)
     acc = stats_dtype(x.dtype)
-    copy = records_graph(x, weight, bias) or running_mean.dtype != acc or traced(x)
+    copy = records_graph(x, weight, bias) or running_mean.dtype != acc or torch.jit.is_tracing()
     mean = running_mean.to(acc, copy=True) if copy else running_mean
     var = running_var if running_var.dtype == acc else running_var.to(acc)
     ps = L.param_shape(shape, False, False)
@@ -157,8 +163,7 @@ def batch_norm(
     if not training and (running_mean is None or running_var is None):
         missing = "running_mean" if running_mean is None else "running_var"
         raise RuntimeError(f"{missing} must be defined in evaluation mode")
-    _check_buffers(running_mean, running_var)
-    _check_dtypes(input, weight, bias, running_mean, running_var)
+    _check_per_channel(input, weight, bias, running_mean, running_var)
     if not training:
         return _per_channel_eval(input, running_mean, running_var, weight, bias, eps, activation)
     if input.numel() == 0:
@@ -199,8 +204,7 @@ def instance_norm(
             raise RuntimeError(f"{name} should contain {n * c} elements not {t.numel() * n}")
     if not use_input_stats and (running_mean is None or running_var is None):
         raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false")
-    _check_buffers(running_mean, running_var)
-    _check_dtypes(input, weight, bias, running_mean, running_var)
+    _check_per_channel(input, weight, bias, running_mean, running_var)
     if not use_input_stats:
         return _per_channel_eval(input, running_mean, running_var, weight, bias, eps, activation)
     if input.numel() == 0:
