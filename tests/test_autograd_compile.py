@@ -308,3 +308,13 @@ def test_forward_mode_ad_matches_torch(name, backend):
     assert got.tangent is not None
     torch.testing.assert_close(got.primal, want.primal)
     torch.testing.assert_close(got.tangent, want.tangent)
+
+
+def test_fx_symbolic_trace_of_a_lone_layer_says_what_to_trace():
+    """A layer cannot be a node of its own graph: tracing it alone is a clear error, not a graph that
+    calls a submodule named ''."""
+    with pytest.raises(torch.fx.proxy.TraceError, match=r"root of this trace.*nn.Sequential"):
+        torch.fx.symbolic_trace(nk.LayerNorm(4))
+    graph_module = torch.fx.symbolic_trace(torch.nn.Sequential(nk.LayerNorm(4)))
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(graph_module(x), torch.nn.functional.layer_norm(x, (4,)))

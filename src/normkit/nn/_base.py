@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torch.fx import Proxy
+from torch.fx.proxy import TraceError
 from torch.nn import Module, Parameter, init
 
 
@@ -110,5 +111,11 @@ def fx_node(module: Module, *args: object) -> Proxy:
     and dtypes, which a Proxy cannot answer. A traced model then runs the layer itself."""
     while args and args[-1] is None:  # an absent mask: the node reads as torch.nn's layers' do
         args = args[:-1]
-    proxy = next(a for a in args if isinstance(a, Proxy))
-    return proxy.tracer.create_proxy("call_module", proxy.tracer.path_of_module(module), args, {})
+    tracer = next(a for a in args if isinstance(a, Proxy)).tracer
+    path = tracer.path_of_module(module)
+    if not path:
+        raise TraceError(
+            f"{type(module).__name__} is the root of this trace: FX keeps a normkit layer as one node of the "
+            "module that holds it; trace that module (e.g. nn.Sequential(layer))"
+        )
+    return tracer.create_proxy("call_module", path, args, {})
