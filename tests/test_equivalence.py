@@ -239,3 +239,26 @@ def test_output_strides_follow_torch_nn(name, shape, perm):
     out, expected = ours(x), theirs(x)
     assert out.stride() == expected.stride()
     torch.testing.assert_close(out, expected, rtol=2e-5, atol=1e-5)
+
+
+def test_layers_are_instances_of_their_torch_twins():
+    """Code that picks layers by class (``swa_utils.update_bn``, weight-decay groups, FSDP's mixed
+    precision, torch's SyncBatchNorm converter) finds normkit's layers as it finds torch.nn's."""
+    from normkit.distributed import SyncBatchNorm
+
+    for ours, theirs in ((nk.BatchNorm1d(3), tnn.BatchNorm1d), (nk.BatchNorm2d(3), tnn.BatchNorm2d),
+                         (nk.BatchNorm3d(3), tnn.BatchNorm3d), (nk.InstanceNorm1d(3), tnn.InstanceNorm1d),
+                         (nk.InstanceNorm2d(3), tnn.InstanceNorm2d), (nk.InstanceNorm3d(3), tnn.InstanceNorm3d),
+                         (nk.GroupNorm(1, 3), tnn.GroupNorm), (nk.LayerNorm(3), tnn.LayerNorm), (nk.RMSNorm(3), tnn.RMSNorm),
+                         (SyncBatchNorm(3), tnn.modules.batchnorm._BatchNorm)):
+        assert isinstance(ours, theirs), type(ours)
+    assert not isinstance(SyncBatchNorm(3), tnn.SyncBatchNorm)  # DistributedDataParallel refuses those on the CPU
+
+
+def test_swa_update_bn_recomputes_normkit_running_statistics():
+    batches = [torch.randn(8, 3, 4, 4) * 5 + 2, torch.randn(8, 3, 4, 4) * 5 + 2]
+    ours, theirs = nk.BatchNorm2d(3), tnn.BatchNorm2d(3)
+    for layer in (ours, theirs):
+        torch.optim.swa_utils.update_bn(batches, tnn.Sequential(layer))
+    torch.testing.assert_close(ours.state_dict(), theirs.state_dict())
+    assert int(ours.num_batches_tracked) == 2

@@ -152,17 +152,22 @@ class _no_collectives:
         dist.all_reduce = self.saved
 
 
-def _ddp_case(rank: int, world: int, batches) -> list[str]:
-    """DDP + SyncBatchNorm gradients equal 1/world of the single-process full-batch gradients."""
+def _ddp_case(rank: int, world: int, batches, channels_last: bool = False) -> list[str]:
+    """DDP + SyncBatchNorm gradients equal 1/world of the single-process full-batch gradients; an
+    in-place ReLU follows the norm (its channels-last output is no view)."""
     failures: list[str] = []
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nk.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 3))
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nk.BatchNorm2d(4), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(4 * 16, 3)
+    )
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
     full_model = copy.deepcopy(model)
     from normkit.convert import convert_sync_batchnorm
 
     ddp = nn.parallel.DistributedDataParallel(convert_sync_batchnorm(model))
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(sum(batches), 2, 4, 4, generator=gen)
+    x = torch.randn(sum(batches), 2, 4, 4, generator=gen).contiguous(memory_format=fmt)
     dy = torch.randn(sum(batches), 3, generator=gen)
     start, n = sum(batches[:rank]), batches[rank]
     (ddp(x[start : start + n]) * dy[start : start + n]).sum().backward()
@@ -205,6 +210,7 @@ def _job(rank: int, world: int) -> list[str]:
     failures += _check_case(rank, BATCHES[world][0], torch.bfloat16, True, 0.1, "4d_cl", 99)
     failures += _ddp_case(rank, world, BATCHES[world][0])
     failures += _ddp_case(rank, world, BATCHES[world][1])
+    failures += _ddp_case(rank, world, BATCHES[world][0], channels_last=True)
     if world == 2:
         failures += _compile_case(rank, world, BATCHES[world][0])
     return failures

@@ -15,10 +15,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.fx import Proxy
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .functional import _layout as L
 from .functional import batch_norm
-from .functional._core import normalize_fixed
+from .functional._core import normalize_fixed, unviewed
 from .functional.norms import _bessel
 from .kernels.contract import blend_running, stats_dtype
 from .nn._base import NormBase, fx_node
@@ -70,7 +71,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         ctx.save_for_backward(xc, mean, rstd, weight)
         ctx.shape, ctx.perm, ctx.total, ctx.group = shape, perm, total, group
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return L.restore(y, perm)
+        return unviewed(L.restore(y, perm))  # a channels-last output is a permuted view: in-place ops follow
 
     @staticmethod
     def backward(ctx, dy: Tensor):
@@ -95,11 +96,13 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None
 
 
-class SyncBatchNorm(NormBase):
+class SyncBatchNorm(NormBase, _BatchNorm):
     """BatchNorm whose training statistics span every rank of ``process_group``, as ``torch.nn.SyncBatchNorm``.
 
     Unlike torch's, it runs on CPU (gloo) as well as GPU, and ranks may hold different batch sizes,
     including none. Eval mode and a world of one rank use ``normkit.functional.batch_norm`` locally.
+    It is a torch BatchNorm (``_BatchNorm``) but not a ``torch.nn.SyncBatchNorm``, which
+    DistributedDataParallel refuses on the CPU.
     """
 
     def __init__(

@@ -260,7 +260,7 @@ _norm_batch.register_autograd(_backward_batch, setup_context=_setup_batch)
 _norm_fixed.register_autograd(_backward_fixed, setup_context=_setup_fixed)
 
 
-def _own(y: Tensor) -> Tensor:
+def unviewed(y: Tensor) -> Tensor:
     """``y`` as a tensor of its own where a backend returned a view of its temporaries (the reference
     backend's reshaped 5-D result): autograd forbids in-place changes to a Function's view outputs,
     and a layer such as ``ReLU(inplace=True)`` follows a norm. The same memory, no copy."""
@@ -279,7 +279,7 @@ class _EagerBatch(torch.autograd.Function):
     def forward(ctx, *inputs) -> tuple[Tensor, Stats]:
         y, st = _forward_batch(*inputs)
         _save_batch(ctx, inputs, st.mean, st.rstd, True)
-        return _own(y), st
+        return unviewed(y), st
 
     backward = staticmethod(_backward_batch)
 
@@ -291,7 +291,7 @@ class _EagerFixed(torch.autograd.Function):
     def forward(ctx, *inputs) -> Tensor:
         y = _fixed(*inputs)
         _save_fixed(ctx, inputs, True)
-        return _own(y)
+        return unviewed(y)
 
     backward = staticmethod(_backward_fixed)
 
@@ -428,4 +428,4 @@ def update_running(
     blend(running_mean, running_var, mean, var, momentum, var_scale)
 
 
-__all__ = ["normalize_batch", "normalize_fixed", "records_graph", "stat_shape", "traced", "update_running"]
+__all__ = ["normalize_batch", "normalize_fixed", "records_graph", "stat_shape", "traced", "unviewed", "update_running"]

@@ -1,5 +1,11 @@
 """Shared base of BatchNorm and InstanceNorm: parameters, running buffers, reset, versioned loading;
-and what every normkit layer shares (input checks, its node in an FX graph)."""
+and what every normkit layer shares (input checks, its node in an FX graph).
+
+Each twin of a torch.nn layer also derives from that layer's class (``nk.BatchNorm2d`` is an
+``nn.BatchNorm2d``), so code that picks layers by ``isinstance`` (``swa_utils.update_bn``, weight-decay
+groups, ``nn.SyncBatchNorm.convert_sync_batchnorm``, FSDP's mixed precision) finds normkit's too. The
+normkit class comes first and defines everything the layer does; torch's class contributes its type
+only, and its ``__init__`` is not run (``Module.__init__`` is called directly)."""
 
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ class NormBase(Module):
         bias: bool = True,
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
-        super().__init__()
+        Module.__init__(self)  # not the torch.nn twin's __init__ (see the module docstring)
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from torch import Tensor
+from torch import Tensor, nn
 from torch.fx import Proxy
+from torch.nn.modules import batchnorm as torch_batchnorm
 
 from .. import functional as F
 from ._base import NormBase, check_dims, fx_node
 
 
-class _BatchNorm(NormBase):
+class _BatchNorm(NormBase, torch_batchnorm._BatchNorm):
     _dims: tuple[int, ...] = ()
 
     def _check_input_dim(self, input: Tensor) -> None:
@@ -49,19 +50,19 @@ class _BatchNorm(NormBase):
         )
 
 
-class BatchNorm1d(_BatchNorm):
+class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
     """Batch normalization over a 2D or 3D input, as ``torch.nn.BatchNorm1d``."""
 
     _dims = (2, 3)
 
 
-class BatchNorm2d(_BatchNorm):
+class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):
     """Batch normalization over a 4D input, as ``torch.nn.BatchNorm2d``; keeps channels_last."""
 
     _dims = (4,)
 
 
-class BatchNorm3d(_BatchNorm):
+class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
     """Batch normalization over a 5D input, as ``torch.nn.BatchNorm3d``; keeps channels_last_3d."""
 
     _dims = (5,)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import warnings
 
-from torch import Tensor
+from torch import Tensor, nn
 from torch.fx import Proxy
+from torch.nn.modules import instancenorm as torch_instancenorm
 
 from .. import functional as F
 from ._base import NormBase, check_dims, fx_node
 
 
-class _InstanceNorm(NormBase):
+class _InstanceNorm(NormBase, torch_instancenorm._InstanceNorm):
     _no_batch_dim: int = 0
 
     def __init__(
@@ -88,19 +89,19 @@ class _InstanceNorm(NormBase):
         return self._apply_instance_norm(input, mask)
 
 
-class InstanceNorm1d(_InstanceNorm):
+class InstanceNorm1d(_InstanceNorm, nn.InstanceNorm1d):
     """Instance normalization over a 2D (unbatched) or 3D input, as ``torch.nn.InstanceNorm1d``."""
 
     _no_batch_dim = 2
 
 
-class InstanceNorm2d(_InstanceNorm):
+class InstanceNorm2d(_InstanceNorm, nn.InstanceNorm2d):
     """Instance normalization over a 3D (unbatched) or 4D input; unlike torch.nn, keeps channels_last."""
 
     _no_batch_dim = 3
 
 
-class InstanceNorm3d(_InstanceNorm):
+class InstanceNorm3d(_InstanceNorm, nn.InstanceNorm3d):
     """Instance normalization over a 4D (unbatched) or 5D input; keeps channels_last_3d."""
 
     _no_batch_dim = 4

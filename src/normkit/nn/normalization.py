@@ -6,7 +6,7 @@ import numbers
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.fx import Proxy
 from torch.nn import Module, init
 
@@ -32,7 +32,7 @@ class _AffineNorm(Module):
             init.zeros_(self.bias)
 
 
-class LayerNorm(_AffineNorm):
+class LayerNorm(_AffineNorm, nn.LayerNorm):
     """Layer normalization over the trailing ``normalized_shape``, as ``torch.nn.LayerNorm``."""
 
     __constants__ = ["normalized_shape", "eps", "elementwise_affine"]
@@ -46,7 +46,7 @@ class LayerNorm(_AffineNorm):
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__()
+        Module.__init__(self)  # not the torch.nn twin's __init__ (see nn._base)
         self.normalized_shape = _as_shape(normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
@@ -69,7 +69,7 @@ class LayerNorm(_AffineNorm):
         )
 
 
-class GroupNorm(_AffineNorm):
+class GroupNorm(_AffineNorm, nn.GroupNorm):
     """Group normalization, as ``torch.nn.GroupNorm``; fast and layout-preserving on channels_last."""
 
     __constants__ = ["num_groups", "num_channels", "eps", "affine"]
@@ -85,7 +85,7 @@ class GroupNorm(_AffineNorm):
         *,
         bias: bool = True,
     ) -> None:
-        super().__init__()
+        Module.__init__(self)  # not the torch.nn twin's __init__ (see nn._base)
         if num_channels % num_groups != 0:
             raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
         self.num_groups = num_groups
@@ -108,7 +108,7 @@ class GroupNorm(_AffineNorm):
         )
 
 
-class RMSNorm(_AffineNorm):
+class RMSNorm(_AffineNorm, nn.RMSNorm):
     """Root-mean-square normalization, as ``torch.nn.RMSNorm`` (``eps=None``: the compute dtype's eps)."""
 
     __constants__ = ["normalized_shape", "eps", "elementwise_affine"]
@@ -121,7 +121,7 @@ class RMSNorm(_AffineNorm):
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__()
+        Module.__init__(self)  # not the torch.nn twin's __init__ (see nn._base)
         self.normalized_shape = _as_shape(normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
