@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import math
 import pstats
 
 import torch
@@ -105,7 +106,7 @@ def _view_shape(norm: str, shape: tuple[int, ...], layout: str) -> list[int]:
         return L.per_channel_view(x, cl)
     if norm == "instance":
         return L.per_instance_view(x, cl)
-    return L.per_group_view(x, min(32, shape[1]), cl)
+    return L.per_group_view(x, math.gcd(32, shape[1]), cl)
 
 
 def main() -> None:

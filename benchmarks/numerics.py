@@ -45,7 +45,7 @@ def main() -> None:
     table = Table(*header, title=f"max abs error vs float64 (float32 input) on {args.device}")
     for row in data:
         table.add_row(*row)
-    Console().print(table)
+    Console(width=180).print(table)  # a narrow terminal or a pipe would cut the numbers
 
 
 if __name__ == "__main__":

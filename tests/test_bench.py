@@ -141,6 +141,21 @@ def test_parsed_options_make_the_cases():
         bench._modules(norm, shape)
 
 
+def test_any_channel_count_gets_a_group_count_that_divides_it():
+    """``--shape`` may give channels that 32 does not divide: the group norms take a divisor, as many
+    groups as 32 allows."""
+    args = _parse("--quick", "--norms", "group,group+silu", "--dtypes", "fp32", "--shape", "2,48,4,4", "--shape", "2,6,4,4")
+    for norm, shape, *_ in bench.cases(args):
+        theirs, ours = bench._modules(norm, shape)
+        assert ours.num_groups == {48: 16, 6: 2}[shape[1]] == theirs.num_groups
+
+
+def test_quick_times_eval_where_it_differs_from_training():
+    got = {(norm, mode) for norm, _, _, mode, _ in bench.cases(_parse("--quick"))}
+    assert {("batch", "fwd-eval"), ("instance", "fwd-eval")} <= got
+    assert ("group", "fwd-eval") not in got and ("layer", "fwd-eval") not in got
+
+
 def test_cuda_graph_timing_needs_a_cuda_device():
     with pytest.raises(SystemExit, match="--cuda-graph needs --device cuda"):
         main(["bench", "--quick", "--cuda-graph"])

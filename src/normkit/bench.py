@@ -213,10 +213,11 @@ def _modules(norm: str, shape: tuple[int, ...]) -> tuple[torch.nn.Module, torch.
         cls = "LayerNorm" if norm == "layer" else "RMSNorm"
         return getattr(torch.nn, cls)(shape[-1]), getattr(nk, cls)(shape[-1])
     c, dims = shape[1], len(shape) - 2
+    groups = math.gcd(32, c)  # 32 groups (the usual choice) where the channels allow, else a divisor
     if norm == "group":
-        return torch.nn.GroupNorm(min(32, c), c), nk.GroupNorm(min(32, c), c)
+        return torch.nn.GroupNorm(groups, c), nk.GroupNorm(groups, c)
     if norm == "group+silu":
-        return _GroupNormSiLU(min(32, c), c), nk.GroupNormAct(min(32, c), c, act_layer="silu")
+        return _GroupNormSiLU(groups, c), nk.GroupNormAct(groups, c, act_layer="silu")
     cls = f"{'BatchNorm' if norm == 'batch' else 'InstanceNorm'}{dims}d"
     kwargs = {} if norm == "batch" else {"affine": True, "track_running_stats": True}
     return getattr(torch.nn, cls)(c, **kwargs), getattr(nk, cls)(c, **kwargs)
@@ -357,8 +358,8 @@ def _table(results: list[Result], meta: dict[str, object]) -> None:
 
 
 def cases(args: argparse.Namespace) -> list[tuple[str, tuple[int, ...], str, str, str]]:
-    """(norm, shape, layout, mode, dtype) to run. Eval differs from train only for BatchNorm (running
-    statistics), so ``--quick`` times eval for BatchNorm alone."""
+    """(norm, shape, layout, mode, dtype) to run. Eval differs from train for BatchNorm and
+    InstanceNorm (running statistics), so ``--quick`` times eval for those alone."""
     grid = QUICK if args.quick else FULL
     out = []
     for norm in args.norms:
@@ -370,7 +371,7 @@ def cases(args: argparse.Namespace) -> list[tuple[str, tuple[int, ...], str, str
                 if layout == "channels_last" and len(shape) not in (4, 5):
                     continue
                 for mode in args.modes:
-                    if args.quick and mode == "fwd-eval" and norm != "batch":
+                    if args.quick and mode == "fwd-eval" and norm not in ("batch", "instance"):
                         continue
                     for dtype in args.dtypes:
                         out.append((norm, shape, layout, mode, dtype))
