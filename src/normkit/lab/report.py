@@ -71,6 +71,16 @@ def effect_text(effect: dict) -> str:
     return f"{_num(effect['estimate'], '.3g')} {effect['unit']} [95% CI {_num(effect['low'], '.3g')}, {_num(effect['high'], '.3g')}]{g_text}"
 
 
+def scope_text(meta: dict) -> str:
+    """Which studies train on the chosen image data, and which studies this report leaves out: a run labelled with
+    one dataset or a partial rerun must not read as if it covered every study."""
+    used_by = ", ".join(meta["data_used_by"]) or "no study"
+    text = f"image data {meta['data']} for {used_by} only (every other study uses the data its setting names)"
+    if meta["left_out"]:
+        text += f"; not in this report, as their runs are not all cached: {', '.join(meta['left_out'])}"
+    return text
+
+
 def _badge(verdict: str) -> str:
     return f'<span class="verdict" style="background:{BADGE[verdict]}">{html.escape(verdict)}</span>'
 
@@ -116,8 +126,8 @@ def render_html(results: dict, out_dir: Path) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>normkit lab report</title><style>{CSS}</style></head>
 <body><h1>normkit lab</h1>
 <p class="sub">Every claim of the article &ldquo;浅谈归一化&rdquo; (On normalization) re-measured on training runs.</p>
-<p>Mode <code>{meta['mode']}</code>, seeds {meta['seeds']}, backend <code>{meta['backend']}</code>, device <code>{meta['device']}</code>,
-data <code>{meta['data']}</code>; {meta['runs_total']} runs ({meta['runs_reused']} reused from the cache), wall time {meta['wall_time_s']:.0f} s,
+<p>Mode <code>{meta['mode']}</code>, seeds {meta['seeds']}, backend <code>{meta['backend']}</code>, device <code>{meta['device']}</code>;
+{html.escape(scope_text(meta))}; {meta['runs_total']} runs ({meta['runs_reused']} reused from the cache), wall time {meta['wall_time_s']:.0f} s,
 compute {meta['compute_time_s']:.0f} s, {meta['jobs']} worker(s) via {meta['executor']}; started {meta['started_utc']}.<br>
 Machine: {html.escape(machine)}.<br>Versions: {html.escape(versions)}.</p>
 <p>Intervals are 95% confidence intervals over seeds (Student t, or percentile bootstrap where stated). Verdicts come from the rule
@@ -135,7 +145,7 @@ def render_markdown(results: dict) -> str:
     lines = [
         "# normkit lab report",
         "",
-        f"Mode `{meta['mode']}`, seeds {meta['seeds']}, backend `{meta['backend']}`, device `{meta['device']}`, data `{meta['data']}`; "
+        f"Mode `{meta['mode']}`, seeds {meta['seeds']}, backend `{meta['backend']}`, device `{meta['device']}`; {scope_text(meta)}; "
         f"{meta['runs_total']} runs ({meta['runs_reused']} reused), wall time {meta['wall_time_s']:.0f} s.",
         "",
         "| # | claim | verdict | effect [95% CI] |",

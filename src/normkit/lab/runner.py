@@ -10,7 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -20,9 +20,14 @@ from pathlib import Path
 from .study import Run
 
 
+def _canonical(config: dict) -> str:
+    """A config as JSON with sorted keys: what it is stored as, so a tuple and its stored list compare equal."""
+    return json.dumps(config, sort_keys=True)
+
+
 def job_key(config: dict) -> str:
     """Stable short hash of a run config (sorted JSON)."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:20]
+    return hashlib.sha256(_canonical(config).encode()).hexdigest()[:20]
 
 
 class Cache:
@@ -35,17 +40,24 @@ class Cache:
         return self.root / config["study"] / f"{job_key(config)}.json"
 
     def get(self, config: dict) -> Run | None:
-        path = self.path(config)
-        if not path.exists():
+        """The stored run of ``config``, or None when there is none we can trust: a file that is unreadable, not a
+        run, or stored for another config (damaged, copied, or from a hash collision) counts as missing, so the run
+        is done again and its file replaced."""
+        try:
+            stored = json.loads(self.path(config).read_text())
+            if _canonical(stored["config"]) != _canonical(config) or not isinstance(stored["result"], dict):
+                return None
+        except (OSError, ValueError, KeyError, TypeError):
             return None
-        stored = json.loads(path.read_text())
         return Run(stored["config"], stored["result"])
 
     def put(self, run: Run, seconds: float) -> None:
-        """Atomic write: temp file in the same directory, then ``os.replace``."""
+        """Atomic write: temp file in the same directory, then ``os.replace``. The temp file is opened with mode
+        0666 so the process umask decides the permissions, as for any other file the lab writes."""
         path = self.path(run.config)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
+        tmp = path.parent / f".tmp-{secrets.token_hex(8)}.part"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "w") as f:
             json.dump({"config": run.config, "result": run.result, "seconds": seconds}, f)
         os.replace(tmp, path)

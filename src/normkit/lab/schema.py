@@ -2,8 +2,10 @@
 
     {
       "schema": "normkit-lab/1",
-      "meta": {mode, seeds[], backend, device, data, executor, jobs, started_utc, wall_time_s,
-               compute_time_s, runs_total, runs_reused, machine{...}, versions{package: version}},
+      "meta": {mode, seeds[], backend, device, data, data_used_by[] ("<study> (<part>)" trained on data),
+               executor, jobs, started_utc, wall_time_s, compute_time_s, runs_total, runs_reused (both over the
+               studies run this time), left_out[] (study ids not reported: their runs are not all cached),
+               machine{...}, versions{package: version}},
       "figures": {"cube": "<png file name>"},
       "studies": [                               # one per claim, in the article's order
         {

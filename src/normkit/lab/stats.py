@@ -1,7 +1,8 @@
 """Statistics shared by every study: confidence intervals, effect sizes and the verdict vocabulary.
 
 Seeds are the unit of replication: a run's number is one sample, intervals are over seeds. Small seed
-counts give wide Student-t intervals -- that is the honest answer, not a defect to hide.
+counts give wide Student-t intervals -- that is the honest answer, not a defect to hide. One seed gives no
+interval at all: its bounds are NaN, every check on them is false, and the report shows them as n/a.
 """
 
 from __future__ import annotations
@@ -40,7 +41,12 @@ class Effect:
 
     def text(self, digits: int = 2) -> str:
         g = "" if self.g is None or not math.isfinite(self.g) else f", g = {self.g:.2f}"
-        return f"{self.estimate:.{digits}f} {self.unit} [{self.low:.{digits}f}, {self.high:.{digits}f}]{g}"
+        return f"{self.estimate:.{digits}f} {self.unit} {bounds(self.low, self.high, f'.{digits}f')}{g}"
+
+
+def bounds(low: float, high: float, spec: str = ".2f", scale: float = 1.0) -> str:
+    """``[low, high]`` in ``spec``; an undefined bound (one seed, no data) reads ``n/a`` rather than ``nan``."""
+    return "[" + ", ".join(format(scale * v, spec) if math.isfinite(v) else "n/a" for v in (low, high)) + "]"
 
 
 def _finite(values: Sequence[float]) -> np.ndarray:
@@ -48,12 +54,15 @@ def _finite(values: Sequence[float]) -> np.ndarray:
 
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
-    """Mean and Student-t 95% interval over seeds; a single value gives a zero-width interval."""
+    """Mean and Student-t 95% interval over seeds. A single value has no interval (NaN bounds), so no rule can pass
+    on one run; identical values from several seeds give a zero-width one."""
     x = _finite(values)
     if x.size == 0:
         return math.nan, math.nan, math.nan
     m = float(x.mean())
-    if x.size == 1 or float(x.std()) == 0.0:
+    if x.size == 1:
+        return m, math.nan, math.nan
+    if float(x.std()) == 0.0:
         return m, m, m
     half = float(scipy_stats.t.ppf(0.5 + CONFIDENCE / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
     return m, m - half, m + half
@@ -89,9 +98,12 @@ def ratio_effect(name: str, a: Sequence[float], b: Sequence[float]) -> Effect:
 def bootstrap_effect(
     name: str, groups: Sequence[Sequence[float]], statistic: Callable[[list[np.ndarray]], float], unit: str, n: int = 2000
 ) -> Effect:
-    """Percentile bootstrap over seeds (resampled within each group) for statistics with no closed form."""
+    """Percentile bootstrap over seeds (resampled within each group) for statistics with no closed form. A group with
+    fewer than two values has no interval (NaN bounds): resampling one value only ever returns it."""
     arrays = [_finite(g) for g in groups]
     point = float(statistic(arrays))
+    if any(a.size < 2 for a in arrays):
+        return Effect(name, point, math.nan, math.nan, unit)
     rng = np.random.default_rng(0)
     samples = [statistic([a[rng.integers(0, a.size, a.size)] for a in arrays]) for _ in range(n)]
     lo, hi = np.percentile(samples, [100 * (1 - CONFIDENCE) / 2, 100 * (1 + CONFIDENCE) / 2])
@@ -109,7 +121,7 @@ def cell(values: Sequence[float], digits: int = 3, scale: float = 1.0) -> str:
     m, lo, hi = mean_ci([v * scale for v in values])
     if math.isnan(m):
         return "n/a"
-    return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+    return f"{m:.{digits}f} {bounds(lo, hi, f'.{digits}f')}"
 
 
 def exceeds(effect: Effect, threshold: float) -> bool:

@@ -5,10 +5,13 @@ executed in a worker), ``analyze(runs, profile, out_dir)`` (statistics, figures,
 (the verdict, from numbers only, so a test can feed it synthetic numbers on either side of its threshold).
 A study that measures speed sets ``TIMES_THE_MACHINE = True``: its runs then go last, one at a time, in the
 lab's own process, so no other run of the lab competes with the timings.
+A study that trains on the image data chosen with ``--data`` names the part that does in ``CHOSEN_DATA``; every
+other study keeps the data its setting names, whatever ``--data`` says.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -94,6 +97,14 @@ def group(runs: list[Run], *keys: str) -> dict[tuple, list[Run]]:
 def values(runs: list[Run], metric: str) -> list[float]:
     """One metric from each run, in seed order."""
     return [float(r.result[metric]) for r in sorted(runs, key=lambda r: r.config["seed"])]
+
+
+def accuracies(runs: list[Run], classes: int) -> list[float]:
+    """Final test accuracy of each run, in seed order. A run that diverged, or has no finite accuracy, scores chance
+    (1 / ``classes``): it predicts no better than a guess, and a NaN would rank its group both best and worst."""
+    chance = 1.0 / classes
+    return [chance if r.result.get("diverged") or not math.isfinite(r.result["final_test_acc"]) else float(r.result["final_test_acc"])
+            for r in sorted(runs, key=lambda r: r.config["seed"])]  # fmt: skip
 
 
 def mean_metric(runs: list[Run], metric: str) -> float:

@@ -40,3 +40,8 @@ ORDER: tuple[ModuleType, ...] = (
     adain_style,
 )
 STUDIES: dict[str, ModuleType] = {m.CLAIM.id: m for m in ORDER}
+
+
+def chosen_data_users() -> list[str]:
+    """Which studies (and which part of each) train on the ``--data`` images, for the help text and the report."""
+    return [f"{m.CLAIM.id} ({m.CHOSEN_DATA})" for m in ORDER if hasattr(m, "CHOSEN_DATA")]

@@ -17,7 +17,7 @@ from .. import plots
 from ..data import mnist1d
 from ..models import MLP, norm_label
 from ..stats import cell, paired_effect, verdict_from_checks
-from ..study import Claim, Finding, Profile, Run, Table, group, values
+from ..study import Claim, Finding, Profile, Run, Table, accuracies, group, values
 from ..training import seed_everything, train_classifier
 
 CLAIM = Claim(
@@ -91,8 +91,8 @@ def analyze(runs: list[Run], profile: Profile, out_dir: Path) -> Finding:
     gaps = {n: values(by[(n,)], "gap") for n in NORMS}
     gap_effect = paired_effect("train/test gap: no norm - BN", gaps["none"], gaps["bn"], "acc")
     ghost_effect = paired_effect("train/test gap: BN(64) - ghost BN(4)", gaps["bn"], gaps["ghost4"], "acc")
-    acc_effect = paired_effect("test accuracy: BN - no norm", values(by[("bn",)], "final_test_acc"), values(by[("none",)], "final_test_acc"), "acc")
-    ghost_gain = paired_effect("test accuracy: ghost BN(16) - BN(64)", values(by[("ghost16",)], "final_test_acc"), values(by[("bn",)], "final_test_acc"), "acc")
+    acc_effect = paired_effect("test accuracy: BN - no norm", accuracies(by[("bn",)], 10), accuracies(by[("none",)], 10), "acc")
+    ghost_gain = paired_effect("test accuracy: ghost BN(16) - BN(64)", accuracies(by[("ghost16",)], 10), accuracies(by[("bn",)], 10), "acc")
     stats = {
         "gap_reduction": gap_effect.estimate,
         "gap_reduction_low": gap_effect.low,
@@ -104,7 +104,7 @@ def analyze(runs: list[Run], profile: Profile, out_dir: Path) -> Finding:
     }
     verdict, reason = rule(stats)
     rows = [
-        [norm_label(n), cell(values(by[(n,)], "final_train_acc"), 1, 100), cell(values(by[(n,)], "final_test_acc"), 1, 100),
+        [norm_label(n), cell(values(by[(n,)], "final_train_acc"), 1, 100), cell(accuracies(by[(n,)], 10), 1, 100),
          cell(gaps[n], 1, 100), cell(values(by[(n,)], "test_acc_batch_stats"), 1, 100) if n != "none" else "-"]
         for n in NORMS
     ]  # fmt: skip
@@ -119,7 +119,7 @@ def analyze(runs: list[Run], profile: Profile, out_dir: Path) -> Finding:
     ax_curve.legend(fontsize=7)
     figures = [plots.save(fig, out_dir, f"{CLAIM.id}.png")]
     eval_vs_batch = paired_effect(
-        "BN test accuracy: running stats - batch stats", values(by[("bn",)], "final_test_acc"), values(by[("bn",)], "test_acc_batch_stats"), "acc"
+        "BN test accuracy: running stats - batch stats", accuracies(by[("bn",)], 10), values(by[("bn",)], "test_acc_batch_stats"), "acc"
     )
     return Finding(
         verdict=verdict,

@@ -15,7 +15,7 @@ from .. import plots
 from ..data import DATA_LABELS, classification
 from ..models import ConvNet, norm_label
 from ..stats import Effect, ratio_effect, verdict_from_checks
-from ..study import Claim, Finding, Profile, Run, Table, group, mean_metric, values
+from ..study import Claim, Finding, Profile, Run, Table, accuracies, group, mean_metric
 from ..training import seed_everything, train_classifier
 
 CLAIM = Claim(
@@ -157,5 +157,5 @@ def decision_rows(runs: list[Run], profile: Profile) -> list[dict]:
     scores = {}
     for n in NORMS:
         best = max(s["lrs"], key=lambda lr: mean_metric(by[(n, lr)], "final_test_acc"))
-        scores[n] = values(by[(n, best)], "final_test_acc")
+        scores[n] = accuracies(by[(n, best)], 10)
     return [{"task": f"{s['data']}, CNN", "batch": s["batch_size"], "metric": "test accuracy", "scores": scores}]

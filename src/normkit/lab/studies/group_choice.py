@@ -16,7 +16,7 @@ from .. import plots
 from ..data import DATA_LABELS, classification
 from ..models import ConvNet
 from ..stats import HOLDS, NOT, PARTLY, cell, paired_effect
-from ..study import Claim, Finding, Profile, Run, Table, group, values
+from ..study import Claim, Finding, Profile, Run, Table, accuracies, group
 from ..training import seed_everything, train_classifier
 from . import group_count
 
@@ -74,8 +74,8 @@ def rule(stats: dict) -> tuple[str, str]:
 def analyze(runs: list[Run], profile: Profile, out_dir: Path) -> Finding:
     s = group_count.settings(profile)
     fixed = group([r for r in runs if r.config["study"] == group_count.CLAIM.id], "groups")
-    acc = {g: values(fixed[(g,)], "final_test_acc") for g in s["groups"]}
-    sn = values([r for r in runs if r.config["study"] == CLAIM.id], "final_test_acc")
+    acc = {g: accuracies(fixed[(g,)], 10) for g in s["groups"]}
+    sn = accuracies([r for r in runs if r.config["study"] == CLAIM.id], 10)
     auto = auto_groups(s["channels"])
     best = max(s["groups"], key=lambda g: sum(acc[g]))
     worst = min(s["groups"], key=lambda g: sum(acc[g]))

@@ -12,8 +12,8 @@ from pathlib import Path
 from .. import plots
 from ..data import DATA_LABELS, classification
 from ..models import ConvNet
-from ..stats import cell, graded, paired_effect
-from ..study import Claim, Finding, Profile, Run, Table, group, values
+from ..stats import bounds, cell, graded, paired_effect
+from ..study import Claim, Finding, Profile, Run, Table, accuracies, group
 from ..training import seed_everything, train_classifier
 
 CLAIM = Claim(
@@ -71,13 +71,13 @@ def rule(stats: dict) -> tuple[str, str]:
     hold here. The best and worst G are picked on the same seeds, so the interval leans optimistic."""
     verdict = graded(stats["effect"], PRACTICAL)
     e = stats["effect"]
-    return verdict, f"best G={stats['best']} beats worst G={stats['worst']} by {100 * e.estimate:.1f} points [{100 * e.low:.1f}, {100 * e.high:.1f}]"
+    return verdict, f"best G={stats['best']} beats worst G={stats['worst']} by {100 * e.estimate:.1f} points {bounds(e.low, e.high, '.1f', 100)}"
 
 
 def analyze(runs: list[Run], profile: Profile, out_dir: Path) -> Finding:
     s = settings(profile)
     by = group(runs, "groups")
-    acc = {g: values(by[(g,)], "final_test_acc") for g in s["groups"]}
+    acc = {g: accuracies(by[(g,)], 10) for g in s["groups"]}
     best = max(s["groups"], key=lambda g: sum(acc[g]))
     worst = min(s["groups"], key=lambda g: sum(acc[g]))
     effect = paired_effect(f"accuracy: G={best} - G={worst}", acc[best], acc[worst], "acc")

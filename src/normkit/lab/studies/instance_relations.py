@@ -15,7 +15,7 @@ from .. import plots
 from ..data import Split, synthetic_channels
 from ..models import ConvNet, norm_label
 from ..stats import NOT, cell, paired_effect, verdict_from_checks
-from ..study import Claim, Finding, Profile, Run, Table, group, values
+from ..study import Claim, Finding, Profile, Run, Table, accuracies, group
 from ..training import seed_everything, train_classifier
 
 CLAIM = Claim(
@@ -69,7 +69,7 @@ def rule(stats: dict) -> tuple[str, str]:
 def analyze(runs: list[Run], profile: Profile, out_dir: Path) -> Finding:
     s = settings(profile)
     by = group(runs, "task", "norm")
-    acc = {(t, n): values(by[(t, n)], "final_test_acc") for t in TASKS for n in NORMS}
+    acc = {(t, n): accuracies(by[(t, n)], 2) for t in TASKS for n in NORMS}
     best_other = {t: max((n for n in NORMS if n != "in"), key=lambda n: sum(acc[(t, n)])) for t in TASKS}
     deficits = {t: paired_effect(f"{t}: {best_other[t]} - IN", acc[(t, best_other[t])], acc[(t, "in")], "acc") for t in TASKS}
     stats = {"in_deficit": {t: e.estimate for t, e in deficits.items()}, "in_deficit_low": {t: e.low for t, e in deficits.items()},
@@ -108,4 +108,4 @@ def decision_rows(runs: list[Run], profile: Profile) -> list[dict]:
     """Each synthetic task at batch 32: test accuracy per norm."""
     by = group(runs, "task", "norm")
     return [{"task": f"synthetic: label in {t}", "batch": 32, "metric": "test accuracy",
-             "scores": {n: values(by[(t, n)], "final_test_acc") for n in NORMS}} for t in TASKS]  # fmt: skip
+             "scores": {n: accuracies(by[(t, n)], 2) for n in NORMS}} for t in TASKS]  # fmt: skip

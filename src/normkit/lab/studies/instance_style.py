@@ -31,6 +31,7 @@ CLAIM = Claim(
     "image-generation tasks.",
 )
 VERSION = 1
+CHOSEN_DATA = "style-shift classifiers"
 CLASSIFIER_NORMS = ("none", "bn", "ln", "in", "gn")
 DENOISER_NORMS = ("bn", "in")
 NOISE = 0.6

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from .. import plots
 from ..data import token_sequences
 from ..models import TinyTransformer, norm_label
-from ..stats import cell, graded, paired_effect
-from ..study import Claim, Finding, Profile, Run, Table, group, values
+from ..stats import bounds, cell, graded, paired_effect
+from ..study import Claim, Finding, Profile, Run, Table, accuracies, group, values
 from ..training import seed_everything
 
 CLAIM = Claim(
@@ -77,13 +77,13 @@ def run(config: dict) -> dict:
 def rule(stats: dict) -> tuple[str, str]:
     """LN minus BN test accuracy (paired t CI): above 2 points -> holds, above 0 -> holds partly, else does not hold here."""
     e = stats["effect"]
-    return graded(e, PRACTICAL), f"LN - BN = {100 * e.estimate:.1f} points [{100 * e.low:.1f}, {100 * e.high:.1f}]"
+    return graded(e, PRACTICAL), f"LN - BN = {100 * e.estimate:.1f} points {bounds(e.low, e.high, '.1f', 100)}"
 
 
 def analyze(runs: list[Run], profile: Profile, out_dir: Path) -> Finding:
     s = settings(profile)
     by = group(runs, "norm")
-    acc = {n: values(by[(n,)], "final_test_acc") for n in NORMS}
+    acc = {n: accuracies(by[(n,)], 2) for n in NORMS}
     effect = paired_effect("test accuracy: LN - BN", acc["ln"], acc["bn"], "acc")
     rms = paired_effect("test accuracy: RMSNorm - LN", acc["rms"], acc["ln"], "acc")
     masked = paired_effect("test accuracy: masked BN - BN", acc["bnmask"], acc["bn"], "acc")
@@ -120,4 +120,4 @@ def decision_rows(runs: list[Run], profile: Profile) -> list[dict]:
     """Sequence classification with a transformer at batch 32: test accuracy per norm."""
     by = group(runs, "norm")
     return [{"task": "token sequences, transformer", "batch": settings(profile)["batch_size"], "metric": "test accuracy",
-             "scores": {n: values(by[(n,)], "final_test_acc") for n in NORMS if n != "bnmask"}}]  # fmt: skip
+             "scores": {n: accuracies(by[(n,)], 2) for n in NORMS if n != "bnmask"}}]  # fmt: skip

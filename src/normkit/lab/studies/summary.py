@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import plots
 from ..models import norm_label
-from ..stats import Effect, mean_ci, paired_effect, verdict_from_checks
+from ..stats import Effect, bounds, mean_ci, paired_effect, verdict_from_checks
 from ..study import Claim, Finding, Profile, Run, Table
 from . import faster_training, instance_relations, sequences, small_batch
 
@@ -37,11 +37,11 @@ def jobs(profile: Profile) -> list[dict]:
 
 def rank(row: dict) -> dict:
     """Best, runner-up and worst norm of one row (by mean over seeds) with paired margins; ``tied`` holds the norms
-    whose gap to the best has a CI reaching 0 (with few seeds, several norms often tie)."""
+    whose gap to the best has a CI reaching 0 or no CI at all (with few seeds, several norms often tie)."""
     means = {n: float(np.mean(v)) for n, v in row["scores"].items()}
     order = sorted(means, key=means.get, reverse=True)
     best, second, worst = order[0], order[1], order[-1]
-    tied = [best] + [n for n in order[1:] if paired_effect("", row["scores"][best], row["scores"][n], "acc").low <= 0]
+    tied = [best] + [n for n in order[1:] if not paired_effect("", row["scores"][best], row["scores"][n], "acc").low > 0]
     return {
         "task": row["task"],
         "batch": row["batch"],
@@ -80,7 +80,7 @@ def analyze(runs: list[Run], profile: Profile, out_dir: Path) -> Finding:
     effect = Effect("mean accuracy lost by the worst norm vs the best, over settings", m, lo, hi, "acc")
     table = [
         [r["task"], str(r["batch"]), " = ".join(norm_label(n) for n in r["tied"]), f"{100 * r['means'][r['best']]:.1f}", norm_label(r["second"]),
-         f"{100 * r['margin'].estimate:.1f} [{100 * r['margin'].low:.1f}, {100 * r['margin'].high:.1f}]", norm_label(r["worst"]),
+         f"{100 * r['margin'].estimate:.1f} {bounds(r['margin'].low, r['margin'].high, '.1f', 100)}", norm_label(r["worst"]),
          f"{100 * r['spread'].estimate:.1f}"]
         for r in rows
     ]  # fmt: skip

@@ -1,0 +1,32 @@
+"""A diverged run scores chance accuracy in every study, so a NaN never makes one group both the best and the worst."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from normkit.lab.studies import group_count
+from normkit.lab.study import Profile, Run, accuracies
+
+PROFILE = Profile(mode="tiny", seeds=(0, 1))
+
+
+def run(seed: int, acc: float, diverged: bool = False) -> Run:
+    return Run({"seed": seed}, {"final_test_acc": acc, "diverged": diverged})
+
+
+def test_diverged_or_missing_accuracy_scores_chance():
+    runs = [run(2, math.nan, True), run(0, 0.8), run(1, 0.7, True), run(3, math.nan)]
+    assert accuracies(runs, 10) == [0.8, 0.1, 0.1, 0.1]
+    assert accuracies(runs, 2) == [0.8, 0.5, 0.5, 0.5]
+
+
+def test_group_count_ranks_a_diverged_group_worst(tmp_path):
+    accuracy = {1: math.nan, 2: 0.9, 4: 0.8, 8: 0.5}
+    runs = [Run(c, {"final_test_acc": accuracy[c["groups"]] + 0.01 * c["seed"], "diverged": math.isnan(accuracy[c["groups"]])})
+            for c in group_count.jobs(PROFILE)]  # fmt: skip
+    finding = group_count.analyze(runs, PROFILE, tmp_path)
+    assert (finding.stats["best"], finding.stats["worst"]) == (2, 1)
+    assert finding.effect.estimate == pytest.approx(0.905 - 0.1)
+    assert finding.stats["mean_acc"]["1"] == pytest.approx(0.1)
