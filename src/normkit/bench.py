@@ -32,7 +32,7 @@ from . import __version__
 from .cli import comma_list, device_type, positive_int
 from .kernels import _pages
 from .kernels.cpu import SERIAL_BELOW
-from .selection import _validate, backend
+from .selection import backend, validate
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64, "fp16": torch.float16}
 MODES = ("fwd-train", "fwd-eval", "fwd+bwd")
@@ -84,7 +84,7 @@ class Result:
 def _backend_name(name: str) -> str:
     """argparse type for ``--backend``: a backend the layers could not use is a usage error."""
     try:
-        return _validate(name)
+        return validate(name)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     except ImportError as exc:

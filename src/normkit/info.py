@@ -9,7 +9,7 @@ import torch
 
 from . import __version__, kernels
 from .kernels import _pages
-from .selection import _validate, get_backend
+from .selection import get_backend, validate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,7 +21,7 @@ def _in_force() -> str:
     so a name no backend has is shown as the error every layer call raises."""
     name = get_backend()
     try:
-        _validate(name)
+        validate(name)
     except ValueError as exc:
         return f"error: {exc} (NORMKIT_BACKEND)"
     except ImportError as exc:

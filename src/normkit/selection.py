@@ -17,7 +17,9 @@ _default = os.environ.get("NORMKIT_BACKEND", "auto")
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("normkit_backend", default=None)
 
 
-def _validate(name: str) -> str:
+def validate(name: str) -> str:
+    """``name`` if it names a usable backend ("auto" or one ``kernels.load`` can load): the check every way
+    of choosing one (set_backend, backend(...), the CLI, ``normkit info``) makes."""
     if name == "auto":
         return name
     kernels.load(name)  # raises ValueError for unknown names, ImportError when unavailable
@@ -32,13 +34,13 @@ def get_backend() -> str:
 def set_backend(name: str) -> None:
     """Set the process-wide backend: ``auto``, ``reference``, or another registered backend."""
     global _default
-    _default = _validate(name)
+    _default = validate(name)
 
 
 @contextlib.contextmanager
 def backend(name: str) -> Iterator[None]:
     """Use backend ``name`` inside the block (per thread / async task)."""
-    token = _override.set(_validate(name))
+    token = _override.set(validate(name))
     try:
         yield
     finally:
