@@ -30,3 +30,13 @@ def test_group_count_ranks_a_diverged_group_worst(tmp_path):
     assert (finding.stats["best"], finding.stats["worst"]) == (2, 1)
     assert finding.effect.estimate == pytest.approx(0.905 - 0.1)
     assert finding.stats["mean_acc"]["1"] == pytest.approx(0.1)
+
+
+def test_a_diverged_style_classifier_scores_chance():
+    """A classifier that diverges in its first steps has no test accuracy to report: both accuracies
+    are chance, not an error from an empty history."""
+    from normkit.lab.studies import instance_style
+
+    config = next(c for c in instance_style.jobs(PROFILE) if c["part"] == "classify")
+    result = instance_style.run({**config, "lr": 1e12})
+    assert result["diverged"] and result["clean_acc"] == result["shifted_acc"] == pytest.approx(0.1)

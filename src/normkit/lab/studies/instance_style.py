@@ -72,6 +72,9 @@ def run(config: dict) -> dict:
         model = ConvNet(channels, tuple(size), [config["width"], 2 * config["width"]], data.num_classes, config["norm"], config["backend"], strides=[1, 2])
         history = train_classifier(model, data, epochs=config["epochs"], batch_size=config["batch_size"], lr=config["lr"],
                                    seed=config["seed"], device=device)  # fmt: skip
+        if history.diverged:  # a model of non-finite weights, maybe before any test: chance, as every study scores it
+            chance = 1.0 / data.num_classes
+            return {"clean_acc": chance, "shifted_acc": chance, "diverged": True}
         shifted = style_shift(data.x_test, config["seed"]).to(device)
         return {"clean_acc": history.test_acc[-1], "shifted_acc": evaluate(model, shifted, data.y_test.to(device))[1]}
     model = DenoisingAutoencoder(config["norm"], config["backend"], config["width"]).to(device)
