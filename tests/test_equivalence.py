@@ -227,13 +227,16 @@ def test_empty_batch_gives_zero_parameter_gradients(name):
     "name,shape,perm",
     [("BatchNorm1d", (4, 7, 5), (0, 2, 1)), ("InstanceNorm1d", (3, 9, 5), (0, 2, 1)), ("GroupNorm", (3, 4, 6), (0, 2, 1)),
      ("BatchNorm2d", (2, 6, 7, 5), (0, 1, 3, 2)), ("GroupNorm", (3, 3, 6, 2), (0, 2, 1, 3)),
-     ("BatchNorm2d", (2, 5, 7, 6), (0, 3, 1, 2))],
-    ids=["bn1d-transposed", "in1d-transposed", "gn-3d-transposed", "bn2d-permuted", "gn-4d-permuted", "bn2d-channels_last"],
+     ("BatchNorm2d", (2, 5, 7, 6), (0, 3, 1, 2)), ("RMSNorm", (2, 4, 33, 3), (0, 3, 1, 2)),
+     ("RMSNorm", (33, 5), (1, 0)), ("LayerNorm-1d", (2, 4, 33, 3), (0, 3, 1, 2))],
+    ids=["bn1d-transposed", "in1d-transposed", "gn-3d-transposed", "bn2d-permuted", "gn-4d-permuted", "bn2d-channels_last",
+         "rms-channels_last", "rms-transposed", "ln-channels_last"],
 )
 def test_output_strides_follow_torch_nn(name, shape, perm):
     """Strided inputs give outputs in torch.nn's layout: contiguous, except channels-last 4-D/5-D
-    input, which stays channels-last. A transposed sequence (N, L, C) -> (N, C, L) is no channels-last
-    tensor: its output must allow ``view`` as torch's does."""
+    input, which stays channels-last, and RMSNorm's, which keeps the input's strides. A transposed
+    sequence (N, L, C) -> (N, C, L) is no channels-last tensor: its output must allow ``view`` as
+    torch's does."""
     ours, theirs = _pair(name, {}, torch.float32)
     x = torch.randn(shape).permute(*perm)
     out, expected = ours(x), theirs(x)

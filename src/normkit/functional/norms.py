@@ -333,7 +333,9 @@ def rms_norm(
 ) -> Tensor:
     """RMS normalization with ``torch.nn.functional.rms_norm``'s signature (``eps=None``: the eps of the compute dtype).
 
-    ``mask`` as in ``layer_norm``, ``activation`` as in ``batch_norm``.
+    ``mask`` as in ``layer_norm``, ``activation`` as in ``batch_norm``. A channels-last input gives a
+    channels-last output, as torch's RMSNorm (elementwise torch ops) does; its LayerNorm, and both for
+    other layouts, return a contiguous one.
     """
     d = _check_normalized_shape(input, normalized_shape, weight, None, "rms_norm")
     if not input.is_floating_point():
@@ -341,5 +343,8 @@ def rms_norm(
     if eps is None:
         eps = torch.finfo(stats_dtype(input.dtype)).eps
     if mask is not None and input.numel():
-        return A.apply(activation, M.layer_norm(input, mask, d, weight, None, eps, rms=True))
-    return _trailing_norm(input, d, weight, None, eps, True, activation)
+        y = A.apply(activation, M.layer_norm(input, mask, d, weight, None, eps, rms=True))
+    else:
+        y = _trailing_norm(input, d, weight, None, eps, True, activation)
+    perm = L.channels_last_perm(input)  # permutes only: vmap cannot be asked about memory formats
+    return y if perm is None else L.restore(y.permute(perm).contiguous(), perm)
