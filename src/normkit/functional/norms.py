@@ -334,8 +334,8 @@ def rms_norm(
     """RMS normalization with ``torch.nn.functional.rms_norm``'s signature (``eps=None``: the eps of the compute dtype).
 
     ``mask`` as in ``layer_norm``, ``activation`` as in ``batch_norm``. A channels-last input gives a
-    channels-last output, as torch's RMSNorm (elementwise torch ops) does; its LayerNorm, and both for
-    other layouts, return a contiguous one.
+    channels-last output, as torch's RMSNorm (made of elementwise torch ops) does; other layouts give a
+    contiguous one, as torch's do (and torch's LayerNorm for every layout).
     """
     d = _check_normalized_shape(input, normalized_shape, weight, None, "rms_norm")
     if not input.is_floating_point():
