@@ -18,16 +18,23 @@ COMMANDS = {
 }
 
 
-def positive_int(value: str) -> int:
-    """argparse type for counts (seeds, jobs, threads, rounds): 0 would read as "unset" and fall back to a
-    default, a negative count fails deep inside the run."""
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
+def count_at_least(minimum: int, expected: str, why: str = "") -> Callable[[str], int]:
+    """argparse type for a count of at least ``minimum`` (``expected`` and ``why`` word the error): 0 would
+    read as "unset" and fall back to a default, a negative count fails deep inside the run."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = minimum - 1
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}" + (f": {why}" if why else ""))
+        return number
+
+    return parse
+
+
+positive_int = count_at_least(1, "a positive integer")  # jobs, threads, rounds
 
 
 def comma_list(choices: Iterable[str], what: str) -> Callable[[str], tuple[str, ...]]:

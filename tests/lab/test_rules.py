@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
+
 from normkit.lab.stats import HOLDS, NOT, PARTLY, Effect
 from normkit.lab.studies import (
+    ORDER,
+    adain_style,
     batch_noise,
     compute_overhead,
     faster_training,
     gradient_stability,
+    group_choice,
     group_count,
     init_dependence,
     instance_relations,
@@ -15,6 +22,7 @@ from normkit.lab.studies import (
     loss_surface,
     sequences,
     small_batch,
+    small_batch_fixes,
     summary,
 )
 
@@ -108,3 +116,53 @@ def test_summary():
     assert verdict(summary, {"tied_best": [["bn"], ["ln", "gn"], ["gn"]], "fraction_mattering": 0.8}) == HOLDS
     assert verdict(summary, {"tied_best": [["bn", "ln"], ["ln", "bn"], ["bn"]], "fraction_mattering": 0.8}) == PARTLY
     assert verdict(summary, {"tied_best": [["bn"], ["bn", "gn"]], "fraction_mattering": 0.0}) == NOT
+
+
+def undefined(stats):
+    """The same stats with every interval bound (``*_low``/``*_high`` entries, Effects' bounds) NaN, as one seed gives."""
+    if isinstance(stats, Effect):
+        return Effect(stats.name, stats.estimate, math.nan, math.nan, stats.unit)
+    if isinstance(stats, dict):
+        return {k: nan_all(v) if k.endswith(("_low", "_high")) else undefined(v) for k, v in stats.items()}
+    return stats
+
+
+def nan_all(value):
+    return {k: nan_all(v) for k, v in value.items()} if isinstance(value, dict) else math.nan
+
+
+PASSING = [
+    (faster_training, {"speedup_low": {"bn": 1.5, "ln": 1.2, "in": 1.1, "gn": 0.9}}),
+    (gradient_stability, {"spread_reduction_low": {("mlp", "bn"): 0.5, ("cnn", "bn"): 0.5}}),
+    (init_dependence, {"effect": effect(0.2)}),
+    (batch_noise, {"gap_reduction_low": 0.02, "ghost_test_gain_low": 0.01, "test_acc_diff_high": 0.03}),
+    (loss_surface, {"ratio_low": dict.fromkeys(loss_surface.MEASURES, 1.5)}),
+    (small_batch, {"bn_degradation_low": 0.2, "excess_low": {"mlp/ln": 0.1, "cnn/in": 0.05}}),
+    (compute_overhead, {"bn_over_none_low": 1.2, "ln_over_bn_low": 1.2, "gn_over_ln_high": 0.9}),
+    (instance_style, {"shift_gain_low": 0.1, "psnr_gain_low": 0.5}),
+    (instance_relations, {"in_deficit_low": {"brightness": 0.2, "amplitude": 0.2, "shape": 0.0},
+                          "in_deficit": {"brightness": 0.3, "amplitude": 0.3, "shape": 0.0}}),  # fmt: skip
+    (group_count, {"effect": effect(0.05), "best": 4, "worst": 32}),
+    (sequences, {"effect": effect(0.05)}),
+    (small_batch_fixes, {"bn_gap_low": 0.05, "gain_low": {"brn": {"2": 0.02, "4": 0.01}}, "shortfall": {"brn": {"2": 0.01, "4": 0.0}}}),
+    (group_choice, {"best": 4, "worst": 32, "vs_worst_low": dict.fromkeys(("SwitchableNorm", "auto-G"), 0.01),
+                    "vs_best_low": dict.fromkeys(("SwitchableNorm", "auto-G"), 0.0)}),  # fmt: skip
+    (adain_style, {"style_gain_low": 0.1, "content_margin_low": 0.05}),
+]
+
+
+@pytest.mark.parametrize("module,stats", PASSING, ids=[m.CLAIM.id for m, _ in PASSING])
+def test_no_rule_holds_without_intervals(module, stats):
+    """One seed gives NaN bounds; every comparison with them is false, so no rule holds on them."""
+    assert verdict(module, stats) == HOLDS
+    assert verdict(module, undefined(stats)) == NOT
+
+
+def test_summary_counts_norms_without_an_interval_as_tied():
+    ranked = summary.rank({"task": "t", "batch": 2, "scores": {"bn": [0.9], "ln": [0.5], "none": [0.1]}})
+    assert ranked["best"] == "bn" and ranked["tied"] == ["bn", "ln", "none"]
+    assert summary.rule({"tied_best": [ranked["tied"]], "fraction_mattering": 0.0})[0] == NOT
+
+
+def test_every_study_rule_is_checked_without_intervals():
+    assert {m for m, _ in PASSING} | {summary} == set(ORDER)

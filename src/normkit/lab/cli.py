@@ -9,22 +9,15 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ..cli import device_type, positive_int
+from ..cli import count_at_least, device_type, positive_int
 from .data import DataUnavailable
 from .stats import HOLDS, NOT, PARTLY
 
 STYLE = {HOLDS: "green", PARTLY: "yellow", NOT: "red"}
 
 
-def seed_count(value: str) -> int:
-    """argparse type for ``--seeds``: every verdict rests on a 95% interval over seeds, and one run has none."""
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 2:
-        raise argparse.ArgumentTypeError(f"expected at least 2 seeds, got {value!r}: a confidence interval needs two runs")
-    return number
+# Every verdict rests on a 95% interval over seeds, and one run has none.
+seed_count = count_at_least(2, "at least 2 seeds", "a confidence interval needs two runs")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
