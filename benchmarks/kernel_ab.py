@@ -36,7 +36,7 @@ KERNELS = "src/normkit/kernels/_numba_kernels.py"
 CASES = [
     ("batch", (8, 256, 32, 32), False), ("batch", (8, 256, 32, 32), True), ("group", (8, 256, 32, 32), False),
     ("group", (8, 256, 32, 32), True), ("layer", (8, 512, 768), False), ("instance", (32, 512, 7, 7), False),
-    ("group", (32, 512, 7, 7), False), ("group", (8, 32, 64, 64), True), ("batch", (32, 64, 56, 56), True),
+    ("group", (32, 512, 7, 7), False), ("group", (8, 32, 64, 64), True), ("batch", (32, 64, 56, 56), True), ("batch", (32, 512, 7, 7), True),
     ("instance", (16, 128, 64, 64), True),
 ]
 SMALL = [("batch", (2, 64, 8, 8), True), ("group", (2, 64, 8, 8), False), ("layer", (2, 4, 64), False)]

@@ -399,6 +399,27 @@ def test_convert_sync_batchnorm_converts_what_torch_converts() -> None:
     assert [type(m) for m in ours[4:]] == [nk.BatchRenorm2d, nk.GhostBatchNorm, nk.BatchNormAct2d, nn.InstanceNorm2d]
 
 
+class BatchNormWithChildren(nn.BatchNorm2d):
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        self.aux = nn.Sequential(nn.Identity(), nn.BatchNorm2d(c))
+
+
+def test_converters_reach_the_children_of_a_converted_layer() -> None:
+    """As torch's convert_sync_batchnorm: a replaced layer's own submodules are converted as well."""
+    theirs = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.Identity(), BatchNormWithChildren(4)))
+    assert type(theirs[1].aux[1]) is nn.SyncBatchNorm
+    ours = convert_sync_batchnorm(nn.Sequential(nn.Identity(), BatchNormWithChildren(4)))
+    assert type(ours[1]) is SyncBatchNorm and type(ours[1].aux[1]) is SyncBatchNorm
+    root = convert_sync_batchnorm(BatchNormWithChildren(4))
+    assert type(root) is SyncBatchNorm and type(root.aux[1]) is SyncBatchNorm
+    inner = nn.BatchNorm2d(4)
+    model = nn.Sequential(nn.Identity(), BatchNormWithChildren(4))
+    model[1].aux[1] = inner
+    shared = to_normkit(nn.Sequential(model, inner))
+    assert type(shared[0][1].aux[1]) is nk.BatchNorm2d and shared[0][1].aux[1] is shared[1]
+
+
 def test_convert_sync_batchnorm_output_without_process_group() -> None:
     model = _randomize(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))
     x = torch.randn(3, 3, 4, 4)

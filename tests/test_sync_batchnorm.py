@@ -201,6 +201,33 @@ def _compile_case(rank: int, world: int, batches) -> list[str]:
     return failures
 
 
+def _refusals_case(rank: int) -> list[str]:
+    """Bad input raises torch's error on every rank before any exchange (none waits for the others); an
+    empty batch on every rank gives an empty output and leaves the running statistics, as BatchNorm."""
+    failures: list[str] = []
+    cases = [
+        ("int input", SyncBatchNorm(2), torch.ones(2, 2, dtype=torch.long), NotImplementedError, "not implemented for 'Long'"),
+        ("eps=0", SyncBatchNorm(2, eps=0.0), torch.ones(2, 2), ValueError, "eps must be positive"),
+        ("channels", SyncBatchNorm(3), torch.randn(2, 4), RuntimeError, "running_mean should contain 4 elements not 3"),
+        ("dtypes", SyncBatchNorm(2), torch.randn(2, 2, dtype=torch.float64), RuntimeError, "mixed dtype"),
+        ("mask", SyncBatchNorm(2), torch.randn(2, 2), NotImplementedError, "mask= is not supported"),
+    ]
+    for name, layer, x, error, words in cases:
+        try:
+            layer(x, torch.ones(2, 1, dtype=torch.bool)) if name == "mask" else layer(x)
+            failures.append(f"rank {rank} {name}: no error")
+        except error as err:
+            if words not in str(err):
+                failures.append(f"rank {rank} {name}: {err}")
+    layer = SyncBatchNorm(3)
+    x = torch.randn(0, 3, 4, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    if y.shape != x.shape or not torch.equal(layer.running_var, torch.ones(3)) or layer.weight.grad.abs().sum() != 0:
+        failures.append(f"rank {rank} empty everywhere: {tuple(y.shape)} {layer.running_var} {layer.weight.grad}")
+    return failures
+
+
 def _job(rank: int, world: int) -> list[str]:
     failures: list[str] = []
     layouts = itertools.cycle(LAYOUTS)
@@ -213,6 +240,7 @@ def _job(rank: int, world: int) -> list[str]:
     failures += _ddp_case(rank, world, BATCHES[world][0], channels_last=True)
     if world == 2:
         failures += _compile_case(rank, world, BATCHES[world][0])
+        failures += _refusals_case(rank)
     return failures
 
 
@@ -229,6 +257,14 @@ def test_without_process_group_falls_back_to_batch_norm() -> None:
     torch.testing.assert_close(sync.running_var, ref.running_var)
     sync.eval(), ref.eval()
     torch.testing.assert_close(sync(x), ref(x))
+
+
+def test_mask_without_process_group_as_batch_norm() -> None:
+    torch.manual_seed(0)
+    x, mask = torch.randn(4, C, 3, 3), torch.rand(4, 1, 3, 3) > 0.3
+    ours, local = SyncBatchNorm(C), nk.BatchNorm2d(C)
+    torch.testing.assert_close(ours(x, mask), local(x, mask))
+    torch.testing.assert_close(ours.running_var, local.running_var)
 
 
 def test_state_dict_and_constructor_match_torch() -> None:

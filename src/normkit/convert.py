@@ -80,7 +80,9 @@ class UnsupportedNormWarning(UserWarning):
 
 
 def _walk(model: nn.Module, swap: Callable[[str, nn.Module], nn.Module | None]) -> nn.Module:
-    """Replace each module for which ``swap(qualified_name, module)`` returns a module; recurse into the rest."""
+    """Replace each module for which ``swap(qualified_name, module)`` returns a module, then recurse into
+    the children of the result, as torch's ``convert_sync_batchnorm`` does (a replaced layer's own
+    submodules are converted too). A module met twice is replaced once, by the same object."""
     done: dict[int, nn.Module] = {}
 
     def visit(name: str, module: nn.Module) -> nn.Module:
@@ -89,12 +91,12 @@ def _walk(model: nn.Module, swap: Callable[[str, nn.Module], nn.Module | None]) 
         new = swap(name, module)
         if new is None:
             new = module
-            for child_name, child in list(module._modules.items()):
-                if child is not None:
-                    replacement = visit(f"{name}.{child_name}" if name else child_name, child)
-                    if replacement is not child:
-                        setattr(module, child_name, replacement)
         done[id(module)] = new
+        for child_name, child in list(new._modules.items()):
+            if child is not None:
+                replacement = visit(f"{name}.{child_name}" if name else child_name, child)
+                if replacement is not child:
+                    setattr(new, child_name, replacement)
         return new
 
     return visit("", model)

@@ -3,7 +3,8 @@
 Forward sends one all-reduce: a (world, 2·C + 1) float64 table where each rank fills its row with its
 (count, mean, M2) and the others with zeros, so every rank receives all rows and merges them exactly
 (Chan's parallel variance, no ``E[x²] − E[x]²`` cancellation). Counts travel with the statistics, so
-uneven batches and ranks with an empty batch need nothing special. Backward sends one all-reduce of
+uneven batches and ranks with an empty batch need nothing special; an empty batch on every rank gives
+an empty output and leaves the running statistics, as BatchNorm does. Backward sends one all-reduce of
 (Σ dy, Σ dy·x̂) per channel. The normalization itself is the core's ``normalize_fixed``.
 """
 
@@ -20,7 +21,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .functional import _layout as L
 from .functional import batch_norm
 from .functional._core import normalize_fixed, unviewed
-from .functional.norms import _bessel
+from .functional.norms import _bessel, check_batch_norm
 from .kernels.contract import blend_running, stats_dtype
 from .nn._base import NormBase, fx_node
 
@@ -44,7 +45,7 @@ def _global_moments(x5: Tensor, group: Any) -> tuple[float, Tensor, Tensor]:
     dist.all_reduce(table, group=group)
     counts, means, m2s = table[:, :1], table[:, 1 : c + 1], table[:, c + 1 :]
     total = float(counts.sum())
-    if total <= 1:
+    if total == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got {int(total)} over all ranks")
     global_mean = (counts * means).sum(0) / total
     global_m2 = m2s.sum(0) + (counts * (means - global_mean).square()).sum(0)
@@ -63,9 +64,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         c = mean64.numel()
         mean = mean64.to(acc).view(1, 1, c)
         rstd = torch.rsqrt(var64 + eps).to(acc).view(1, 1, c)
-        if running_mean is not None:
+        if running_mean is not None and total:
             blend_running(running_mean, mean64, momentum)
-        if running_var is not None:
+        if running_var is not None and total:
             blend_running(running_var, var64, momentum, _bessel(total))
         y = normalize_fixed(xc, shape, mean, rstd, weight, bias, param_shape=L.param_shape(shape, False, False))
         ctx.save_for_backward(xc, mean, rstd, weight)
@@ -136,9 +137,11 @@ class SyncBatchNorm(NormBase, _BatchNorm):
         group = self.process_group or dist.group.WORLD
         return group if dist.get_world_size(group) > 1 else None
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``mask`` as in ``normkit.functional.batch_norm``, where the statistics are local (eval mode,
+        one rank); across ranks it is refused rather than ignored."""
         if isinstance(input, Proxy):
-            return fx_node(self, input)
+            return fx_node(self, input, mask)
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         factor = 0.0 if self.momentum is None else self.momentum
@@ -150,7 +153,12 @@ class SyncBatchNorm(NormBase, _BatchNorm):
         group = self._group()
         if group is None:
             use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-            return batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps)
+            return batch_norm(
+                input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps, mask=mask
+            )
+        if mask is not None:
+            raise NotImplementedError("SyncBatchNorm: mask= is not supported with statistics across ranks")
+        check_batch_norm(input, running_mean, running_var, self.weight, self.bias, True, self.eps)
         return _SyncBatchNormFunction.apply(
             input, self.weight, self.bias, running_mean, running_var, self.eps, factor, group
         )

@@ -143,11 +143,32 @@ def batch_norm(
     dim) restricts the training statistics and running-statistics updates to the valid positions.
     ``activation`` is applied to the output.
     """
-    size = input.shape
     if momentum is None:
         raise TypeError("batch_norm(): argument 'momentum' (position 7) must be float, not NoneType")
     if training:
-        _verify_batch_size(size)
+        _verify_batch_size(input.shape)
+    check_batch_norm(input, running_mean, running_var, weight, bias, training, eps)
+    if not training:
+        return _per_channel_eval(input, running_mean, running_var, weight, bias, eps, activation)
+    if input.numel() == 0:
+        return _empty(input, weight, bias, activation)
+    if mask is not None:
+        y = M.batch_norm(input, mask, running_mean, running_var, weight, bias, momentum, eps)
+        return A.apply(activation, y)
+    y, mean, var = _batch_view(input, lambda x, cl: (L.per_channel_view(x, cl), False, False), weight, bias, eps, activation)
+    if running_mean is not None or running_var is not None:
+        update_running(running_mean, running_var, mean, var, momentum, _bessel(input.numel() // input.shape[1]))
+    return y
+
+
+def check_batch_norm(
+    input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
+    bias: Tensor | None, training: bool, eps: float,
+) -> None:
+    """torch's checks of ``batch_norm``'s arguments, with its messages, but the batch size (a rank of
+    SyncBatchNorm may hold one sample of a larger batch)."""
+    size = input.shape
+    if training:
         if eps <= 0.0:
             raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     elif eps < 0.0:
@@ -164,17 +185,6 @@ def batch_norm(
         missing = "running_mean" if running_mean is None else "running_var"
         raise RuntimeError(f"{missing} must be defined in evaluation mode")
     _check_per_channel(input, weight, bias, running_mean, running_var)
-    if not training:
-        return _per_channel_eval(input, running_mean, running_var, weight, bias, eps, activation)
-    if input.numel() == 0:
-        return _empty(input, weight, bias, activation)
-    if mask is not None:
-        y = M.batch_norm(input, mask, running_mean, running_var, weight, bias, momentum, eps)
-        return A.apply(activation, y)
-    y, mean, var = _batch_view(input, lambda x, cl: (L.per_channel_view(x, cl), False, False), weight, bias, eps, activation)
-    if running_mean is not None or running_var is not None:
-        update_running(running_mean, running_var, mean, var, momentum, _bessel(input.numel() // c))
-    return y
 
 
 def instance_norm(
