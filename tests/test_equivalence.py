@@ -265,3 +265,22 @@ def test_swa_update_bn_recomputes_normkit_running_statistics():
         torch.optim.swa_utils.update_bn(batches, tnn.Sequential(layer))
     torch.testing.assert_close(ours.state_dict(), theirs.state_dict())
     assert int(ours.num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize(
+    "name,args,shape",
+    [("LayerNorm", (8,), (2, 3, 8)), ("RMSNorm", (8,), (2, 3, 8)), ("GroupNorm", (2, 4), (2, 4, 5)),
+     ("BatchNorm2d", (4,), (2, 4, 5, 5)), ("InstanceNorm1d", (4,), (2, 4, 6))],
+)
+def test_shape_inference_on_the_meta_device(name, args, shape, training):
+    """As torch.nn's: a model built on ``meta`` runs to learn its shapes (no values to branch on)."""
+    x = torch.empty(shape, device="meta", requires_grad=True)
+    ours = getattr(nk, name)(*args, device="meta").train(training)
+    y = ours(x)
+    assert y.is_meta and y.shape == getattr(tnn, name)(*args, device="meta").train(training)(x).shape
+    y.sum().backward()
+    assert x.grad.is_meta and x.grad.shape == x.shape
+    mask = torch.ones(shape[0], *shape[2:], dtype=torch.bool, device="meta")
+    if name in ("BatchNorm2d", "GroupNorm") and training:
+        assert ours(x, mask).shape == shape

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as tnn
@@ -88,6 +90,14 @@ BAD = {
     "ln-float-weight-double-bias": lambda nn, F: F.layer_norm(torch.randn(2, 3), [3], torch.ones(3), torch.zeros(3, dtype=torch.float64)),
     "gn-float-input-bfloat16-module": lambda nn, F: nn.GroupNorm(1, 4).bfloat16()(torch.randn(2, 4, 3)),
     "in-double-input-float-affine": lambda nn, F: nn.InstanceNorm1d(4, affine=True)(torch.randn(2, 4, 3, dtype=torch.float64)),
+    "bn-training-none": lambda nn, F: F.batch_norm(torch.randn(2, 4, 3), torch.zeros(4), torch.ones(4), training=None),
+    "in-momentum-none": lambda nn, F: F.instance_norm(torch.randn(2, 4, 3), torch.zeros(4), torch.ones(4), momentum=None),
+    "ln-eps-none": lambda nn, F: F.layer_norm(torch.randn(2, 4), [4], eps=None),
+    "gn-eps-none": lambda nn, F: F.group_norm(torch.randn(2, 4, 3), 2, eps=None),
+    "rms-eps-string": lambda nn, F: F.rms_norm(torch.randn(2, 4), [4], eps="0.1"),
+    "gn-bool-groups": lambda nn, F: F.group_norm(torch.randn(2, 4, 3), True),
+    "ln-float-in-normalized-shape": lambda nn, F: F.layer_norm(torch.randn(2, 4), (4.0,)),
+    "ln-bool-in-normalized-shape": lambda nn, F: F.layer_norm(torch.randn(2, 1), [True]),
 }
 # Mixed precision torch allows on the CPU: a bfloat16/float16 input with float32 parameters and buffers.
 MIXED_OK = {
@@ -97,6 +107,75 @@ MIXED_OK = {
     "bn-eval-no-grad-buffer-wants-grad": lambda nn, F: torch.no_grad()(F.batch_norm)(
         torch.randn(2, 4, 3), torch.zeros(4, requires_grad=True), torch.ones(4)),
 }
+
+
+# Scalars torch's argument parser takes as numbers: 0-dim tensors and numpy scalars (same outputs and buffers).
+SCALARS = {
+    "bn-momentum-tensor": lambda nn, F: F.batch_norm(
+        torch.randn(3, 4, 5), torch.zeros(4), torch.ones(4), training=True, momentum=torch.tensor(0.3)),
+    "in-momentum-tensor": lambda nn, F: F.instance_norm(torch.randn(3, 4, 5), torch.zeros(4), torch.ones(4), momentum=torch.tensor(0.3)),
+    "gn-groups-tensor": lambda nn, F: F.group_norm(torch.randn(3, 4, 5), torch.tensor(2)),
+    "gn-module-groups-numpy": lambda nn, F: nn.GroupNorm(np.int64(2), 4)(torch.randn(3, 4, 5)),
+    "ln-shape-tensor": lambda nn, F: F.layer_norm(torch.randn(3, 4, 5), [torch.tensor(5)]),
+    "ln-eps-tensor": lambda nn, F: F.layer_norm(torch.randn(3, 4, 5), [5], eps=torch.tensor(1e-3)),
+    "rms-eps-numpy": lambda nn, F: F.rms_norm(torch.randn(3, 4, 5), [5], eps=np.float32(1e-3)),
+}
+
+
+@pytest.mark.parametrize("case", list(SCALARS))
+def test_scalar_arguments_as_torch_takes_them(case):
+    outputs = []
+    for ns, fns in ((tnn, TF), (nk, NF)):
+        torch.manual_seed(0)
+        outputs.append(SCALARS[case](ns, fns))
+    torch.testing.assert_close(outputs[1], outputs[0])
+
+
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _dtype_call(F, op: str, x_dtype, w_dtype, s_dtype):
+    x = torch.randn(3, 4, 5, dtype=x_dtype)
+    w = None if w_dtype is None else torch.ones(5 if op in ("layer_norm", "rms_norm") else 4, dtype=w_dtype)
+    stats = () if s_dtype is None else (torch.zeros(4, dtype=s_dtype), torch.ones(4, dtype=s_dtype))
+    if op == "batch_norm":
+        stats = stats or (torch.zeros(4, dtype=x_dtype), torch.ones(4, dtype=x_dtype))
+        return F.batch_norm(x, *stats, w, w, training=True), stats
+    if op == "batch_norm_eval":
+        stats = stats or (torch.zeros(4, dtype=x_dtype), torch.ones(4, dtype=x_dtype))
+        return F.batch_norm(x, *stats, w, w), stats
+    if op == "instance_norm":
+        return F.instance_norm(x, *(stats or (None, None)), w, w), stats
+    if op == "layer_norm":
+        return F.layer_norm(x, [5], w, w), stats
+    if op == "group_norm":
+        return F.group_norm(x, 2, w, w), stats
+    return F.rms_norm(x, [5], w), stats
+
+
+@pytest.mark.parametrize("op", ["batch_norm", "batch_norm_eval", "instance_norm", "layer_norm", "group_norm", "rms_norm"])
+def test_mixed_dtypes_as_torch(op):
+    """Every input/parameter/buffer dtype combination: torch's error (type and words), or its output dtype,
+    values and running statistics (ATen's ``check_mixed_data_type`` and InstanceNorm's any-dtype buffers)."""
+    stat_dtypes = (None, *_DTYPES) if op.startswith(("batch", "instance")) else (None,)
+    for x_dtype, w_dtype, s_dtype in itertools.product(_DTYPES, (None, *_DTYPES), stat_dtypes):
+        outcomes = []
+        for F in (TF, NF):
+            torch.manual_seed(0)
+            try:
+                outcomes.append(_dtype_call(F, op, x_dtype, w_dtype, s_dtype))
+            except Exception as exc:  # noqa: BLE001 - compared with torch's
+                outcomes.append((type(exc), str(exc)))
+        where = f"{op} x={x_dtype} w={w_dtype} stats={s_dtype}"
+        theirs, ours = outcomes
+        if isinstance(theirs[0], type):
+            assert ours == theirs, where
+            continue
+        assert not isinstance(ours[0], type), f"{where}: {ours}"
+        tol = dict(rtol=2e-2, atol=2e-2) if _DTYPES.index(x_dtype) > 1 or s_dtype in (torch.bfloat16, torch.float16) else {}
+        torch.testing.assert_close(ours[0], theirs[0], **tol, msg=where)
+        for a, b in zip(ours[1], theirs[1]):
+            torch.testing.assert_close(a, b, **tol, msg=where)
 
 
 # torch's message here reports the weight's shape as the bias's; normkit reports the bias's own shape.

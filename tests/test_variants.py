@@ -514,3 +514,95 @@ def test_state_dict_roundtrip(make, shape):
     torch.testing.assert_close(fresh(x), m(x))
     for (k, a), (_, b) in zip(m.state_dict().items(), fresh.state_dict().items()):
         torch.testing.assert_close(a, b, msg=k)
+
+
+# ---------------------------------------------------------------- edge cases every variant shares
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 3, 3), (4, 2, 0, 3)])
+@pytest.mark.parametrize("make", [lambda: nk.SwitchableNorm2d(2), lambda: nk.EvoNormB0(2), lambda: nk.BatchRenorm2d(2)])
+def test_an_empty_batch_leaves_the_running_statistics(make, shape):
+    """As BatchNorm: an empty training batch (no values to average) must not blend NaN into the buffers,
+    which would turn every later evaluation output into NaN."""
+    m = make()
+    before = {k: v.clone() for k, v in m.state_dict().items() if k.startswith("running")}
+    assert m(torch.randn(shape)).shape == shape
+    for k, v in before.items():
+        torch.testing.assert_close(m.state_dict()[k], v, msg=k)
+    assert m.eval()(torch.randn(2, 2, 3, 3)).isfinite().all()
+
+
+@pytest.mark.parametrize(
+    "call,op",
+    [
+        (lambda x: nk.LayerNorm2d(4)(x), "LayerNormKernelImpl"),
+        (lambda x: nk.SwitchableNorm2d(4)(x), "batch_norm"),
+        (lambda x: nk.EvoNormS0(4, 2)(x), "GroupNormKernelImpl"),
+        (lambda x: nk.EvoNormB0(4)(x), "batch_norm"),
+        (lambda x: nk.AdaptiveInstanceNorm()(x, x), "batch_norm"),
+    ],
+)
+def test_integer_input_is_refused(call, op):
+    """Layers built of torch ops would otherwise compute in integers and return truncated values."""
+    with pytest.raises(NotImplementedError, match=f'"{op}" not implemented for \'Long\''):
+        call(torch.arange(2 * 4 * 9).view(2, 4, 3, 3))
+
+
+def test_batch_renorm_warm_up_lasts_warmup_steps():
+    assert nk.BatchRenorm2d(2, warmup_steps=0, ramp_steps=0).limits(0) == (3.0, 5.0)
+    m = nk.BatchRenorm2d(2, warmup_steps=3, ramp_steps=0)
+    assert [m.limits(s) for s in range(5)] == [(1.0, 0.0)] * 3 + [(3.0, 5.0)] * 2
+
+
+def test_batch_renorm_masked_out_positions_output_the_bias():
+    """As BatchNorm with ``mask=``, also after warm-up, when r and d fold into the affine."""
+    m = nk.BatchRenorm2d(2, warmup_steps=0, ramp_steps=0)
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor([2.0, 3.0]))
+        m.bias.copy_(torch.tensor([0.5, -0.5]))
+    mask = torch.ones(4, 3, 3, dtype=torch.bool)
+    mask[:, 0] = False
+    y = m(torch.randn(4, 2, 3, 3) + 4, mask)
+    torch.testing.assert_close(y[:, :, 0], m.bias.detach().view(1, 2, 1).expand(4, 2, 3))
+
+
+def test_evonorm_keeps_the_input_dtype():
+    x = torch.randn(2, 4, 3, 3, dtype=torch.bfloat16)
+    assert nk.EvoNormS0(4, 2)(x).dtype == torch.bfloat16 and nk.EvoNormB0(4)(x).dtype == torch.bfloat16
+    assert nk.EvoNormS0(4, 2).double()(x.float()).dtype == torch.float32
+
+
+def test_ghost_batch_norm_on_empty_planes_and_wrong_channels():
+    assert nk.GhostBatchNorm(3, ghost_batch_size=2)(torch.randn(8, 3, 0, 4)).shape == (8, 3, 0, 4)
+    with pytest.raises(RuntimeError, match="running_mean should contain 3 elements not 4"):
+        nk.GhostBatchNorm(4, affine=False, ghost_batch_size=2)(torch.randn(6, 3, 2, 2))
+
+
+def test_variant_argument_errors():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 2, 2)
+    act = nk.BatchNormAct2d(3, act_layer=nn.ReLU())
+    torch.testing.assert_close(act(x), torch.relu(nn.BatchNorm2d(3)(x)))
+    with pytest.raises(TypeError, match="EvoNormB0 needs a float momentum"):
+        nk.EvoNormB0(3, momentum=None)
+    with pytest.raises(ValueError, match="rmax >= 1"):
+        nk.BatchRenorm2d(3, rmax=float("nan"))
+
+
+@pytest.mark.parametrize(
+    "make,inputs",
+    [
+        (lambda: nk.SwitchableNorm2d(4), 1),
+        (lambda: nk.EvoNormS0(4, 2), 1),
+        (lambda: nk.EvoNormB0(4), 1),
+        (lambda: nk.AdaptiveInstanceNorm(), 2),
+    ],
+)
+def test_variants_compile_without_graph_breaks(make, inputs):
+    """Their statistics come from torch ops (``masked.moments``), whose overflow test must not branch
+    on values where torch.compile traces (``fullgraph=True`` refuses a data-dependent branch)."""
+    torch._dynamo.reset()
+    m = make()
+    xs = [torch.randn(2, 4, 3, 3) for _ in range(inputs)]
+    compiled = torch.compile(m, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(*xs), make()(*xs))

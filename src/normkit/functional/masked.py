@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..kernels.contract import REDUCED_DIMS, stats_dtype
+from ..kernels.contract import REDUCED_DIMS, seen_through, stats_dtype
 from . import _layout as L
 from ._core import normalize_fixed
 
@@ -47,11 +47,16 @@ def moments(x5: Tensor, mask5: Tensor | None = None, rms: bool = False) -> tuple
     RMS: (0, mean square, count).
 
     Two passes in the statistics dtype with the mean accumulated in float64; a float32 variance that
-    overflows is recomputed in float64.
+    overflows is recomputed in float64. Where that test cannot branch on the values (torch.compile and
+    export, a transform or a trace: ``seen_through``) float32 statistics are taken in float64 at once;
+    meta tensors have no values to test.
     """
     acc = stats_dtype(x5.dtype)
-    mean, var, count = _moments(x5.to(acc), mask5, rms)
-    if acc == torch.float32 and bool(torch.isinf(var).any()):
+    at_once = acc == torch.float32 and (torch.compiler.is_compiling() or seen_through(x5))
+    mean, var, count = _moments(x5.to(torch.float64 if at_once else acc), mask5, rms)
+    if at_once:
+        mean, var, count = (t.to(acc) for t in (mean, var, count))
+    elif acc == torch.float32 and not x5.is_meta and bool(torch.isinf(var).any()):
         mean, var, count = (t.to(acc) for t in _moments(x5.to(torch.float64), mask5, rms))
     q, p, _, b, _ = x5.shape
     return mean.view(q, p, b), var.view(q, p, b), count.view(q, p, b)

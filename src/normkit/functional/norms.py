@@ -7,6 +7,7 @@ Beyond torch's signatures: ``mask`` (statistics from valid positions only) and `
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -29,37 +30,50 @@ def _not_float(x: Tensor, op: str) -> NotImplementedError:
     return NotImplementedError(f'"{op}" not implemented for \'{_scalar_name(x.dtype)}\'')
 
 
+def check_floating(input: Tensor, op: str) -> None:
+    """torch's error for a non-floating input to ``op`` (the layers built of torch ops would otherwise
+    compute in integers and truncate)."""
+    if not input.is_floating_point():
+        raise _not_float(input, op)
+
+
 _REDUCED = (torch.bfloat16, torch.float16)
 
 
 def _check_dtypes(input: Tensor, *params: Tensor | None) -> None:
-    """torch's CPU rule for the parameters' and buffers' dtypes: the input's, or float32 for a bfloat16 or
-    float16 input (mixed precision), with torch's messages; on other devices the kernels' own rules apply."""
+    """torch's CPU rule for the parameters' and buffers' dtypes (ATen's ``check_mixed_data_type``), with its
+    messages: when the first parameter given differs from the input, every parameter must be float32 and
+    the input bfloat16 or float16 (mixed precision); otherwise any parameter of another dtype is refused.
+    On other devices the kernels' own rules apply."""
     dtype = input.dtype
     present = [t.dtype for t in params if t is not None]
     if all(d == dtype for d in present) or input.device.type != "cpu":
         return
-    if dtype in _REDUCED and all(d == torch.float32 for d in present):
-        return
     first = present[0]
-    other = next((d for d in present if d != first), None)
-    if other is not None:
-        raise RuntimeError(f"expected scalar type {_scalar_name(first)} but found {_scalar_name(other)}")
-    if first in _REDUCED:
-        raise RuntimeError("mixed dtype (CPU): expect parameter to have scalar type of Float")
-    raise RuntimeError("mixed dtype (CPU): all inputs must share same datatype.")
+    if first != dtype:
+        if any(d != torch.float32 for d in present):
+            raise RuntimeError("mixed dtype (CPU): expect parameter to have scalar type of Float")
+        if dtype not in _REDUCED:
+            raise RuntimeError("mixed dtype (CPU): all inputs must share same datatype.")
+        return
+    other = next(d for d in present if d != first)
+    raise RuntimeError(f"expected scalar type {_scalar_name(first)} but found {_scalar_name(other)}")
 
 
-def _check_per_channel(input: Tensor, weight, bias, running_mean: Tensor | None, running_var: Tensor | None) -> None:
+def _check_per_channel(
+    input: Tensor, weight, bias, running_mean: Tensor | None, running_var: Tensor | None, buffer_dtypes: bool = True
+) -> None:
     """torch's checks of BatchNorm's and InstanceNorm's tensors besides their sizes: the running buffers
     both or neither, neither one wanting a gradient (the update in place could not give it), and the
-    dtypes (``_check_dtypes``). One call with the common case first: it runs on every call."""
+    dtypes (``_check_dtypes``; InstanceNorm's buffers may have any floating dtype: torch blends a copy
+    into them). One call with the common case first: it runs on every call."""
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
     dtype = input.dtype
-    for t in (weight, bias, running_mean, running_var):
+    checked = (weight, bias, running_mean, running_var) if buffer_dtypes else (weight, bias)
+    for t in checked:
         if t is not None and t.dtype != dtype:
-            _check_dtypes(input, weight, bias, running_mean, running_var)
+            _check_dtypes(input, *checked)
             break
     if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad) and torch.is_grad_enabled():
         name = "running_mean" if running_mean.requires_grad else "running_var"
@@ -67,6 +81,16 @@ def _check_per_channel(input: Tensor, weight, bias, running_mean: Tensor | None,
             f"The function 'native_batch_norm' is not differentiable with respect to argument '{name}'. "
             "This input cannot have requires_grad True."
         )
+
+
+def _float_arg(value, op: str, name: str, position: int) -> float:
+    """A float argument as torch's argument parser takes it (a number or a 0-dim tensor), with its error
+    for anything else. The callers test ``type(value) is float`` first: that costs less than a call."""
+    if isinstance(value, Tensor) and value.dim() == 0:
+        return float(value)
+    if isinstance(value, (int, float)) or hasattr(value, "__float__") and not isinstance(value, (str, Tensor)):
+        return float(value)
+    raise TypeError(f"{op}(): argument '{name}' (position {position}) must be float, not {type(value).__name__}")
 
 
 def _verify_batch_size(size: Sequence[int]) -> None:
@@ -143,8 +167,10 @@ def batch_norm(
     dim) restricts the training statistics and running-statistics updates to the valid positions.
     ``activation`` is applied to the output.
     """
-    if momentum is None:
-        raise TypeError("batch_norm(): argument 'momentum' (position 7) must be float, not NoneType")
+    if type(training) is not bool:
+        raise TypeError(f"batch_norm(): argument 'training' (position 6) must be bool, not {type(training).__name__}")
+    if type(momentum) is not float:
+        momentum = _float_arg(momentum, "batch_norm", "momentum", 7)
     if training:
         _verify_batch_size(input.shape)
     check_batch_norm(input, running_mean, running_var, weight, bias, training, eps)
@@ -203,6 +229,10 @@ def instance_norm(
 
     ``mask`` and ``activation`` as in ``batch_norm``.
     """
+    if type(momentum) is not float:
+        momentum = _float_arg(momentum, "instance_norm", "momentum", 7)
+    if type(eps) is not float:
+        eps = _float_arg(eps, "instance_norm", "eps", 8)
     size = input.shape
     if use_input_stats:
         _verify_spatial_size(size)
@@ -214,7 +244,7 @@ def instance_norm(
             raise RuntimeError(f"{name} should contain {n * c} elements not {t.numel() * n}")
     if not use_input_stats and (running_mean is None or running_var is None):
         raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false")
-    _check_per_channel(input, weight, bias, running_mean, running_var)
+    _check_per_channel(input, weight, bias, running_mean, running_var, buffer_dtypes=False)
     if not use_input_stats:
         return _per_channel_eval(input, running_mean, running_var, weight, bias, eps, activation)
     if input.numel() == 0:
@@ -241,14 +271,17 @@ def group_norm(
 
     ``mask`` and ``activation`` as in ``batch_norm``.
     """
+    if type(eps) is not float:
+        eps = _float_arg(eps, "group_norm", "eps", 5)
     size = input.shape
     if len(size) < 2:
         raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
+    if isinstance(num_groups, (float, bool)):
+        raise TypeError(f"group_norm(): argument 'num_groups' (position 2) must be int, not {type(num_groups).__name__}")
+    num_groups = operator.index(num_groups)  # a 0-dim integer tensor or numpy integer, as torch takes them
     c = size[1]
     if size[0] * c // num_groups * math.prod(size[2:]) == 1:  # the list only for the message
         _verify_batch_size([size[0] * c // num_groups, num_groups] + list(size[2:]))
-    if isinstance(num_groups, float):
-        raise TypeError("group_norm(): argument 'num_groups' (position 2) must be int, not float")
     if num_groups <= 0:
         raise RuntimeError(f"Expected num groups to be greater than 0, got {num_groups}")
     _check_dtypes(input, weight, bias)
@@ -281,6 +314,14 @@ def _check_normalized_shape(input: Tensor, normalized_shape: Sequence[int], weig
             f"{op}(): argument 'normalized_shape' (position 2) must be tuple of ints, not {type(normalized_shape).__name__}"
         )
     shape = tuple(normalized_shape)
+    for i, n in enumerate(shape):
+        if type(n) is not int and not isinstance(n, torch.SymInt):
+            if isinstance(n, (float, bool)) or not hasattr(n, "__index__"):
+                raise TypeError(
+                    f"{op}(): argument 'normalized_shape' (position 2) must be tuple of ints, but found element of "
+                    f"type {type(n).__name__} at pos {i}"
+                )
+            shape = tuple(operator.index(k) for k in shape)  # 0-dim integer tensors, numpy integers
     if not shape:
         raise RuntimeError(
             "Expected normalized_shape to be at least 1-dimensional, i.e., containing at least one element, "
@@ -324,6 +365,8 @@ def layer_norm(
     ``mask`` (bool, True = valid, broadcastable to the input) restricts each row's statistics to its
     valid positions; ``activation`` as in ``batch_norm``.
     """
+    if type(eps) is not float:
+        eps = _float_arg(eps, "layer_norm", "eps", 5)
     d = _check_normalized_shape(input, normalized_shape, weight, bias, "layer_norm")
     _check_dtypes(input, weight, bias)
     if not input.is_floating_point():
@@ -352,6 +395,8 @@ def rms_norm(
         raise _not_float(input, "rms_norm")
     if eps is None:
         eps = torch.finfo(stats_dtype(input.dtype)).eps
+    elif type(eps) is not float:
+        eps = _float_arg(eps, "rms_norm", "eps", 4)
     if mask is not None and input.numel():
         y = A.apply(activation, M.layer_norm(input, mask, d, weight, None, eps, rms=True))
     else:

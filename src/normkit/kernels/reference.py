@@ -98,11 +98,11 @@ def _owned_sub(t: Tensor, other: Tensor) -> Tensor:
 def centred_moments(x5: Tensor, eps: float, rms: bool) -> tuple[Stats, Tensor]:
     """Statistics with keepdim shape (Q, P, 1, B, 1) and ``x - mean`` in the stats dtype; differentiable.
     float32 statistics whose variance overflows are taken again in float64; where that test cannot
-    branch (``seen_through``), they are taken in float64 at once."""
+    branch (``seen_through``), they are taken in float64 at once. Meta tensors have no values to test."""
     acc = stats_dtype(x5.dtype)
     if acc == torch.float64 or not seen_through(x5):
         mean, var, centred = _centred_moments(x5.to(acc), rms)
-        if acc == torch.float64 or not bool(torch.isinf(var).any()):
+        if acc == torch.float64 or x5.is_meta or not bool(torch.isinf(var).any()):
             return Stats(mean, torch.rsqrt(var + eps), var), centred
     mean, var, centred = _centred_moments(x5.to(torch.float64), rms)
     return Stats(mean.to(acc), torch.rsqrt(var + eps).to(acc), var.to(acc)), centred.to(acc)

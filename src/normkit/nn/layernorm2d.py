@@ -13,6 +13,7 @@ from torch.fx import Proxy
 
 from ..functional import _layout as L
 from ..functional._core import normalize_batch
+from ..functional.norms import check_floating
 from ._base import fx_node
 from .normalization import LayerNorm
 
@@ -48,6 +49,7 @@ class LayerNorm2d(LayerNorm):
                 f"Given normalized_shape=[{c}] over channels, expected input with shape [N, {c}, *], "
                 f"but got input of size{list(input.shape)}"
             )
+        check_floating(input, "LayerNormKernelImpl")
         if input.numel() == 0:
             return input.clone()
         xc, perm = L.dense(input)

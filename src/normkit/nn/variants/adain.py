@@ -18,6 +18,7 @@ from torch.nn import Module
 
 from ...functional import _layout as L
 from ...functional.masked import moments, normalize_with
+from ...functional.norms import check_floating
 from .._base import fx_node
 
 
@@ -44,6 +45,8 @@ class AdaptiveInstanceNorm(Module):
             return fx_node(self, content, style)
         if content.dim() < 3 or style.dim() < 3:
             raise ValueError(f"expected (N, C, *) inputs with spatial dims, got {content.dim()}D and {style.dim()}D")
+        check_floating(content, "batch_norm")
+        check_floating(style, "batch_norm")
         n, c = content.shape[0], content.shape[1]
         if style.shape[1] != c or style.shape[0] not in (1, n):
             raise ValueError(

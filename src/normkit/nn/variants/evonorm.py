@@ -16,6 +16,8 @@ Parameter and buffer names (``weight``, ``bias``, ``v``, ``running_var``) follow
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 from torch.fx import Proxy
@@ -24,7 +26,7 @@ from torch.nn import Module, Parameter, init
 from ...functional import _layout as L
 from ...functional._core import normalize_fixed
 from ...functional.masked import moments, normalize_with
-from ...functional.norms import _bessel, _verify_batch_size
+from ...functional.norms import _bessel, _verify_batch_size, check_floating
 from ...kernels.contract import blend_running, stats_dtype
 from .._base import check_dims, fx_node
 from ._checks import check_count
@@ -81,7 +83,9 @@ class EvoNormS0(_EvoNorm):
         if isinstance(input, Proxy):
             return fx_node(self, input)
         _check_channels(input, self.num_features)
-        numerator = input * torch.sigmoid(self.v.view(1, -1, 1, 1) * input)
+        check_floating(input, "GroupNormKernelImpl")
+        v = self.v.to(input.dtype).view(1, -1, 1, 1)  # the input's dtype out, as GroupNorm's
+        numerator = input * torch.sigmoid(v * input)
         xc, perm = L.dense(input)
         cl = perm is not None
         shape = L.per_group_view(input, self.num_groups, cl)
@@ -103,6 +107,8 @@ class EvoNormB0(_EvoNorm):
     def __init__(
         self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, device=None, dtype=None
     ) -> None:
+        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+            raise TypeError(f"EvoNormB0 needs a float momentum (it keeps no batch count to average by), got {momentum!r}")
         super().__init__(num_features, eps, device, dtype)
         self.momentum = momentum
         self.register_buffer("running_var", torch.ones(num_features, device=device, dtype=dtype))
@@ -116,13 +122,15 @@ class EvoNormB0(_EvoNorm):
         _verify_batch_size(input.size())
         _, var, _ = moments(xc.view(L.per_channel_view(input, cl)))
         var = var.view(-1)
-        blend_running(self.running_var, var.detach(), self.momentum, _bessel(input.numel() // self.num_features))
+        if input.numel():  # an empty batch leaves it, as BatchNorm's
+            blend_running(self.running_var, var.detach(), self.momentum, _bessel(input.numel() // self.num_features))
         return var
 
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, Proxy):
             return fx_node(self, input)
         _check_channels(input, self.num_features)
+        check_floating(input, "batch_norm")
         xc, perm = L.dense(input)
         cl = perm is not None
         n, c = input.shape[0], input.shape[1]

@@ -59,14 +59,15 @@ class GhostBatchNorm(_BatchNorm):
         """Ghost-batch statistics in training; BatchNorm with the running statistics in evaluation."""
         if isinstance(input, Proxy):
             return fx_node(self, input)
-        if not self.training or input.dim() < 2 or input.shape[0] <= self.ghost_batch_size:
+        if not self.training or input.dim() < 2 or input.shape[0] <= self.ghost_batch_size or input.numel() == 0:
             return super().forward(input)
         self._check_input_dim(input)
         if not torch.is_floating_point(input):
             raise NotImplementedError(f'"batch_norm" not implemented for {input.dtype}')
         c, per_sample = input.shape[1], L.spatial(input)
-        if self.weight is not None and self.weight.numel() != c:
-            raise RuntimeError(f"weight should contain {c} elements not {self.weight.numel()}")
+        for t, name in ((self.running_mean, "running_mean"), (self.weight, "weight")):
+            if t is not None and t.numel() != c:  # batch_norm's order and words
+                raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
         g = self.ghost_batch_size
         if g * per_sample == 1:
             raise ValueError(

@@ -3,8 +3,8 @@
 Con answered: BatchNorm and LayerNorm cost compute, and a separate activation layer is one more
 pass over the activations, one more tensor kept for backward and one more module to wire. A named
 activation ("relu", "silu", "gelu") goes through the core's epilogue: fused into the kernels where
-the backend can, and in every case backward keeps only the norm's input. A module class is
-composed after the norm. State_dict keys are those of BatchNorm2d / GroupNorm, so checkpoints load
+the backend can, and in every case backward keeps only the norm's input. A module class (or an
+instance) is composed after the norm. State_dict keys are those of BatchNorm2d / GroupNorm, so checkpoints load
 unchanged.
 """
 
@@ -20,19 +20,22 @@ from ..batchnorm import _BatchNorm
 from ..normalization import GroupNorm
 from ._checks import check_count
 
-ActLayer = str | type[nn.Module] | None
+ActLayer = str | type[nn.Module] | nn.Module | None
 
 
 class _NormAct:
     """Splits ``act_layer`` into the core's epilogue (a name) or a module applied afterwards."""
 
     def _set_act(self, act_layer: ActLayer) -> None:
+        if isinstance(act_layer, nn.Module):
+            self.activation, self.act, self.act_name = None, act_layer, type(act_layer).__name__
+            return
         if act_layer is not None and not isinstance(act_layer, str):
             self.activation, self.act, self.act_name = None, act_layer(), act_layer.__name__
             return
         name = None if act_layer is None or act_layer.lower() == "identity" else act_layer.lower()
         if name is not None and name not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {act_layer!r}; valid: {', '.join(ACTIVATIONS)}, identity, None or a module class")
+            raise ValueError(f"unknown activation {act_layer!r}; valid: {', '.join(ACTIVATIONS)}, identity, None, a module class or instance")
         self.activation, self.act, self.act_name = name, nn.Identity(), name or "identity"
 
     def extra_repr(self) -> str:

@@ -18,7 +18,7 @@ from torch.fx import Proxy
 
 from ... import functional as F
 from ...functional import _layout as L
-from ...functional.masked import moments, view_mask
+from ...functional.masked import expand_mask, moments, view_mask
 from .._base import fx_node
 from ..batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 from ._checks import check_count
@@ -42,15 +42,16 @@ class _BatchRenorm(_BatchNorm):
         ramp_steps: int = 20000,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        if rmax < 1.0 or dmax < 0.0:
+        if not (rmax >= 1.0 and dmax >= 0.0):  # NaN fails both
             raise ValueError(f"BatchRenorm needs rmax >= 1 and dmax >= 0, got rmax={rmax}, dmax={dmax}")
         self.rmax, self.dmax = float(rmax), float(dmax)
         self.warmup_steps = check_count(warmup_steps, "warmup_steps", allow_zero=True)
         self.ramp_steps = check_count(ramp_steps, "ramp_steps", allow_zero=True)
 
     def limits(self, step: int) -> tuple[float, float]:
-        """(rmax, dmax) at training step ``step``: (1, 0) during warm-up, then a linear ramp to the final values."""
-        if step <= self.warmup_steps:
+        """(rmax, dmax) at training step ``step`` (the steps done before it): (1, 0) for the first
+        ``warmup_steps`` steps, then a linear ramp to the final values over ``ramp_steps``."""
+        if step < self.warmup_steps:
             return 1.0, 0.0
         t = 1.0 if self.ramp_steps <= 0 else min(1.0, (step - self.warmup_steps) / self.ramp_steps)
         return 1.0 + t * (self.rmax - 1.0), t * self.dmax
@@ -87,7 +88,13 @@ class _BatchRenorm(_BatchNorm):
             w = torch.ones_like(r) if weight is None else weight
             weight = w * r.to(w.dtype)
             bias = w * d.to(w.dtype) + (0.0 if bias is None else bias)
-        return F.batch_norm(input, self.running_mean, self.running_var, weight, bias, True, factor, self.eps, mask)
+        y = F.batch_norm(input, self.running_mean, self.running_var, weight, bias, True, factor, self.eps, mask)
+        if correction is None or mask is None:
+            return y
+        # masked-out positions output the bias, as BatchNorm's: not the bias with d folded in
+        shape = (1, -1) + (1,) * (input.dim() - 2)
+        kept = torch.zeros_like(weight) if self.bias is None else self.bias
+        return torch.where(expand_mask(mask, input, True), y, kept.to(y.dtype).view(shape))
 
     def extra_repr(self) -> str:
         return (

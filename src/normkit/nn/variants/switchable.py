@@ -21,7 +21,7 @@ from torch.nn import Parameter
 
 from ...functional import _layout as L
 from ...functional.masked import moments, normalize_with
-from ...functional.norms import _bessel, _verify_batch_size
+from ...functional.norms import _bessel, _verify_batch_size, check_floating
 from ...kernels.contract import blend_running
 from .._base import NormBase, check_dims, fx_node
 
@@ -72,8 +72,9 @@ class _SwitchableNorm(NormBase):
             if self.training and self.track_running_stats:
                 self.num_batches_tracked.add_(1)
                 factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-                blend_running(self.running_mean, mean_bn.detach().view(-1), factor)
-                blend_running(self.running_var, var_bn.detach().view(-1), factor, _bessel(count))
+                if count:  # an empty batch leaves them, as BatchNorm's
+                    blend_running(self.running_mean, mean_bn.detach().view(-1), factor)
+                    blend_running(self.running_var, var_bn.detach().view(-1), factor, _bessel(count))
             return mean_bn, var_bn
         return self.running_mean.to(mean_in.dtype).view(1, -1), self.running_var.to(var_in.dtype).view(1, -1)
 
@@ -86,6 +87,7 @@ class _SwitchableNorm(NormBase):
         n, c = input.shape[0], input.shape[1]
         if c != self.num_features:
             raise RuntimeError(f"running_mean should contain {c} elements not {self.num_features}")
+        check_floating(input, "batch_norm")
         xc, perm = L.dense(input)
         shape = L.per_instance_view(input, perm is not None)
         mean_in, var_in, _ = moments(xc.view(shape))
