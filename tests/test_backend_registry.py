@@ -73,7 +73,23 @@ def test_info_shows_the_error_of_an_unknown_environment_backend(monkeypatch):
     monkeypatch.setattr(selection, "_default", "bogus")
     with pytest.raises(ValueError, match="unknown normkit backend 'bogus'") as raised:
         normkit.functional.layer_norm(torch.randn(2, 4), (4,))
-    assert info.describe()["backend in force"] == f"error: {raised.value} (NORMKIT_BACKEND)"
+    assert info.describe()["backend in force"] == f"error: {raised.value}"
+    assert str(raised.value).endswith("(set by NORMKIT_BACKEND='bogus')")
+
+
+def test_an_empty_environment_backend_is_auto():
+    env = dict(os.environ, NORMKIT_BACKEND="")
+    out = subprocess.run(
+        [sys.executable, "-c", "import normkit; print(normkit.get_backend())"], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "auto"
+
+
+def test_a_bad_output_cache_setting_is_named_and_the_default_kept():
+    env = dict(os.environ, NORMKIT_OUTPUT_CACHE_MB="1.5")
+    code = "from normkit.kernels import _pages; print(_pages.CACHE_LIMIT > 0)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True" and "NORMKIT_OUTPUT_CACHE_MB='1.5' is not a whole number" in out.stderr
 
 
 def test_info_says_when_the_backend_in_force_falls_back(monkeypatch):

@@ -100,6 +100,9 @@ def _parse(*argv: str) -> argparse.Namespace:
         (["--threads", "-1"], "argument --threads: expected a positive integer, got '-1'"),
         (["--threads", "0"], "argument --threads: expected a positive integer, got '0'"),
         (["--rounds", "0"], "argument --rounds: expected a positive integer, got '0'"),
+        (["--min-time", "nan"], "argument --min-time: expected a finite number of seconds >= 0, got 'nan'"),
+        (["--min-time", "-1"], "argument --min-time: expected a finite number of seconds >= 0, got '-1'"),
+        (["--json", "no/such/folder/x.json"], "argument --json: cannot write 'no/such/folder/x.json'"),
     ],
 )
 def test_bad_option_values_are_usage_errors(argv, message, capsys):
@@ -149,6 +152,22 @@ def test_any_channel_count_gets_a_group_count_that_divides_it():
     for norm, shape, *_ in bench.cases(args):
         theirs, ours = bench._modules(norm, shape)
         assert ours.num_groups == {48: 16, 6: 2}[shape[1]] == theirs.num_groups
+
+
+def test_cases_torch_refuses_are_skipped_with_its_reason(capsys):
+    """One value per channel in training: torch.nn raises, so the case is named and left out, not a
+    traceback halfway through the run; the evaluation case of the same shape stays."""
+    kept = bench.runnable(_parse("--norms", "batch,layer", "--dtypes", "fp32", "--modes", "fwd-train,fwd-eval",
+                                 "--shape", "1,8,1,1"))
+    assert ("batch", (1, 8, 1, 1), "nchw", "fwd-train", "fp32") not in kept
+    assert ("batch", (1, 8, 1, 1), "nchw", "fwd-eval", "fp32") in kept and ("layer", (1, 8, 1, 1), "contiguous", "fwd-train", "fp32") in kept
+    assert "skipped batch 1x8x1x1 nchw fwd-train fp32: torch.nn refuses it (Expected more than 1 value" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [("--quick", "--norms", "layer", "--modes", "fwd-eval"), ("--norms", "batch", "--shape", "64")])
+def test_a_selection_without_cases_is_an_error(argv):
+    with pytest.raises(SystemExit, match="no case to time"):
+        bench.runnable(_parse(*argv))
 
 
 def test_quick_times_eval_where_it_differs_from_training():

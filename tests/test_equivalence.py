@@ -284,3 +284,9 @@ def test_shape_inference_on_the_meta_device(name, args, shape, training):
     mask = torch.ones(shape[0], *shape[2:], dtype=torch.bool, device="meta")
     if name in ("BatchNorm2d", "GroupNorm") and training:
         assert ours(x, mask).shape == shape
+
+
+def test_unknown_names_in_normkit_nn_say_where_to_look():
+    with pytest.raises(AttributeError, match="it is in normkit.nn.variants"):
+        nk.auto_groups
+    assert nk.Conv2d is tnn.Conv2d

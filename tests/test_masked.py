@@ -189,11 +189,36 @@ def test_padding_outputs_bias_and_gets_no_gradient():
     assert gx[~full].eq(0).all() and torch.isfinite(gx).all() and torch.isfinite(gw).all() and torch.isfinite(gb).all()
 
 
-def test_eval_mode_ignores_mask_and_layout_and_dtype():
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_eval_mode_with_mask_outputs_the_bias_where_masked_out(activation):
+    """With the running statistics the mask keeps nothing out of the statistics, but masked-out positions
+    still output the bias (after the activation), and what they hold, NaN included, reaches no output and
+    no gradient: as in training."""
+    x = torch.randn(4, 3, 6, 6).to(memory_format=torch.channels_last)
+    mask = torch.rand(4, 6, 6) < 0.5
+    x[~mask.unsqueeze(1).expand_as(x)] = float("nan")
+    x.requires_grad_()
+    rm, rv = torch.randn(3), torch.rand(3) + 0.5
+    w, b = (torch.randn(3, requires_grad=True) for _ in range(2))
+    full = mask.unsqueeze(1).expand_as(x)
+    for y, plain in (
+        (F.batch_norm(x, rm, rv, w, b, mask=mask, activation=activation),
+         F.batch_norm(x, rm, rv, w, b, activation=activation)),
+        (F.instance_norm(x, rm, rv, w, b, use_input_stats=False, mask=mask, activation=activation),
+         F.instance_norm(x, rm, rv, w, b, use_input_stats=False, activation=activation)),
+    ):
+        torch.testing.assert_close(y[full], plain[full])
+        bias = b.detach().view(1, 3, 1, 1).expand_as(x)
+        fill = bias if activation is None else TF.silu(bias)
+        torch.testing.assert_close(y[~full], fill[~full])
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        grads = torch.autograd.grad(y.sum(), (x, w, b))
+        assert all(torch.isfinite(g).all() for g in grads) and grads[0][~full].eq(0).all()
+
+
+def test_group_norm_mask_keeps_layout_and_dtype():
     x = torch.randn(4, 3, 6, 6, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
     mask = torch.rand(4, 6, 6) < 0.5
-    rm, rv = torch.randn(3), torch.rand(3) + 0.5
-    torch.testing.assert_close(F.batch_norm(x, rm, rv, mask=mask), F.batch_norm(x, rm, rv))
     y = F.group_norm(x, 3, mask=mask)
     assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
     assert torch.isfinite(y.float()).all()

@@ -21,6 +21,7 @@ import json
 import math
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -29,7 +30,7 @@ import torch
 from torch.utils import benchmark
 
 from . import __version__
-from .cli import comma_list, device_type, positive_int
+from .cli import comma_list, device_type, positive_int, seconds, writable_path
 from .kernels import _pages
 from .kernels.cpu import SERIAL_BELOW
 from .selection import backend, validate
@@ -99,7 +100,7 @@ def _shape(value: str) -> tuple[int, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``normkit bench`` options; every value is checked here, before any timing starts."""
     parser.add_argument("--quick", action="store_true", help="one shape per norm, short timings (under a minute)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results and summary as JSON")
+    parser.add_argument("--json", metavar="PATH", type=writable_path, help="also write the results and summary as JSON")
     parser.add_argument("--device", default="cpu", type=device_type, choices=("cpu", "cuda"))
     parser.add_argument("--backend", default="auto", type=_backend_name, help="normkit backend to time (default: auto)")
     parser.add_argument("--dtypes", default="fp32,bf16", type=comma_list(DTYPES, "dtypes"),
@@ -113,7 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "the other norms take shapes of 3 to 5 dims")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch.set_num_threads for both sides (default: as is)")
-    parser.add_argument("--min-time", type=float, default=None, help="seconds of timing per measurement")
+    parser.add_argument("--min-time", type=seconds, default=None, help="seconds of timing per measurement")
     parser.add_argument("--rounds", type=positive_int, default=None,
                         help="alternating repeats of both sides; each keeps its best median (robust to load spikes)")
     parser.add_argument("--cold", action="store_true",
@@ -378,6 +379,39 @@ def cases(args: argparse.Namespace) -> list[tuple[str, tuple[int, ...], str, str
     return out
 
 
+def refusal(norm: str, shape: tuple[int, ...], mode: str) -> str | None:
+    """torch.nn's error for a case it cannot run (one value per channel in training, ...), found on the
+    meta device without data; None where it runs."""
+    theirs, _ = _modules(norm, shape)
+    theirs.to("meta").train(mode != "fwd-eval")
+    try:
+        with torch.no_grad():
+            theirs(torch.empty(shape, device="meta"))
+    except (ValueError, RuntimeError) as err:
+        return str(err)
+    return None
+
+
+def runnable(args: argparse.Namespace) -> list[tuple[str, tuple[int, ...], str, str, str]]:
+    """``cases(args)`` without those torch.nn refuses (each named on stderr); none left is a usage error."""
+    chosen = cases(args)
+    if not chosen:
+        raise SystemExit(
+            "no case to time: batch, instance, group and group+silu take shapes of 3 to 5 dims, and --quick times "
+            "fwd-eval for batch and instance only"
+        )
+    kept = []
+    for case in chosen:
+        why = refusal(case[0], case[1], case[3])
+        if why is None:
+            kept.append(case)
+        else:
+            print(f"skipped {case[0]} {'x'.join(map(str, case[1]))} {case[2]} {case[3]} {case[4]}: torch.nn refuses it ({why})", file=sys.stderr)
+    if not kept:
+        raise SystemExit("no case to time: torch.nn refuses every one selected")
+    return kept
+
+
 def _write_json(path: str, meta: dict[str, object], results: list[Result]) -> None:
     with open(path, "w") as fh:
         json.dump({"meta": meta, "results": [asdict(r) for r in results]}, fh, indent=1)
@@ -391,6 +425,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--cold times eager calls; it does not combine with --cuda-graph")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    todo = runnable(args)
     min_time = args.min_time if args.min_time is not None else (0.02 if args.quick else 0.1)
     rounds = args.rounds if args.rounds is not None else (3 if args.quick else 5)
     started = time.perf_counter()
@@ -420,7 +455,7 @@ def run(args: argparse.Namespace) -> int:
     flush = torch.empty(FLUSH_BYTES // 4, device=device) if args.cold else None
     record()
     with backend(args.backend):
-        for norm, shape, layout, mode, dtype in cases(args):
+        for norm, shape, layout, mode, dtype in todo:
             results.append(
                 run_case(norm, shape, layout, mode, dtype, device, copy_gbps, min_time, rounds, args.cuda_graph, flush)
             )

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
+import os
 import sys
 from collections.abc import Callable, Iterable
 
 # subcommand -> module providing ``add_arguments(parser)`` and ``run(args) -> int``; imported on use.
+# The lab's packages are an optional extra.
 COMMANDS = {
     "lab": ("normkit.lab.cli", "re-measure the article's claims on real training runs and write a report"),
     "bench": ("normkit.bench", "time normkit against torch.nn on the same tensors"),
@@ -52,6 +55,25 @@ def comma_list(choices: Iterable[str], what: str) -> Callable[[str], tuple[str, 
     return parse
 
 
+def seconds(value: str) -> float:
+    """argparse type for a duration: a finite number of seconds, 0 or more (NaN would time forever)."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not (0.0 <= number < math.inf):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {value!r}")
+    return number
+
+
+def writable_path(value: str) -> str:
+    """argparse type for an output file: its folder must exist, or the run would fail after its work."""
+    folder = os.path.dirname(os.path.abspath(value))
+    if not os.path.isdir(folder) or os.path.isdir(value):
+        raise argparse.ArgumentTypeError(f"cannot write {value!r}: {folder!r} is not a folder or the path is one")
+    return value
+
+
 def device_type(value: str) -> str:
     """argparse type for ``--device``: CUDA where torch has none is a usage error, not a failure inside torch."""
     import torch
@@ -68,9 +90,19 @@ def main(argv: list[str] | None = None) -> int:
     for name, (module, help_text) in COMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
         if argv and argv[0] == name:  # only the chosen command's module is imported
-            importlib.import_module(module).add_arguments(sub_parser)
+            _command(name).add_arguments(sub_parser)
     args = parser.parse_args(argv)
-    return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+    return int(_command(args.command).run(args) or 0)
+
+
+def _command(name: str):
+    """The module of command ``name``; a missing optional package is a message saying what to install."""
+    try:
+        return importlib.import_module(COMMANDS[name][0])
+    except ImportError as err:
+        if name != "lab" or err.name is None or err.name.startswith("normkit"):
+            raise
+        raise SystemExit(f"normkit lab needs {err.name!r}, in the optional extra: pip install 'normkit[lab]'") from err
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ def _in_force() -> str:
     try:
         validate(name)
     except ValueError as exc:
-        return f"error: {exc} (NORMKIT_BACKEND)"
+        return f"error: {exc} (set by NORMKIT_BACKEND={name!r})"
     except ImportError as exc:
         return f"{name}, unavailable ({exc}): calls use the reference backend"
     return name

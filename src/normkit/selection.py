@@ -13,7 +13,7 @@ from torch import Tensor
 from . import kernels
 from .kernels.contract import Backend
 
-_default = os.environ.get("NORMKIT_BACKEND", "auto")
+_default = os.environ.get("NORMKIT_BACKEND") or "auto"
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("normkit_backend", default=None)
 
 
@@ -51,7 +51,10 @@ def backend(name: str) -> Iterator[None]:
 def _candidates(name: str, device: str) -> tuple[Backend, ...]:
     """The loadable backends that ``name`` tries on ``device``, in order (the reference follows)."""
     names = kernels.AUTO_ORDER.get(device, ()) if name == "auto" else (name,)
-    return tuple(impl for impl in map(kernels.try_load, names) if impl is not None)
+    try:
+        return tuple(impl for impl in map(kernels.try_load, names) if impl is not None)
+    except ValueError as err:  # a name no backend has: only NORMKIT_BACKEND is not checked where it is given
+        raise ValueError(f"{err} (set by NORMKIT_BACKEND={name!r})") from None
 
 
 def resolve(x5: Tensor, weight: Tensor | None) -> Backend:

@@ -48,3 +48,19 @@ def test_counts_keep_their_defaults_when_not_given():
     args = _parse("--seeds", "2")
     assert args.seeds == 2 and args.jobs >= 1
     assert _parse().seeds is None
+
+
+def test_without_the_lab_extra_the_command_says_what_to_install():
+    """A plain ``pip install normkit`` lacks the lab's packages: a message naming the extra, not an ImportError."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "for m in ('matplotlib', 'scipy', 'sklearn', 'mnist1d'):\n"
+        "    sys.modules[m] = None\n"
+        "from normkit.cli import main\n"
+        "main(['lab', '--help'])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "pip install 'normkit[lab]'" in done.stderr, done.stderr[-500:]

@@ -126,6 +126,19 @@ def _per_channel_eval(
     return L.restore(normalize_fixed(xc, shape, mean, var, weight, bias, activation, eps, ps), perm)
 
 
+def _masked_eval(
+    input: Tensor, mask: Tensor, running_mean: Tensor, running_var: Tensor, weight, bias, eps: float,
+    activation: str | None,
+) -> Tensor:
+    """``_per_channel_eval`` where masked-out positions output the bias, as in training: what they hold
+    (even NaN) reaches no output and no gradient, the parameters' included."""
+    valid = M.expand_mask(mask, input, True)
+    y = _per_channel_eval(torch.where(valid, input, 0), running_mean, running_var, weight, bias, eps, activation)
+    shape = (1, -1) + (1,) * (input.dim() - 2)
+    fill = y.new_zeros(()) if bias is None else bias.to(y.dtype).view(shape)
+    return torch.where(valid, y, A.apply(activation, fill))
+
+
 def _batch_view(
     input: Tensor, view, weight: Tensor | None, bias: Tensor | None, eps: float, activation: str | None
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -175,7 +188,9 @@ def batch_norm(
         _verify_batch_size(input.shape)
     check_batch_norm(input, running_mean, running_var, weight, bias, training, eps)
     if not training:
-        return _per_channel_eval(input, running_mean, running_var, weight, bias, eps, activation)
+        if mask is None:
+            return _per_channel_eval(input, running_mean, running_var, weight, bias, eps, activation)
+        return _masked_eval(input, mask, running_mean, running_var, weight, bias, eps, activation)
     if input.numel() == 0:
         return _empty(input, weight, bias, activation)
     if mask is not None:
@@ -246,7 +261,9 @@ def instance_norm(
         raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false")
     _check_per_channel(input, weight, bias, running_mean, running_var, buffer_dtypes=False)
     if not use_input_stats:
-        return _per_channel_eval(input, running_mean, running_var, weight, bias, eps, activation)
+        if mask is None:
+            return _per_channel_eval(input, running_mean, running_var, weight, bias, eps, activation)
+        return _masked_eval(input, mask, running_mean, running_var, weight, bias, eps, activation)
     if input.numel() == 0:
         return _empty(input, weight, bias, activation)
     if mask is not None:

@@ -28,6 +28,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 import weakref
 
 import numpy as np
@@ -122,10 +123,17 @@ def observe(t: Tensor) -> None:
 
 def _cache_limit() -> int:
     """Bytes of freed blocks kept: ``NORMKIT_OUTPUT_CACHE_MB``, by default an eighth of the memory, at
-    most 1 GiB."""
+    most 1 GiB. A value that is not a whole number is named in a warning and the default used: the
+    setting changes speed, never results."""
     mb = os.environ.get("NORMKIT_OUTPUT_CACHE_MB")
     if mb is not None:
-        return max(0, int(mb)) << 20
+        try:
+            return max(0, int(mb)) << 20
+        except ValueError:
+            warnings.warn(
+                f"NORMKIT_OUTPUT_CACHE_MB={mb!r} is not a whole number of megabytes (0 turns the cache off); "
+                "using the default", stacklevel=2,
+            )
     try:
         memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):

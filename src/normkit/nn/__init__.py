@@ -55,4 +55,10 @@ def __getattr__(name: str):
     """Everything else comes from torch.nn, so ``import normkit.nn as nn`` works for whole models."""
     import torch.nn
 
-    return getattr(torch.nn, name)
+    try:
+        return getattr(torch.nn, name)
+    except AttributeError:
+        from . import variants
+
+        where = " (it is in normkit.nn.variants)" if hasattr(variants, name) else ""
+        raise AttributeError(f"module 'normkit.nn' has no attribute {name!r}, nor has torch.nn{where}") from None
