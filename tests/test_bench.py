@@ -164,6 +164,12 @@ def test_cases_torch_refuses_are_skipped_with_its_reason(capsys):
     assert "skipped batch 1x8x1x1 nchw fwd-train fp32: torch.nn refuses it (Expected more than 1 value" in capsys.readouterr().err
 
 
+def test_a_backend_that_does_not_serve_the_device_is_refused(monkeypatch):
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda *a: pytest.fail("timing started"))
+    with pytest.raises(SystemExit, match="the triton backend does not serve cpu tensors"):
+        main(["bench", "--quick", "--backend", "triton"])
+
+
 @pytest.mark.parametrize("argv", [("--quick", "--norms", "layer", "--modes", "fwd-eval"), ("--norms", "batch", "--shape", "64")])
 def test_a_selection_without_cases_is_an_error(argv):
     with pytest.raises(SystemExit, match="no case to time"):

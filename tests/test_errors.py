@@ -119,6 +119,7 @@ SCALARS = {
     "ln-shape-tensor": lambda nn, F: F.layer_norm(torch.randn(3, 4, 5), [torch.tensor(5)]),
     "ln-eps-tensor": lambda nn, F: F.layer_norm(torch.randn(3, 4, 5), [5], eps=torch.tensor(1e-3)),
     "rms-eps-numpy": lambda nn, F: F.rms_norm(torch.randn(3, 4, 5), [5], eps=np.float32(1e-3)),
+    "rms-complex": lambda nn, F: nn.RMSNorm(5, dtype=torch.complex64)(torch.randn(3, 4, 5, dtype=torch.complex64)),
 }
 
 

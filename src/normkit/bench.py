@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.utils import benchmark
 
-from . import __version__
+from . import __version__, kernels
 from .cli import comma_list, device_type, positive_int, seconds, writable_path
 from .kernels import _pages
 from .kernels.cpu import SERIAL_BELOW
@@ -425,6 +425,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--cold times eager calls; it does not combine with --cuda-graph")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.backend != "auto" and not kernels.load(args.backend).supports(torch.empty(2, 2, device=device), None):
+        raise SystemExit(f"the {args.backend} backend does not serve {device.type} tensors: every call would time the reference")
     todo = runnable(args)
     min_time = args.min_time if args.min_time is not None else (0.02 if args.quick else 0.1)
     rounds = args.rounds if args.rounds is not None else (3 if args.quick else 5)

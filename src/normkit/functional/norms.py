@@ -409,6 +409,8 @@ def rms_norm(
     """
     d = _check_normalized_shape(input, normalized_shape, weight, None, "rms_norm")
     if not input.is_floating_point():
+        if input.is_complex() and mask is None and activation is None:  # torch's RMSNorm takes complex data
+            return torch.rms_norm(input, normalized_shape, weight, eps)
         raise _not_float(input, "rms_norm")
     if eps is None:
         eps = torch.finfo(stats_dtype(input.dtype)).eps
