@@ -116,6 +116,13 @@ def select(cases: list, only: str) -> list:
     return chosen
 
 
+def use(drivers: dict) -> None:
+    """Make the cpu backend call ``drivers``: the backend looks its driver up once per set-up
+    (``cpu._call``, cached), so the cache is cleared with every swap."""
+    cpu.DRIVERS = drivers
+    cpu._call.cache_clear()
+
+
 def compare(
     old, cases, dtype: torch.dtype, rounds: int, min_time: float, warm_caches: bool = False
 ) -> list[tuple[str, float, float]]:
@@ -129,17 +136,17 @@ def compare(
             for op, (call, warm) in operations(norm, shape, cl, dtype).items():
                 times: tuple[list[float], list[float]] = ([], [])
                 for drivers in versions:  # compile both before timing
-                    cpu.DRIVERS = drivers
+                    use(drivers)
                     call()
                 for i in range(rounds):
                     pairs = list(zip(versions, times))
                     for drivers, out in pairs if i % 2 == 0 else pairs[::-1]:  # ABBA: no order bias
-                        cpu.DRIVERS = drivers
+                        use(drivers)
                         seconds = measure(call, min_time) if warm_caches else measure_cold(call, min_time, flush, warm)
                         out.append(seconds * 1e3)
                 rows.append((f"{case_name(norm, shape, cl)} {op}", statistics.median(times[0]), statistics.median(times[1])))
     finally:
-        cpu.DRIVERS = _numba_kernels.DRIVERS
+        use(_numba_kernels.DRIVERS)
     return rows
 
 

@@ -250,6 +250,35 @@ def test_kernel_ab_compares_a_revision_with_the_tree():
     assert "tree / rev" in out.stdout and "layer 2x4x64 contiguous backward" in out.stdout
 
 
+def test_kernel_ab_swaps_the_driver_the_backend_calls():
+    """A swap must reach the driver a call runs: the backend caches each set-up with its driver, so a
+    swap that left the cache would time one version twice (every ratio 1.0)."""
+    import importlib.util
+
+    from normkit.kernels import cpu
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_ab.py"
+    spec = importlib.util.spec_from_file_location("kernel_ab_tool", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    other = {family: {act: (object(), object()) for act in table} for family, table in cpu.DRIVERS.items()}
+    ours = cpu.DRIVERS
+
+    def serial_driver():
+        call = cpu._call("forward", (1, 1, 2, 3, 40), (1, 1, 3, 1), torch.float32, None, 1, 1)
+        return call.driver, call.launch.loops
+
+    serial_driver()
+    try:
+        tool.use(other)
+        driver, loops = serial_driver()
+        assert driver is other[f"forward_{loops}"][None][1]
+    finally:
+        tool.use(ours)
+    driver, loops = serial_driver()
+    assert driver is ours[f"forward_{loops}"][None][1]
+
+
 def test_kernel_ab_selects_cases_by_name():
     """``--only``: the cases whose name has one of the words; a word matching none stops the run."""
     import importlib.util
