@@ -521,6 +521,26 @@ def _seg_apply_flat(x, y, g, r0, r1, p, mean, rstd, act, tab):
 
 
 @njit(**_HELPER)
+def _flat_dz(dy, x, g, r0, r1, p, mean, rstd, tab, dz, act):
+    """The gradient at the activation's input for rows ``r0:r1`` of slab ``g`` into ``dz`` (a slab of
+    the statistics dtype, rows at their own offsets), as one run (``_seg_apply_flat``): the backward's
+    loops then take it as ``dy`` with no activation, instead of taking the activation's derivative
+    (an exp or erfc) in short rows, once per pass where dx is bfloat16."""
+    R2 = x.shape[3]
+    n = (r1 - r0) * R2
+    m = mean[g, 0]
+    rs = rstd[g, 0]
+    ws = tab[0, p, r0 * R2:r1 * R2]
+    bs = tab[1, p, r0 * R2:r1 * R2]
+    start = (g * x.shape[1] + r0) * R2
+    xs = _run(x, start, n, x[0, 0, 0, 0])
+    ds = _run(dy, start, n, x[0, 0, 0, 0])
+    out = dz[r0 * R2:r1 * R2]
+    for k in range(n):
+        out[k] = _act_grad(_load(ds[k]), (_load(xs[k]) - m) * rs * ws[k] + bs[k], act)
+
+
+@njit(**_HELPER)
 def _dot_sums(ds, xs, m, rs, wv, bv, act, kept):
     """sum(dz * xhat), sum(dz) of one segment, ``dz`` the gradient at the affine output ``xhat * wv + bv``
     (kept in ``kept``, see ``_keep``): float32 within blocks of ``_BLOCK``, float64 across."""
@@ -544,11 +564,12 @@ def _dot_sums(ds, xs, m, rs, wv, bv, act, kept):
 
 
 @njit(**_HELPER)
-def _seg_grad_sums(dy, x, dx, keep, g, r0, r1, b0, b1, mean, rstd, w, bias, act, sg, sgx, dwt, dbt):
+def _seg_grad_sums(dy, gd, x, dx, keep, g, r0, r1, b0, b1, mean, rstd, w, bias, act, sg, sgx, dwt, dbt):
     """Add sum(dy*w), sum(dy*w*xhat) per group to ``sg``, ``sgx`` (float64) and the dweight/dbias
     sums to the lane's ``dwt``, ``dbt`` (statistics dtype, as the reference sums them; added to the
     float64 lanes after each unit). The activation's gradient is kept in ``dx`` (``_keep``), or in
-    ``keep`` where that is not empty (no dx wanted: ``_sink``)."""
+    ``keep`` where that is not empty (no dx wanted: ``_sink``). ``dy`` of slab ``g`` is ``dy[gd]``
+    (``_flat_dz``'s one-slab buffer, or ``dy`` itself with ``gd = g``)."""
     p = _slab_param(g, w)
     k1n = w.shape[1]
     for r in range(r0, r1):
@@ -557,7 +578,7 @@ def _seg_grad_sums(dy, x, dx, keep, g, r0, r1, b0, b1, mean, rstd, w, bias, act,
             m = mean[g, b]
             rs = rstd[g, b]
             xs = x[g, r, b]
-            ds = dy[g, r, b]
+            ds = dy[gd, r, b]
             kept = dx[g, r, b] if keep.shape[0] == 0 else keep
             if w.shape[3] == 1:
                 a_dw, a_db = _dot_sums(ds, xs, m, rs, w[p, k1, b, 0], bias[p, k1, b, 0], act, kept)
@@ -604,9 +625,9 @@ def _flush_params(part, total, g0, g1, b0, b1):
 
 
 @njit(**_HELPER)
-def _seg_dx(dy, x, dx, g, r0, r1, b0, b1, mean, rstd, w, bias, act, c1, c2):
+def _seg_dx(dy, gd, x, dx, g, r0, r1, b0, b1, mean, rstd, w, bias, act, c1, c2):
     """dx = rstd * (dz*w - c1 - xhat*c2) with c1, c2 per group (zero for fixed statistics); ``dz`` as
-    the first pass kept it in ``dx`` (``_kept``)."""
+    the first pass kept it in ``dx`` (``_kept``); ``dy`` of slab ``g`` is ``dy[gd]`` (``_seg_grad_sums``)."""
     p = _slab_param(g, w)
     k1n = w.shape[1]
     for r in range(r0, r1):
@@ -617,7 +638,7 @@ def _seg_dx(dy, x, dx, g, r0, r1, b0, b1, mean, rstd, w, bias, act, c1, c2):
             bc = rs * rs * c2[g, b]
             cc = rs * c1[g, b]
             xs = x[g, r, b]
-            ds = dy[g, r, b]
+            ds = dy[gd, r, b]
             out = dx[g, r, b]
             if w.shape[3] == 1:
                 a = rs * w[p, k1, b, 0]
@@ -961,23 +982,37 @@ def backward_seg(dyp, xp, dxp, mp, rp, wp, bp, dwp, dbp, dims, val, acc, rms, ba
     fused = nrc == 1 and batch_stats and want_dx
     ps = _zeros((G, nrc, B), 0.0)
     pss = _zeros((G, nrc, B), 0.0)
+    tab = _flat_tables(x, w, bias, mean, _ACT)
+    flat = tab.shape[1] > 0
     for lane in prange(nlanes):
         dwt = np.zeros(dwl.shape[1:], mean.dtype)
         dbt = np.zeros(dwl.shape[1:], mean.dtype)
         keep = _sink(dx, R2, want_dx)
+        dzb = np.empty(R1 * R2 if flat else 0, mean.dtype)
+        dz = _at(dzb.ctypes.data, (1, R1, 1, R2), mean[0, 0])
         lo, hi = _lane(lane, nlanes, units)
         for u in range(lo, hi):
             g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
             for g in range(g0, g1):
-                _seg_grad_sums(
-                    dy, x, dx, keep, g, r0, r1, b0, b1, mean, rstd, w, bias, _ACT, ps[g, rc, b0:b1], pss[g, rc, b0:b1],
-                    dwt, dbt,
-                )
+                if flat:
+                    _flat_dz(dy, x, g, r0, r1, _slab_param(g, w), mean, rstd, tab, dzb, _ACT)
+                    _seg_grad_sums(
+                        dz, 0, x, dx, keep, g, r0, r1, b0, b1, mean, rstd, w, bias, None, ps[g, rc, b0:b1],
+                        pss[g, rc, b0:b1], dwt, dbt,
+                    )
+                else:
+                    _seg_grad_sums(
+                        dy, g, x, dx, keep, g, r0, r1, b0, b1, mean, rstd, w, bias, _ACT, ps[g, rc, b0:b1],
+                        pss[g, rc, b0:b1], dwt, dbt,
+                    )
                 if fused:
                     for b in range(b0, b1):
                         c1[g, b] = 0.0 if rms else ps[g, 0, b] * inv_n
                         c2[g, b] = pss[g, 0, b] * inv_n
-                    _seg_dx(dy, x, dx, g, 0, R1, b0, b1, mean, rstd, w, bias, _ACT, c1, c2)
+                    if flat:
+                        _seg_dx(dz, 0, x, dx, g, 0, R1, b0, b1, mean, rstd, w, bias, None, c1, c2)
+                    else:
+                        _seg_dx(dy, g, x, dx, g, 0, R1, b0, b1, mean, rstd, w, bias, _ACT, c1, c2)
             _flush_params(dwt, dwl[lane], g0, g1, b0, b1)
             _flush_params(dbt, dbl[lane], g0, g1, b0, b1)
     _lane_sum(lanes.reshape(2, nlanes, -1), _params_at(dwp, dbp, dims, acc))
@@ -990,11 +1025,17 @@ def backward_seg(dyp, xp, dxp, mp, rp, wp, bp, dwp, dbp, dims, val, acc, rms, ba
             c1[g, b] = 0.0 if rms else _chunk_total(ps, g, b) * inv_n
             c2[g, b] = _chunk_total(pss, g, b) * inv_n
     for lane in prange(nlanes):
+        dzb = np.empty(R1 * R2 if flat else 0, mean.dtype)
+        dz = _at(dzb.ctypes.data, (1, R1, 1, R2), mean[0, 0])
         lo, hi = _lane(lane, nlanes, units)
         for u in range(hi - 1, lo - 1, -1):
             g0, g1, rc, r0, r1, b0, b1 = _unit(u, plan, G, R1, B)
             for g in range(g0, g1):
-                _seg_dx(dy, x, dx, g, r0, r1, b0, b1, mean, rstd, w, bias, _ACT, c1, c2)
+                if flat:
+                    _flat_dz(dy, x, g, r0, r1, _slab_param(g, w), mean, rstd, tab, dzb, _ACT)
+                    _seg_dx(dz, 0, x, dx, g, r0, r1, b0, b1, mean, rstd, w, bias, None, c1, c2)
+                else:
+                    _seg_dx(dy, g, x, dx, g, r0, r1, b0, b1, mean, rstd, w, bias, _ACT, c1, c2)
 
 
 def backward_col(dyp, xp, dxp, mp, rp, wp, bp, dwp, dbp, dims, val, acc, rms, batch_stats, want_dx, nlanes, plan):
