@@ -323,6 +323,18 @@ def group_norm(
     return y
 
 
+def _int_sizes(shape: tuple, op: str) -> tuple[int, ...]:
+    """Sizes as torch's argument parser takes them (0-dim integer tensors, numpy integers), with its
+    error for a float or bool."""
+    for i, n in enumerate(shape):
+        if isinstance(n, (float, bool)) or not hasattr(n, "__index__"):
+            raise TypeError(
+                f"{op}(): argument 'normalized_shape' (position 2) must be tuple of ints, but found element of "
+                f"type {type(n).__name__} at pos {i}"
+            )
+    return tuple(operator.index(n) for n in shape)
+
+
 def _check_normalized_shape(input: Tensor, normalized_shape: Sequence[int], weight, bias, op: str) -> int:
     """The number of normalized elements, after torch's checks (tuples compared as they come: a module
     holds its ``normalized_shape`` as one) for ``op``, ``layer_norm`` or ``rms_norm``."""
@@ -331,14 +343,10 @@ def _check_normalized_shape(input: Tensor, normalized_shape: Sequence[int], weig
             f"{op}(): argument 'normalized_shape' (position 2) must be tuple of ints, not {type(normalized_shape).__name__}"
         )
     shape = tuple(normalized_shape)
-    for i, n in enumerate(shape):
+    for n in shape:
         if type(n) is not int and not isinstance(n, torch.SymInt):
-            if isinstance(n, (float, bool)) or not hasattr(n, "__index__"):
-                raise TypeError(
-                    f"{op}(): argument 'normalized_shape' (position 2) must be tuple of ints, but found element of "
-                    f"type {type(n).__name__} at pos {i}"
-                )
-            shape = tuple(operator.index(k) for k in shape)  # 0-dim integer tensors, numpy integers
+            shape = _int_sizes(shape, op)
+            break
     if not shape:
         raise RuntimeError(
             "Expected normalized_shape to be at least 1-dimensional, i.e., containing at least one element, "
