@@ -10,9 +10,9 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterable
+from types import ModuleType
 
 # subcommand -> module providing ``add_arguments(parser)`` and ``run(args) -> int``; imported on use.
-# The lab's packages are an optional extra.
 COMMANDS = {
     "lab": ("normkit.lab.cli", "re-measure the article's claims on real training runs and write a report"),
     "bench": ("normkit.bench", "time normkit against torch.nn on the same tensors"),
@@ -95,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     return int(_command(args.command).run(args) or 0)
 
 
-def _command(name: str):
-    """The module of command ``name``; a missing optional package is a message saying what to install."""
+def _command(name: str) -> ModuleType:
+    """The module of command ``name``; a package of the lab's optional extra missing is a message saying
+    what to install."""
     try:
         return importlib.import_module(COMMANDS[name][0])
     except ImportError as err:
