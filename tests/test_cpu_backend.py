@@ -678,6 +678,8 @@ def test_precompile_covers_the_signatures_of_real_calls(capsys):
     assert after_calls == compiled
     assert main(["precompile", "--dtypes", "fp32", "--activations", "none,silu", "--modes", "serial"]) == 0
     assert capsys.readouterr().out.splitlines()[0].startswith("serial float32 None: ")
+    assert main(["precompile", "--dtypes", "fp16", "--activations", "none", "--modes", "serial"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("serial float16 (float32 kernels) None: ")
     with pytest.raises(SystemExit) as exc:
         main(["precompile", "--dtypes", "fp8"])
     assert exc.value.code == 2 and "unknown dtypes ['fp8']" in capsys.readouterr().err

@@ -524,7 +524,8 @@ def precompile(
         for dtype in dtypes:
             for activation in activations:
                 _exercise(backend, dtype, activation)
-                yield f"{'parallel' if par else 'serial'} {str(dtype).removeprefix('torch.')} {activation}"
+                name = str(dtype).removeprefix("torch.") + (" (float32 kernels)" if dtype in WIDENED else "")
+                yield f"{'parallel' if par else 'serial'} {name} {activation}"
 
 
 def _exercise(backend: CpuBackend, dtype: torch.dtype, activation: str | None) -> None:
