@@ -36,6 +36,14 @@ def expand_mask(mask: Tensor, input: Tensor, channel_dim: bool) -> Tensor:
         ) from None
 
 
+def bias_where_masked_out(y: Tensor, valid: Tensor, bias: Tensor | None, activation=None) -> Tensor:
+    """``y`` with the masked-out positions of ``valid`` (bool, ``y``'s shape) set to the bias, after
+    ``activation`` (a callable, or None): what normalized 0 outputs there."""
+    shape = (1, -1) + (1,) * (y.dim() - 2)
+    fill = y.new_zeros(()) if bias is None else bias.to(y.dtype).view(shape)
+    return torch.where(valid, y, fill if activation is None else activation(fill))
+
+
 def view_mask(mask: Tensor, input: Tensor, perm: tuple[int, ...] | None, shape: list[int], channel_dim: bool) -> Tensor:
     """``mask`` laid out like the 5-D view ``shape`` of ``input`` made dense by ``L.dense`` (permutation ``perm``)."""
     full = expand_mask(mask, input, channel_dim)

@@ -134,9 +134,7 @@ def _masked_eval(
     (even NaN) reaches no output and no gradient, the parameters' included."""
     valid = M.expand_mask(mask, input, True)
     y = _per_channel_eval(torch.where(valid, input, 0), running_mean, running_var, weight, bias, eps, activation)
-    shape = (1, -1) + (1,) * (input.dim() - 2)
-    fill = y.new_zeros(()) if bias is None else bias.to(y.dtype).view(shape)
-    return torch.where(valid, y, A.apply(activation, fill))
+    return M.bias_where_masked_out(y, valid, bias, lambda t: A.apply(activation, t))
 
 
 def _batch_view(

@@ -501,22 +501,27 @@ def _seg_apply(x, y, g, r0, r1, b0, b1, mean, rstd, w, bias, act, tab):
 
 
 @njit(**_HELPER)
+def _flat_run(x, other, g, r0, r1, p, tab):
+    """Rows ``r0:r1`` of slab ``g`` (one group, ``B = 1``) of ``x`` and of ``other`` (same layout) as flat
+    runs, with the rows' weight and bias per element from ``_flat_tables``."""
+    R2 = x.shape[3]
+    n = (r1 - r0) * R2
+    start = (g * x.shape[1] + r0) * R2
+    tag = x[0, 0, 0, 0]
+    return _run(x, start, n, tag), _run(other, start, n, tag), tab[0, p, r0 * R2:r1 * R2], tab[1, p, r0 * R2:r1 * R2]
+
+
+@njit(**_HELPER)
 def _seg_apply_flat(x, y, g, r0, r1, p, mean, rstd, act, tab):
     """``_seg_apply`` of rows ``r0:r1`` of a group that is one contiguous run of short rows, each with
     its own weight and bias (GroupNorm NCHW on small planes), as one loop over the run with the
     parameters per element from ``_flat_tables``. Short rows each leave most of their elements to the
     vector loop's remainder (a 7x7 plane is 49 elements, one iteration of the vector loop takes 64
     float32 or 128 bfloat16), which runs far slower, most of all with an activation."""
-    R2 = x.shape[3]
-    n = (r1 - r0) * R2
+    xs, ys, ws, bs = _flat_run(x, y, g, r0, r1, p, tab)
     m = mean[g, 0]
     rs = rstd[g, 0]
-    ws = tab[0, p, r0 * R2:r1 * R2]
-    bs = tab[1, p, r0 * R2:r1 * R2]
-    start = (g * x.shape[1] + r0) * R2
-    xs = _run(x, start, n, x[0, 0, 0, 0])
-    ys = _run(y, start, n, x[0, 0, 0, 0])
-    for k in range(n):
+    for k in range(xs.shape[0]):
         _store(ys, k, _act((_load(xs[k]) - m) * rs * ws[k] + bs[k], act))
 
 
@@ -526,17 +531,11 @@ def _flat_dz(dy, x, g, r0, r1, p, mean, rstd, tab, dz, act):
     the statistics dtype, rows at their own offsets), as one run (``_seg_apply_flat``): the backward's
     loops then take it as ``dy`` with no activation, instead of taking the activation's derivative
     (an exp or erfc) in short rows, once per pass where dx is bfloat16."""
-    R2 = x.shape[3]
-    n = (r1 - r0) * R2
+    xs, ds, ws, bs = _flat_run(x, dy, g, r0, r1, p, tab)
     m = mean[g, 0]
     rs = rstd[g, 0]
-    ws = tab[0, p, r0 * R2:r1 * R2]
-    bs = tab[1, p, r0 * R2:r1 * R2]
-    start = (g * x.shape[1] + r0) * R2
-    xs = _run(x, start, n, x[0, 0, 0, 0])
-    ds = _run(dy, start, n, x[0, 0, 0, 0])
-    out = dz[r0 * R2:r1 * R2]
-    for k in range(n):
+    out = dz[r0 * x.shape[3]:r1 * x.shape[3]]
+    for k in range(xs.shape[0]):
         out[k] = _act_grad(_load(ds[k]), (_load(xs[k]) - m) * rs * ws[k] + bs[k], act)
 
 

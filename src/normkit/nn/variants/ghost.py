@@ -20,6 +20,7 @@ from torch.fx import Proxy
 
 from ...functional import _layout as L
 from ...functional._core import normalize_batch
+from ...functional.norms import check_floating
 from ...kernels.contract import blend_running
 from .._base import fx_node
 from ..batchnorm import _BatchNorm
@@ -62,8 +63,7 @@ class GhostBatchNorm(_BatchNorm):
         if not self.training or input.dim() < 2 or input.shape[0] <= self.ghost_batch_size or input.numel() == 0:
             return super().forward(input)
         self._check_input_dim(input)
-        if not torch.is_floating_point(input):
-            raise NotImplementedError(f'"batch_norm" not implemented for {input.dtype}')
+        check_floating(input, "batch_norm")
         c, per_sample = input.shape[1], L.spatial(input)
         for t, name in ((self.running_mean, "running_mean"), (self.weight, "weight")):
             if t is not None and t.numel() != c:  # batch_norm's order and words

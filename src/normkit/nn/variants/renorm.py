@@ -18,7 +18,7 @@ from torch.fx import Proxy
 
 from ... import functional as F
 from ...functional import _layout as L
-from ...functional.masked import expand_mask, moments, view_mask
+from ...functional.masked import bias_where_masked_out, expand_mask, moments, view_mask
 from .._base import fx_node
 from ..batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 from ._checks import check_count
@@ -92,9 +92,7 @@ class _BatchRenorm(_BatchNorm):
         if correction is None or mask is None:
             return y
         # masked-out positions output the bias, as BatchNorm's: not the bias with d folded in
-        shape = (1, -1) + (1,) * (input.dim() - 2)
-        kept = torch.zeros_like(weight) if self.bias is None else self.bias
-        return torch.where(expand_mask(mask, input, True), y, kept.to(y.dtype).view(shape))
+        return bias_where_masked_out(y, expand_mask(mask, input, True), self.bias)
 
     def extra_repr(self) -> str:
         return (
