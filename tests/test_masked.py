@@ -268,3 +268,17 @@ def test_layers_take_mask(channels_last):
     ln = nk.LayerNorm(5, dtype=torch.float64)
     lmask = torch.arange(5) < 3
     torch.testing.assert_close(ln(x, lmask)[..., :3], TF.layer_norm(x[..., :3], (3,)), **F64)
+
+
+def test_masked_statistics_where_float32_squares_overflow():
+    """Masked statistics of float32 input of scale 1e20 stay in float64 (the variance overflows
+    float32): outputs as the float64 computation, the running variance inf as torch's would be."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, 5) * 1e20
+    mask = torch.rand(3, 5, 5) > 0.3
+    bn, bn64 = nk.BatchNorm2d(4), nk.BatchNorm2d(4).double()
+    torch.testing.assert_close(bn(x, mask=mask).double(), bn64(x.double(), mask=mask), rtol=1e-5, atol=1e-5)
+    assert torch.isinf(bn.running_var).all()
+    lmask = torch.rand(3, 4, 5, 5) > 0.3
+    ln, ln64 = nk.LayerNorm(5), nk.LayerNorm(5).double()
+    torch.testing.assert_close(ln(x, mask=lmask).double(), ln64(x.double(), mask=lmask), rtol=1e-5, atol=1e-5)

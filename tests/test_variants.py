@@ -606,3 +606,29 @@ def test_variants_compile_without_graph_breaks(make, inputs):
     xs = [torch.randn(2, 4, 3, 3) for _ in range(inputs)]
     compiled = torch.compile(m, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(*xs), make()(*xs))
+
+
+@pytest.mark.parametrize(
+    "make,inputs",
+    [
+        (lambda: nk.SwitchableNorm2d(4), 1),
+        (lambda: nk.EvoNormS0(4, 2), 1),
+        (lambda: nk.EvoNormB0(4), 1),
+        (lambda: nk.AdaptiveInstanceNorm(), 2),
+    ],
+)
+def test_variants_exact_where_float32_squares_overflow(make, inputs):
+    """float32 input of scale 1e20: the variance (1e40) overflows float32, the statistics do not; the
+    output and the input's gradient equal the float64 computation (they were NaN)."""
+    torch.manual_seed(0)
+    xs = [(torch.randn(3, 4, 5, 5) * 1e20).requires_grad_() for _ in range(inputs)]
+    y = make()(*xs)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x64 = [x.detach().double().requires_grad_() for x in xs]
+    y64 = make().double()(*x64)
+    y64.backward(dy.double())
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    grad = x64[0].grad
+    torch.testing.assert_close(xs[0].grad.double(), grad, rtol=1e-5, atol=1e-5 * grad.abs().max().item())

@@ -54,18 +54,17 @@ def moments(x5: Tensor, mask5: Tensor | None = None, rms: bool = False) -> tuple
     """(mean, biased variance, count) of each group of the 5-D view, shape (Q, P, B); differentiable.
     RMS: (0, mean square, count).
 
-    Two passes in the statistics dtype with the mean accumulated in float64; a float32 variance that
-    overflows is recomputed in float64. Where that test cannot branch on the values (torch.compile and
-    export, a transform or a trace: ``seen_through``) float32 statistics are taken in float64 at once;
-    meta tensors have no values to test.
+    Two passes in the statistics dtype with the mean accumulated in float64. A float32 variance that
+    overflows (inputs of scale 1e20) is recomputed in float64 and the statistics stay in float64: cast
+    back, the variance would be inf and every ``rsqrt(var + eps)`` 0. Where that test cannot branch on
+    the values (torch.compile and export, a transform or a trace: ``seen_through``) float32 statistics
+    are taken in float64 at once and come back in float64; meta tensors have no values to test.
     """
     acc = stats_dtype(x5.dtype)
     at_once = acc == torch.float32 and (torch.compiler.is_compiling() or seen_through(x5))
     mean, var, count = _moments(x5.to(torch.float64 if at_once else acc), mask5, rms)
-    if at_once:
-        mean, var, count = (t.to(acc) for t in (mean, var, count))
-    elif acc == torch.float32 and not x5.is_meta and bool(torch.isinf(var).any()):
-        mean, var, count = (t.to(acc) for t in _moments(x5.to(torch.float64), mask5, rms))
+    if not at_once and acc == torch.float32 and not x5.is_meta and bool(torch.isinf(var).any()):
+        mean, var, count = _moments(x5.to(torch.float64), mask5, rms)
     q, p, _, b, _ = x5.shape
     return mean.view(q, p, b), var.view(q, p, b), count.view(q, p, b)
 
