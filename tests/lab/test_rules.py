@@ -62,6 +62,8 @@ def test_batch_noise():
     assert verdict(batch_noise, good) == HOLDS
     assert verdict(batch_noise, {**good, "ghost_test_gain_low": -0.01}) == PARTLY
     assert verdict(batch_noise, {**good, "gap_reduction_low": -0.02}) == NOT
+    # a narrower gap with lower test accuracy is underfitting, not regularization
+    assert verdict(batch_noise, {**good, "test_acc_diff_high": -0.01}) == NOT
 
 
 def test_loss_surface():
@@ -166,3 +168,13 @@ def test_summary_counts_norms_without_an_interval_as_tied():
 
 def test_every_study_rule_is_checked_without_intervals():
     assert {m for m, _ in PASSING} | {summary} == set(ORDER)
+
+
+@pytest.mark.parametrize("grid", [5, 11, 21])
+def test_loss_surface_sharpness_reads_alpha_one_half(grid):
+    """The rise at |alpha| = 0.5 of a line that is linear in |alpha| (exact under interpolation) on every
+    profile's grid: the 11-point grid has no point at 0.5 (it read 0.4)."""
+    from normkit.lab.studies.loss_surface import sharpness
+
+    line = [1.0 + 3 * abs(-1 + 2 * i / (grid - 1)) for i in range(grid)]
+    assert sharpness(line) == pytest.approx(1.5)

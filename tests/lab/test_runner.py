@@ -68,3 +68,19 @@ def test_cache_files_get_the_umask_permissions(tmp_path):
     assert stat.S_IMODE(cache.path({"study": "demo", "seed": 0}).stat().st_mode) == 0o644
     assert stat.S_IMODE(cache.path({"study": "demo", "seed": 1}).stat().st_mode) == 0o640
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == sorted(f"{job_key({'study': 'demo', 'seed': s})}.json" for s in (0, 1))
+
+
+def test_runs_of_other_code_or_torch_are_not_reused(tmp_path):
+    """Every config carries a digest of normkit's sources and torch's version: a run stored by other
+    code (a changed module constant without a version bump) or another torch is done again."""
+    import torch
+
+    from normkit.lab.study import code_digest
+
+    config = group_count.jobs(Profile(mode="tiny", seeds=(0,)))[0]
+    assert (config["code"], config["torch"]) == (code_digest(), torch.__version__)
+    cache = Cache(tmp_path)
+    cache.put(Run(config, {"final_test_acc": 0.5}), 1.0)
+    assert cache.get(config) is not None
+    assert cache.get({**config, "code": "0" * 16}) is None
+    assert cache.get({**config, "torch": "1.0"}) is None

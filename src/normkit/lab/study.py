@@ -11,9 +11,14 @@ other study keeps the data its setting names, whatever ``--data`` says.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from .stats import Effect
 
@@ -48,8 +53,22 @@ class Profile:
         return {"tiny": tiny, "quick": quick, "full": full}[self.mode]
 
     def base(self, study: str, version: int) -> dict:
-        """Fields every run config carries: they are part of the cache key."""
-        return {"study": study, "v": version, "mode": self.mode, "backend": self.backend, "device": self.device}
+        """Fields every run config carries: they are part of the cache key. ``code`` and ``torch`` make a
+        stored run count only for the code and torch that made it: a module constant or a kernel changed
+        without a ``version`` bump would otherwise report old numbers under the new setting."""
+        return {"study": study, "v": version, "mode": self.mode, "backend": self.backend, "device": self.device,
+                "code": code_digest(), "torch": torch.__version__}  # fmt: skip
+
+
+@lru_cache(maxsize=1)
+def code_digest() -> str:
+    """A short hash of normkit's Python sources (the lab, its models and the kernels they run)."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -105,6 +124,14 @@ def accuracies(runs: list[Run], classes: int) -> list[float]:
     chance = 1.0 / classes
     return [chance if r.result.get("diverged") or not math.isfinite(r.result["final_test_acc"]) else float(r.result["final_test_acc"])
             for r in sorted(runs, key=lambda r: r.config["seed"])]  # fmt: skip
+
+
+def accuracy_curves(runs: list[Run], classes: int) -> list[list[float]]:
+    """Each run's test accuracy per epoch (``test_acc``), in seed order; a run that diverged stopped
+    early and scores chance (1 / ``classes``) from then on, so every curve spans the longest."""
+    curves = [list(r.result["test_acc"]) for r in sorted(runs, key=lambda r: r.config["seed"])]
+    epochs = max(1, max(len(c) for c in curves))
+    return [c + [1.0 / classes] * (epochs - len(c)) for c in curves]
 
 
 def mean_metric(runs: list[Run], metric: str) -> float:

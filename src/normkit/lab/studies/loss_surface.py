@@ -167,11 +167,16 @@ def rule(stats: dict) -> tuple[str, str]:
 
 
 def sharpness(line: list[float]) -> float:
-    """Mean rise of the 1-D landscape at |alpha| = 0.5 over its centre: a plain flatness number for the picture."""
+    """Mean rise of the 1-D landscape (an odd grid over alpha in [-1, 1]) at |alpha| = 0.5 over its centre,
+    interpolated linearly where 0.5 falls between grid points: a plain flatness number for the picture."""
     n = len(line)
-    centre = line[n // 2]
-    quarter = (n - 1) // 4
-    return (line[n // 2 - quarter] + line[n // 2 + quarter]) / 2 - centre
+
+    def at(alpha: float) -> float:
+        pos = (alpha + 1) / 2 * (n - 1)
+        i = min(int(pos), n - 2)
+        return line[i] + (pos - i) * (line[i + 1] - line[i])
+
+    return (at(-0.5) + at(0.5)) / 2 - line[n // 2]
 
 
 def analyze(runs: list[Run], profile: Profile, out_dir: Path) -> Finding:

@@ -8,6 +8,7 @@ the padding mask, takes batch statistics from valid positions only: how much of 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -17,8 +18,8 @@ from .. import plots
 from ..data import token_sequences
 from ..models import TinyTransformer, norm_label
 from ..stats import bounds, cell, graded, paired_effect
-from ..study import Claim, Finding, Profile, Run, Table, accuracies, group, values
-from ..training import seed_everything
+from ..study import Claim, Finding, Profile, Run, Table, accuracies, accuracy_curves, group, values
+from ..training import DIVERGED_LOSS, seed_everything
 
 CLAIM = Claim(
     id="sequences",
@@ -32,6 +33,7 @@ VERSION = 1
 NORMS = ("bn", "bnmask", "ln", "rms")
 PRACTICAL = 0.02
 MAX_LEN, VOCAB = 32, 12
+CLASSES = 4  # which of tokens 1..4 occurs most (``token_sequences``)
 
 
 def settings(profile: Profile) -> dict:
@@ -58,7 +60,7 @@ def run(config: dict) -> dict:
     device = config["device"]
     tokens, lengths, labels = (t.to(device) for t in token_sequences(config["n_train"], seed=config["seed"], vocab=VOCAB, max_len=MAX_LEN))
     test = [t.to(device) for t in token_sequences(2000, seed=50_000, vocab=VOCAB, max_len=MAX_LEN)]
-    model = TinyTransformer(VOCAB, config["dim"], config["depth"], 2, MAX_LEN, 4, config["norm"], config["backend"]).to(device)
+    model = TinyTransformer(VOCAB, config["dim"], config["depth"], 2, MAX_LEN, CLASSES, config["norm"], config["backend"]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=config["lr"])
     curve, losses = [], []
     for _ in range(config["epochs"]):
@@ -66,12 +68,14 @@ def run(config: dict) -> dict:
         for i in range(0, len(order) - config["batch_size"] + 1, config["batch_size"]):
             idx = order[i : i + config["batch_size"]]
             loss = F.cross_entropy(model(tokens[idx], lengths[idx]), labels[idx])
+            losses.append(float(loss.detach()))
+            if not math.isfinite(losses[-1]) or losses[-1] > DIVERGED_LOSS:
+                return {"test_acc": curve, "final_test_acc": math.nan, "final_loss": math.nan, "diverged": True}
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss.detach()))
         curve.append(accuracy(model, *test))
-    return {"test_acc": curve, "final_test_acc": curve[-1], "final_loss": sum(losses[-20:]) / len(losses[-20:])}
+    return {"test_acc": curve, "final_test_acc": curve[-1], "final_loss": sum(losses[-20:]) / len(losses[-20:]), "diverged": False}
 
 
 def rule(stats: dict) -> tuple[str, str]:
@@ -83,7 +87,7 @@ def rule(stats: dict) -> tuple[str, str]:
 def analyze(runs: list[Run], profile: Profile, out_dir: Path) -> Finding:
     s = settings(profile)
     by = group(runs, "norm")
-    acc = {n: accuracies(by[(n,)], 2) for n in NORMS}
+    acc = {n: accuracies(by[(n,)], CLASSES) for n in NORMS}
     effect = paired_effect("test accuracy: LN - BN", acc["ln"], acc["bn"], "acc")
     rms = paired_effect("test accuracy: RMSNorm - LN", acc["rms"], acc["ln"], "acc")
     masked = paired_effect("test accuracy: masked BN - BN", acc["bnmask"], acc["bn"], "acc")
@@ -93,7 +97,7 @@ def analyze(runs: list[Run], profile: Profile, out_dir: Path) -> Finding:
 
     fig, (ax,) = plots.figure(1, width=6)
     for n in NORMS:
-        curves = [r.result["test_acc"] for r in by[(n,)]]
+        curves = accuracy_curves(by[(n,)], CLASSES)
         plots.line_ci(ax, list(range(1, len(curves[0]) + 1)), list(zip(*curves)), norm_label(n), n, 100)
     ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="Transformer on padded variable-length sequences")
     ax.legend(fontsize=8)
@@ -120,4 +124,4 @@ def decision_rows(runs: list[Run], profile: Profile) -> list[dict]:
     """Sequence classification with a transformer at batch 32: test accuracy per norm."""
     by = group(runs, "norm")
     return [{"task": "token sequences, transformer", "batch": settings(profile)["batch_size"], "metric": "test accuracy",
-             "scores": {n: accuracies(by[(n,)], 2) for n in NORMS if n != "bnmask"}}]  # fmt: skip
+             "scores": {n: accuracies(by[(n,)], CLASSES) for n in NORMS if n != "bnmask"}}]  # fmt: skip

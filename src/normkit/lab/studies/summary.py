@@ -61,7 +61,7 @@ def rule(stats: dict) -> tuple[str, str]:
     always_best = set.intersection(*(set(t) for t in stats["tied_best"]))
     checks = {
         "no one norm is (tied) best everywhere": not always_best,
-        "a wrong choice costs > 2 points in most settings": stats["fraction_mattering"] >= 0.5,
+        "a wrong choice costs > 2 points in at least half the settings": stats["fraction_mattering"] >= 0.5,
     }
     verdict = verdict_from_checks(checks)
     return verdict, "; ".join(f"{k}: {'yes' if v else 'no'}" for k, v in checks.items())
