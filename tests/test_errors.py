@@ -268,3 +268,30 @@ def test_non_finite_input_poisons_exactly_its_group(case, layout, value):
     if whole_group:
         assert not torch.isfinite(y[poisoned]).any(), "a non-finite input was hidden in its group"
     assert torch.isfinite(y[~poisoned]).all(), "a non-finite input leaked into other groups"
+
+
+_META = torch.empty(3, device="meta")
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda f, x: f.layer_norm(x, [3], None, _META),
+        lambda f, x: f.layer_norm(x, [3], _META),
+        lambda f, x: f.rms_norm(x, [3], _META),
+        lambda f, x: f.group_norm(x, 3, None, _META),
+        lambda f, x: f.batch_norm(x, None, None, _META, training=True),
+        lambda f, x: f.batch_norm(x, _META, _META.clone(), training=True),
+        lambda f, x: f.batch_norm(x, _META, _META.clone(), training=False),
+        lambda f, x: f.instance_norm(x, None, None, None, _META),
+    ],
+)
+def test_tensors_on_another_device_refused_as_torch(call):
+    """A parameter or buffer on another device than a CPU input: torch's error (the kernels would read
+    its address: a crash for a bias or buffer, a weight silently left out)."""
+    x = torch.randn(2, 3, 3)
+    with pytest.raises(RuntimeError) as theirs:
+        call(TF, x)
+    with pytest.raises(RuntimeError) as ours:
+        call(NF, x)
+    assert str(ours.value) == str(theirs.value)

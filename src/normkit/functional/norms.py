@@ -60,6 +60,15 @@ def _check_dtypes(input: Tensor, *params: Tensor | None) -> None:
     raise RuntimeError(f"expected scalar type {_scalar_name(first)} but found {_scalar_name(other)}")
 
 
+def _check_devices(input: Tensor, *tensors: Tensor | None) -> None:
+    """torch's error for a parameter or buffer on another device than the input: the kernels read them
+    by address (a meta or CUDA tensor's address read on the CPU is a crash, or silently unused)."""
+    cpu = input.is_cpu
+    for t in tensors:
+        if t is not None and (not t.is_cpu if cpu else t.device != input.device):
+            raise RuntimeError(f"Tensor on device {t.device} is not on the expected device {input.device}!")
+
+
 def _check_per_channel(
     input: Tensor, weight, bias, running_mean: Tensor | None, running_var: Tensor | None, buffer_dtypes: bool = True
 ) -> None:
@@ -69,6 +78,7 @@ def _check_per_channel(
     into them). One call with the common case first: it runs on every call."""
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
+    _check_devices(input, weight, bias, running_mean, running_var)
     dtype = input.dtype
     checked = (weight, bias, running_mean, running_var) if buffer_dtypes else (weight, bias)
     for t in checked:
@@ -299,6 +309,7 @@ def group_norm(
         _verify_batch_size([size[0] * c // num_groups, num_groups] + list(size[2:]))
     if num_groups <= 0:
         raise RuntimeError(f"Expected num groups to be greater than 0, got {num_groups}")
+    _check_devices(input, weight, bias)
     _check_dtypes(input, weight, bias)
     if not input.is_floating_point():
         raise _not_float(input, "GroupNormKernelImpl")
@@ -391,6 +402,7 @@ def layer_norm(
     if type(eps) is not float:
         eps = _float_arg(eps, "layer_norm", "eps", 5)
     d = _check_normalized_shape(input, normalized_shape, weight, bias, "layer_norm")
+    _check_devices(input, weight, bias)
     _check_dtypes(input, weight, bias)
     if not input.is_floating_point():
         raise _not_float(input, "LayerNormKernelImpl")
@@ -414,6 +426,7 @@ def rms_norm(
     contiguous one, as torch's do (and torch's LayerNorm for every layout).
     """
     d = _check_normalized_shape(input, normalized_shape, weight, None, "rms_norm")
+    _check_devices(input, weight)
     if not input.is_floating_point():
         if input.is_complex() and mask is None and activation is None:  # torch's RMSNorm takes complex data
             return torch.rms_norm(input, normalized_shape, weight, eps)
