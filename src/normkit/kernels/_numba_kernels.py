@@ -17,7 +17,9 @@ input is read from memory once. Otherwise partial sums per row chunk are combine
 input is read a second time, each thread walking its units backwards (``_lane``) so that it starts on
 what it read last.
 
-Statistics are sums shifted by the first element of each group, which makes constant groups exact.
+Statistics are sums shifted by the first element of each group, which makes constant groups exact;
+a group whose first element lies 4 or more standard deviations from its mean is summed again about the
+mean in float64 (``_far``), rare in ordinary data and where float32 sums would lose the variance.
 Short blocks are summed in float32 (vector-wide) and the blocks added in float64, which keeps long
 reductions accurate; a group whose float32 squares overflow (inputs of scale 1e20) is summed again
 with every term in float64. float64 input sums in float64 throughout. Backward group reductions
@@ -269,6 +271,16 @@ def _act_impl(z, act):
     return lambda z, act: f(0.5) * z * _erfc(z * f(-_INV_SQRT2))
 
 
+def _linear(act):
+    """Whether there is no activation (whose derivative would need x), known when the driver compiles."""
+
+
+@overload(_linear, inline="always", prefer_literal=True)
+def _linear_impl(act):
+    linear = isinstance(act, types.NoneType)
+    return lambda act: linear
+
+
 def _costly(act):
     """Whether the activation costs more per element than the norm (an exp or erfc: silu, gelu), known
     when the driver compiles."""
@@ -445,8 +457,15 @@ def _slab_param(g, w):
 
 
 @njit(**_HELPER)
+def _shift(v):
+    """A group's shift from its first element ``v``: 0 where ``v`` is not finite (with an infinite shift,
+    inf - inf would make a mean of inf NaN)."""
+    return v if np.isfinite(v) else _zero(v)
+
+
+@njit(**_HELPER)
 def _seg_shift(x, g, b, rms):
-    return 0.0 if rms else np.float64(_load(x[g, 0, b, 0]))
+    return 0.0 if rms else np.float64(_shift(_load(x[g, 0, b, 0])))
 
 
 @njit(**_HELPER)
@@ -463,7 +482,7 @@ def _seg_group_sums(x, g, r0, r1, b, rms):
     n = x.shape[1] * B * R2
     slab = _run(x, g * n, n, x[0, 0, 0, 0])
     z = _zero(x[g, 0, b, 0])
-    sh = z if rms else _load(x[g, 0, b, 0]) + z
+    sh = z if rms else _shift(_load(x[g, 0, b, 0])) + z
     a = 0.0
     aa = 0.0
     for i in range(runs):
@@ -673,8 +692,11 @@ def _flush_params(part, total, g0, g1, b0, b1):
 
 @njit(**_HELPER)
 def _seg_dx(dy, gd, x, dx, g, r0, r1, b0, b1, mean, rstd, w, bias, act, c1, c2):
-    """dx = rstd * (dz*w - c1 - xhat*c2) with c1, c2 per group (zero for fixed statistics); ``dz`` as
-    the first pass kept it in ``dx`` (``_kept``); ``dy`` of slab ``g`` is ``dy[gd]`` (``_seg_grad_sums``)."""
+    """dx = rstd * (dz*w - c1 - xhat*c2) with c1, c2 per group; ``dz`` as the first pass kept it in ``dx``
+    (``_kept``); ``dy`` of slab ``g`` is ``dy[gd]`` (``_seg_grad_sums``). rstd multiplies the bracket, not
+    each term: from rstd 1.8e19 (a tiny eps) rstd**2 overflows float32, and ``fastmath`` may reassociate
+    a product of two rstd factors. Fixed statistics (c1 = c2 = 0, evaluation) leave out those terms: dx
+    does not depend on x there, and a NaN in x must not reach it (torch gives rstd * w * dy)."""
     p = _slab_param(g, w)
     k1n = w.shape[1]
     for r in range(r0, r1):
@@ -682,24 +704,38 @@ def _seg_dx(dy, gd, x, dx, g, r0, r1, b0, b1, mean, rstd, w, bias, act, c1, c2):
         for b in range(b0, b1):
             m = mean[g, b]
             rs = rstd[g, b]
-            bc = rs * rs * c2[g, b]
-            cc = rs * c1[g, b]
+            u = c1[g, b]
+            v = c2[g, b]
             xs = x[g, r, b]
             ds = dy[gd, r, b]
             out = dx[g, r, b]
-            if w.shape[3] == 1:
-                a = rs * w[p, k1, b, 0]
+            if u == 0 and v == 0 and _linear(act):
+                _seg_dx_fixed(ds, out, p, k1, b, rs, w)
+            elif w.shape[3] == 1:
+                wv = w[p, k1, b, 0]
                 t = bias[p, k1, b, 0]
                 for k in range(xs.shape[0]):
-                    xc = _load(xs[k]) - m
-                    _store(out, k, a * _kept(out, k, _load(ds[k]), xc * a + t, act) - bc * xc - cc)
+                    xh = (_load(xs[k]) - m) * rs
+                    _store(out, k, rs * (wv * _kept(out, k, _load(ds[k]), xh * wv + t, act) - u - v * xh))
             else:
                 ws = w[p, k1, b]
                 bs = bias[p, k1, b]
                 for k in range(xs.shape[0]):
-                    xc = _load(xs[k]) - m
-                    a = rs * ws[k]
-                    _store(out, k, a * _kept(out, k, _load(ds[k]), xc * a + bs[k], act) - bc * xc - cc)
+                    xh = (_load(xs[k]) - m) * rs
+                    _store(out, k, rs * (ws[k] * _kept(out, k, _load(ds[k]), xh * ws[k] + bs[k], act) - u - v * xh))
+
+
+@njit(**_HELPER)
+def _seg_dx_fixed(ds, out, p, k1, b, rs, w):
+    """dx = rstd * w * dy of one segment (fixed statistics, no activation)."""
+    if w.shape[3] == 1:
+        a = rs * w[p, k1, b, 0]
+        for k in range(ds.shape[0]):
+            _store(out, k, a * _load(ds[k]))
+    else:
+        ws = w[p, k1, b]
+        for k in range(ds.shape[0]):
+            _store(out, k, rs * ws[k] * _load(ds[k]))
 
 
 # ---- col: rows of W = B*R2 columns, accumulated per column -----------------------------------
@@ -710,7 +746,7 @@ def _col_shift(x, g, j0, j1, r2, rms):
     sh = np.zeros(j1 - j0)
     if not rms:
         for b in range(j0 // r2, j1 // r2):
-            v = _load(x[g, 0, b * r2])
+            v = _shift(_load(x[g, 0, b * r2]))
             for i in range(r2):
                 sh[b * r2 + i - j0] = v
     return sh
@@ -831,24 +867,28 @@ def _col_grad_sums(dy, x, dx, keep, g, r0, r1, j0, j1, r2, mean, rstd, wc, tc, a
 
 @njit(**_HELPER)
 def _col_dx(dy, x, dx, g, r0, r1, j0, j1, r2, mean, rstd, w, bias, act, c1, c2):
+    """``_seg_dx`` for the column loops, per column."""
     p = _slab_param(g, w)
     mc = _col_expand(mean, g, j0, j1, r2)
-    a = _col_expand(rstd, g, j0, j1, r2)
-    bc = _col_expand(c2, g, j0, j1, r2)
-    cc = _col_expand(c1, g, j0, j1, r2)
+    rc = _col_expand(rstd, g, j0, j1, r2)
+    vc = _col_expand(c2, g, j0, j1, r2)
+    uc = _col_expand(c1, g, j0, j1, r2)
     wc = _col_param(w, p, j0, j1, r2)
     tc = _col_param(bias, p, j0, j1, r2)
+    fixed = _linear(act)
     for k in range(j1 - j0):
-        bc[k] *= a[k] * a[k]
-        cc[k] *= a[k]
-        a[k] *= wc[k]
+        fixed = fixed and uc[k] == 0 and vc[k] == 0
     for r in range(r0, r1):
-        xs = x[g, r, j0:j1]
         ds = dy[g, r, j0:j1]
         out = dx[g, r, j0:j1]
+        if fixed:
+            for k in range(ds.shape[0]):
+                _store(out, k, rc[k] * wc[k] * _load(ds[k]))
+            continue
+        xs = x[g, r, j0:j1]
         for k in range(xs.shape[0]):
-            xc = _load(xs[k]) - mc[k]
-            _store(out, k, a[k] * _kept(out, k, _load(ds[k]), xc * a[k] + tc[k], act) - bc[k] * xc - cc[k])
+            xh = (_load(xs[k]) - mc[k]) * rc[k]
+            _store(out, k, rc[k] * (wc[k] * _kept(out, k, _load(ds[k]), xh * wc[k] + tc[k], act) - uc[k] - vc[k] * xh))
 
 
 @njit(**_HELPER)
@@ -973,7 +1013,7 @@ def forward_col(xp, yp, wp, bp, mp, rp, vp, dims, val, acc, eps, rms, nlanes, pl
             for j in range(b * r2, (b + 1) * r2):
                 s += ps[g, rc, j]
                 ss += pss[g, rc, j]
-        sh = 0.0 if rms else np.float64(_load(x[g, 0, b * r2]))
+        sh = 0.0 if rms else np.float64(_shift(_load(x[g, 0, b * r2])))
         mean[g, b], var[g, b], rstd[g, b] = _col_stats(x, g, b, r2, s, ss, inv_n, sh, eps, rms)
     for lane in prange(nlanes):
         lo, hi = _lane(lane, nlanes, units)
