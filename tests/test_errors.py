@@ -92,6 +92,8 @@ BAD = {
     "in-double-input-float-affine": lambda nn, F: nn.InstanceNorm1d(4, affine=True)(torch.randn(2, 4, 3, dtype=torch.float64)),
     "bn-training-none": lambda nn, F: F.batch_norm(torch.randn(2, 4, 3), torch.zeros(4), torch.ones(4), training=None),
     "in-momentum-none": lambda nn, F: F.instance_norm(torch.randn(2, 4, 3), torch.zeros(4), torch.ones(4), momentum=None),
+    "in-use-input-stats-none": lambda nn, F: F.instance_norm(torch.randn(2, 4, 3), use_input_stats=None),
+    "in-use-input-stats-int": lambda nn, F: F.instance_norm(torch.randn(2, 4, 3), use_input_stats=0),
     "ln-eps-none": lambda nn, F: F.layer_norm(torch.randn(2, 4), [4], eps=None),
     "gn-eps-none": lambda nn, F: F.group_norm(torch.randn(2, 4, 3), 2, eps=None),
     "rms-eps-string": lambda nn, F: F.rms_norm(torch.randn(2, 4), [4], eps="0.1"),

@@ -252,6 +252,10 @@ def instance_norm(
 
     ``mask`` and ``activation`` as in ``batch_norm``.
     """
+    if type(use_input_stats) is not bool:
+        raise TypeError(
+            f"instance_norm(): argument 'use_input_stats' (position 6) must be bool, not {type(use_input_stats).__name__}"
+        )
     if type(momentum) is not float:
         momentum = _float_arg(momentum, "instance_norm", "momentum", 7)
     if type(eps) is not float:
