@@ -111,3 +111,19 @@ def test_inf_first_in_a_group_gives_torch_running_statistics(name, channels_last
     ours(x), theirs(x)
     torch.testing.assert_close(ours.running_mean, theirs.running_mean, equal_nan=True)
     torch.testing.assert_close(ours.running_var, theirs.running_var, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", ["LayerNorm", "GroupNorm"])
+def test_input_gradient_finite_on_constant_groups_with_a_tiny_eps(name):
+    """Constant groups with eps 1e-40: rstd = 1e20 and dx of about 1e20, as torch's (it was NaN: inf * 0)."""
+    torch.manual_seed(0)
+    x = torch.full((4, 8, 6), 0.5)
+    dy = torch.randn(4, 8, 6)
+    args = (6,) if name == "LayerNorm" else (2, 8)
+    grads = []
+    for mod in (nk, torch.nn):
+        xi = x.clone().requires_grad_()
+        getattr(mod, name)(*args, eps=1e-40)(xi).backward(dy)
+        grads.append(xi.grad)
+    assert torch.isfinite(grads[0]).all()
+    assert (grads[0] - grads[1]).abs().max() <= 1e-5 * grads[1].abs().max()

@@ -693,10 +693,10 @@ def _flush_params(part, total, g0, g1, b0, b1):
 @njit(**_HELPER)
 def _seg_dx(dy, gd, x, dx, g, r0, r1, b0, b1, mean, rstd, w, bias, act, c1, c2):
     """dx = rstd * (dz*w - c1 - xhat*c2) with c1, c2 per group; ``dz`` as the first pass kept it in ``dx``
-    (``_kept``); ``dy`` of slab ``g`` is ``dy[gd]`` (``_seg_grad_sums``). rstd multiplies the bracket, not
-    each term: from rstd 1.8e19 (a tiny eps) rstd**2 overflows float32, and ``fastmath`` may reassociate
-    a product of two rstd factors. Fixed statistics (c1 = c2 = 0, evaluation) leave out those terms: dx
-    does not depend on x there, and a NaN in x must not reach it (torch gives rstd * w * dy)."""
+    (``_kept``); ``dy`` of slab ``g`` is ``dy[gd]`` (``_seg_grad_sums``). Fixed statistics (c1 = c2 = 0,
+    evaluation) leave out the x terms: dx does not depend on x there, and a NaN in x must not reach it
+    (torch gives rstd * w * dy). Where rstd**2 * c2 overflows float32 (rstd above 1.8e19: a tiny eps),
+    ``_dx_wide``."""
     p = _slab_param(g, w)
     k1n = w.shape[1]
     for r in range(r0, r1):
@@ -704,38 +704,50 @@ def _seg_dx(dy, gd, x, dx, g, r0, r1, b0, b1, mean, rstd, w, bias, act, c1, c2):
         for b in range(b0, b1):
             m = mean[g, b]
             rs = rstd[g, b]
-            u = c1[g, b]
-            v = c2[g, b]
+            bc = rs * rs * c2[g, b]
+            cc = rs * c1[g, b]
             xs = x[g, r, b]
             ds = dy[gd, r, b]
             out = dx[g, r, b]
-            if u == 0 and v == 0 and _linear(act):
-                _seg_dx_fixed(ds, out, p, k1, b, rs, w)
-            elif w.shape[3] == 1:
-                wv = w[p, k1, b, 0]
+            if w.shape[3] == 1:
+                a = rs * w[p, k1, b, 0]
                 t = bias[p, k1, b, 0]
-                for k in range(xs.shape[0]):
-                    xh = (_load(xs[k]) - m) * rs
-                    _store(out, k, rs * (wv * _kept(out, k, _load(ds[k]), xh * wv + t, act) - u - v * xh))
+                if bc == 0 and cc == 0 and _linear(act):
+                    for k in range(xs.shape[0]):
+                        _store(out, k, a * _load(ds[k]))
+                elif not np.isfinite(bc):
+                    _dx_wide(xs, ds, out, m, rs, c1[g, b], c2[g, b], w[p, k1, b], bias[p, k1, b], act)
+                else:
+                    for k in range(xs.shape[0]):
+                        xc = _load(xs[k]) - m
+                        _store(out, k, a * _kept(out, k, _load(ds[k]), xc * a + t, act) - bc * xc - cc)
             else:
                 ws = w[p, k1, b]
                 bs = bias[p, k1, b]
-                for k in range(xs.shape[0]):
-                    xh = (_load(xs[k]) - m) * rs
-                    _store(out, k, rs * (ws[k] * _kept(out, k, _load(ds[k]), xh * ws[k] + bs[k], act) - u - v * xh))
+                if bc == 0 and cc == 0 and _linear(act):
+                    for k in range(xs.shape[0]):
+                        _store(out, k, rs * ws[k] * _load(ds[k]))
+                elif not np.isfinite(bc):
+                    _dx_wide(xs, ds, out, m, rs, c1[g, b], c2[g, b], ws, bs, act)
+                else:
+                    for k in range(xs.shape[0]):
+                        xc = _load(xs[k]) - m
+                        a = rs * ws[k]
+                        _store(out, k, a * _kept(out, k, _load(ds[k]), xc * a + bs[k], act) - bc * xc - cc)
 
 
 @njit(**_HELPER)
-def _seg_dx_fixed(ds, out, p, k1, b, rs, w):
-    """dx = rstd * w * dy of one segment (fixed statistics, no activation)."""
-    if w.shape[3] == 1:
-        a = rs * w[p, k1, b, 0]
-        for k in range(ds.shape[0]):
-            _store(out, k, a * _load(ds[k]))
-    else:
-        ws = w[p, k1, b]
-        for k in range(ds.shape[0]):
-            _store(out, k, rs * ws[k] * _load(ds[k]))
+def _dx_wide(xs, ds, out, m, rs, u, v, ws, bs, act):
+    """``_seg_dx`` of one segment with rstd outside the bracket, ``rstd * (dz*w - u - v*xhat)``, in float64:
+    rstd**2 overflows float32 (and with fastmath a product of two rstd factors may be reassociated back).
+    ``ws``, ``bs``: one parameter per element, or one for the segment."""
+    r = np.float64(rs)
+    last = ws.shape[0] - 1
+    for k in range(xs.shape[0]):
+        wv = np.float64(ws[min(k, last)])
+        xh = (np.float64(_load(xs[k])) - m) * r
+        dz = _kept(out, k, _load(ds[k]), xh * wv + bs[min(k, last)], act)
+        _store(out, k, r * (wv * np.float64(dz) - u - v * xh))
 
 
 # ---- col: rows of W = B*R2 columns, accumulated per column -----------------------------------
@@ -870,25 +882,44 @@ def _col_dx(dy, x, dx, g, r0, r1, j0, j1, r2, mean, rstd, w, bias, act, c1, c2):
     """``_seg_dx`` for the column loops, per column."""
     p = _slab_param(g, w)
     mc = _col_expand(mean, g, j0, j1, r2)
-    rc = _col_expand(rstd, g, j0, j1, r2)
-    vc = _col_expand(c2, g, j0, j1, r2)
-    uc = _col_expand(c1, g, j0, j1, r2)
+    a = _col_expand(rstd, g, j0, j1, r2)
+    bc = _col_expand(c2, g, j0, j1, r2)
+    cc = _col_expand(c1, g, j0, j1, r2)
     wc = _col_param(w, p, j0, j1, r2)
     tc = _col_param(bias, p, j0, j1, r2)
     fixed = _linear(act)
+    wide = False
     for k in range(j1 - j0):
-        fixed = fixed and uc[k] == 0 and vc[k] == 0
+        fixed = fixed and bc[k] == 0 and cc[k] == 0
+        bc[k] *= a[k] * a[k]
+        wide = wide or not np.isfinite(bc[k])
+        cc[k] *= a[k]
+        a[k] *= wc[k]
+    if wide:
+        _col_dx_wide(dy, x, dx, g, r0, r1, j0, j1, r2, mean, rstd, w, bias, act, c1, c2, p)
+        return
     for r in range(r0, r1):
         ds = dy[g, r, j0:j1]
         out = dx[g, r, j0:j1]
         if fixed:
             for k in range(ds.shape[0]):
-                _store(out, k, rc[k] * wc[k] * _load(ds[k]))
+                _store(out, k, a[k] * _load(ds[k]))
             continue
         xs = x[g, r, j0:j1]
         for k in range(xs.shape[0]):
-            xh = (_load(xs[k]) - mc[k]) * rc[k]
-            _store(out, k, rc[k] * (wc[k] * _kept(out, k, _load(ds[k]), xh * wc[k] + tc[k], act) - uc[k] - vc[k] * xh))
+            xc = _load(xs[k]) - mc[k]
+            _store(out, k, a[k] * _kept(out, k, _load(ds[k]), xc * a[k] + tc[k], act) - bc[k] * xc - cc[k])
+
+
+@njit(**_HELPER)
+def _col_dx_wide(dy, x, dx, g, r0, r1, j0, j1, r2, mean, rstd, w, bias, act, c1, c2, p):
+    """``_col_dx`` where rstd**2 * c2 overflows float32: ``_dx_wide`` per column, across the rows."""
+    last = w.shape[3] - 1
+    for j in range(j0, j1):
+        b = j // r2
+        i = min(j % r2, last)
+        _dx_wide(x[g, r0:r1, j], dy[g, r0:r1, j], dx[g, r0:r1, j], mean[g, b], rstd[g, b], c1[g, b], c2[g, b],
+                 w[p, 0, b, i:i + 1], bias[p, 0, b, i:i + 1], act)  # fmt: skip
 
 
 @njit(**_HELPER)
