@@ -10,8 +10,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 import numpy as np
+from scipy import integrate
 from scipy import stats as scipy_stats
 
 HOLDS = "holds"
@@ -98,16 +100,32 @@ def ratio_effect(name: str, a: Sequence[float], b: Sequence[float]) -> Effect:
 def bootstrap_effect(
     name: str, groups: Sequence[Sequence[float]], statistic: Callable[[list[np.ndarray]], float], unit: str, n: int = 2000
 ) -> Effect:
-    """Percentile bootstrap over seeds (resampled within each group) for statistics with no closed form. A group with
-    fewer than two values has no interval (NaN bounds): resampling one value only ever returns it."""
-    arrays = [_finite(g) for g in groups]
+    """Percentile bootstrap over seeds for statistics with no closed form. The groups hold the same seeds in the
+    same order (every arm of a study shares each seed's data order and initialization), so a resample draws seeds
+    and keeps each seed's values together. Fewer than two seeds give no interval (NaN bounds)."""
+    arrays = [np.asarray(g, dtype=float) for g in groups]
+    sizes = {a.size for a in arrays}
+    if len(sizes) != 1:
+        raise ValueError(f"groups of different sizes {sorted(sizes)}: the bootstrap resamples seeds shared by all")
     point = float(statistic(arrays))
-    if any(a.size < 2 for a in arrays):
+    seeds = sizes.pop()
+    if seeds < 2:
         return Effect(name, point, math.nan, math.nan, unit)
     rng = np.random.default_rng(0)
-    samples = [statistic([a[rng.integers(0, a.size, a.size)] for a in arrays]) for _ in range(n)]
+    samples = []
+    for _ in range(n):
+        pick = rng.integers(0, seeds, seeds)
+        samples.append(statistic([a[pick] for a in arrays]))
     lo, hi = np.percentile(samples, [100 * (1 - CONFIDENCE) / 2, 100 * (1 + CONFIDENCE) / 2])
     return Effect(name, point, float(lo), float(hi), unit)
+
+
+@lru_cache(maxsize=None)
+def expected_range(k: int) -> float:
+    """Expected range of ``k`` independent standard normal values (``d2`` of quality control: 1.128 for 2,
+    2.059 for 4), by integrating 1 - F(x)^k - (1 - F(x))^k."""
+    value, _ = integrate.quad(lambda x: 1 - scipy_stats.norm.cdf(x) ** k - scipy_stats.norm.sf(x) ** k, -np.inf, np.inf)
+    return value
 
 
 def summarize(values: Sequence[float]) -> dict:
