@@ -1012,7 +1012,9 @@ def forward_seg(xp, yp, wp, bp, mp, rp, vp, dims, val, acc, eps, rms, nlanes, pl
     for gb in range(G * B):
         g = gb // B
         b = gb % B
-        mean[g, b], var[g, b], rstd[g, b] = _seg_stats(x, g, b, _chunk_total(ps, g, b), _chunk_total(pss, g, b), inv_n, eps, rms)
+        s = _chunk_total(ps, g, b)
+        ss = _chunk_total(pss, g, b)
+        mean[g, b], var[g, b], rstd[g, b] = _seg_stats(x, g, b, s, ss, inv_n, eps, rms)
     for lane in prange(nlanes):
         lo, hi = _lane(lane, nlanes, units)
         for u in range(hi - 1, lo - 1, -1):
