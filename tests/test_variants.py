@@ -589,15 +589,16 @@ def test_variant_argument_errors():
         nk.BatchRenorm2d(3, rmax=float("nan"))
 
 
-@pytest.mark.parametrize(
-    "make,inputs",
-    [
-        (lambda: nk.SwitchableNorm2d(4), 1),
-        (lambda: nk.EvoNormS0(4, 2), 1),
-        (lambda: nk.EvoNormB0(4), 1),
-        (lambda: nk.AdaptiveInstanceNorm(), 2),
-    ],
-)
+# The variants whose statistics come from ``masked.moments``: (constructor, number of inputs).
+MOMENT_VARIANTS = [
+    (lambda: nk.SwitchableNorm2d(4), 1),
+    (lambda: nk.EvoNormS0(4, 2), 1),
+    (lambda: nk.EvoNormB0(4), 1),
+    (lambda: nk.AdaptiveInstanceNorm(), 2),
+]
+
+
+@pytest.mark.parametrize("make,inputs", MOMENT_VARIANTS)
 def test_variants_compile_without_graph_breaks(make, inputs):
     """Their statistics come from torch ops (``masked.moments``), whose overflow test must not branch
     on values where torch.compile traces (``fullgraph=True`` refuses a data-dependent branch)."""
@@ -608,15 +609,7 @@ def test_variants_compile_without_graph_breaks(make, inputs):
     torch.testing.assert_close(compiled(*xs), make()(*xs))
 
 
-@pytest.mark.parametrize(
-    "make,inputs",
-    [
-        (lambda: nk.SwitchableNorm2d(4), 1),
-        (lambda: nk.EvoNormS0(4, 2), 1),
-        (lambda: nk.EvoNormB0(4), 1),
-        (lambda: nk.AdaptiveInstanceNorm(), 2),
-    ],
-)
+@pytest.mark.parametrize("make,inputs", MOMENT_VARIANTS)
 def test_variants_exact_where_float32_squares_overflow(make, inputs):
     """float32 input of scale 1e20: the variance (1e40) overflows float32, the statistics do not; the
     output and the input's gradient equal the float64 computation (they were NaN)."""

@@ -147,6 +147,26 @@ def _masked_eval(
     return M.bias_where_masked_out(y, valid, bias, lambda t: A.apply(activation, t))
 
 
+def _per_channel(
+    input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight, bias, batch_stats: bool,
+    momentum: float, eps: float, mask: Tensor | None, activation: str | None, view, masked, count: int,
+) -> Tensor:
+    """BatchNorm and InstanceNorm after their checks: with the running statistics, or with the statistics of
+    the 5-D ``view`` (``masked``: the masked version) blended into the running ones, ``count`` values each."""
+    if not batch_stats:
+        if mask is None:
+            return _per_channel_eval(input, running_mean, running_var, weight, bias, eps, activation)
+        return _masked_eval(input, mask, running_mean, running_var, weight, bias, eps, activation)
+    if input.numel() == 0:
+        return _empty(input, weight, bias, activation)
+    if mask is not None:
+        return A.apply(activation, masked(input, mask, running_mean, running_var, weight, bias, momentum, eps))
+    y, mean, var = _batch_view(input, lambda x, cl: (view(x, cl), False, False), weight, bias, eps, activation)
+    if running_mean is not None or running_var is not None:
+        update_running(running_mean, running_var, mean, var, momentum, _bessel(count))
+    return y
+
+
 def _batch_view(
     input: Tensor, view, weight: Tensor | None, bias: Tensor | None, eps: float, activation: str | None
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -195,19 +215,10 @@ def batch_norm(
     if training:
         _verify_batch_size(input.shape)
     check_batch_norm(input, running_mean, running_var, weight, bias, training, eps)
-    if not training:
-        if mask is None:
-            return _per_channel_eval(input, running_mean, running_var, weight, bias, eps, activation)
-        return _masked_eval(input, mask, running_mean, running_var, weight, bias, eps, activation)
-    if input.numel() == 0:
-        return _empty(input, weight, bias, activation)
-    if mask is not None:
-        y = M.batch_norm(input, mask, running_mean, running_var, weight, bias, momentum, eps)
-        return A.apply(activation, y)
-    y, mean, var = _batch_view(input, lambda x, cl: (L.per_channel_view(x, cl), False, False), weight, bias, eps, activation)
-    if running_mean is not None or running_var is not None:
-        update_running(running_mean, running_var, mean, var, momentum, _bessel(input.numel() // input.shape[1]))
-    return y
+    return _per_channel(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, mask, activation,
+        L.per_channel_view, M.batch_norm, input.numel() // max(1, input.shape[1]) if training else 0,
+    )
 
 
 def check_batch_norm(
@@ -272,19 +283,10 @@ def instance_norm(
     if not use_input_stats and (running_mean is None or running_var is None):
         raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false")
     _check_per_channel(input, weight, bias, running_mean, running_var, buffer_dtypes=False)
-    if not use_input_stats:
-        if mask is None:
-            return _per_channel_eval(input, running_mean, running_var, weight, bias, eps, activation)
-        return _masked_eval(input, mask, running_mean, running_var, weight, bias, eps, activation)
-    if input.numel() == 0:
-        return _empty(input, weight, bias, activation)
-    if mask is not None:
-        y = M.instance_norm(input, mask, running_mean, running_var, weight, bias, momentum, eps)
-        return A.apply(activation, y)
-    y, mean, var = _batch_view(input, lambda x, cl: (L.per_instance_view(x, cl), False, False), weight, bias, eps, activation)
-    if running_mean is not None or running_var is not None:
-        update_running(running_mean, running_var, mean, var, momentum, _bessel(L.spatial(input)))
-    return y
+    return _per_channel(
+        input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps, mask, activation,
+        L.per_instance_view, M.instance_norm, L.spatial(input),
+    )
 
 
 def group_norm(
