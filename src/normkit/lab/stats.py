@@ -8,7 +8,7 @@ interval at all: its bounds are NaN, every check on them is false, and the repor
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
@@ -118,6 +118,23 @@ def bootstrap_effect(
         samples.append(statistic([a[pick] for a in arrays]))
     lo, hi = np.percentile(samples, [100 * (1 - CONFIDENCE) / 2, 100 * (1 + CONFIDENCE) / 2])
     return Effect(name, point, float(lo), float(hi), unit)
+
+
+def held_out(arms: Mapping[object, Sequence[float]], rank: int) -> list[float]:
+    """Per seed, the value of the arm ranked ``rank`` (0: best, 1: runner-up, -1: worst) by its mean over the
+    other seeds. Arms picked and compared on the same seeds differ even where they are all alike: with 6 equal
+    arms and 3 seeds, best minus worst had an interval above 0 in 16.5% of simulated labs (nominal 2.5%). Picked
+    out of sample, each seed's difference is a fair draw of what the choice is worth (in the same simulation 5.5%
+    of labs: the folds share seeds, so the t-interval is still a little narrow). The arms share their seeds, in
+    the same order; a single seed is ranked on itself (its one difference has no interval, so no rule passes)."""
+    values = np.asarray([list(v) for v in arms.values()], dtype=float)  # arms x seeds
+    seeds = values.shape[1]
+    picked = []
+    for i in range(seeds):
+        others = (np.delete(values, i, axis=1) if seeds > 1 else values).mean(axis=1)
+        order = np.argsort(-others, kind="stable")  # ties: the arm listed first ranks first
+        picked.append(float(values[order[rank], i]))
+    return picked
 
 
 @lru_cache(maxsize=None)

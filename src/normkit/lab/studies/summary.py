@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import plots
 from ..models import norm_label
-from ..stats import Effect, bounds, mean_ci, paired_effect, verdict_from_checks
+from ..stats import Effect, bounds, held_out, mean_ci, paired_effect, verdict_from_checks
 from ..study import Claim, Finding, Profile, Run, Table
 from . import faster_training, instance_relations, sequences, small_batch
 
@@ -37,11 +37,15 @@ def jobs(profile: Profile) -> list[dict]:
 
 def rank(row: dict) -> dict:
     """Best, runner-up and worst norm of one row (by mean over seeds) with paired margins; ``tied`` holds the norms
-    whose gap to the best has a CI reaching 0 or no CI at all (with few seeds, several norms often tie)."""
-    means = {n: float(np.mean(v)) for n, v in row["scores"].items()}
+    whose gap to the best has a CI reaching 0 or no CI at all (with few seeds, several norms often tie). The margins
+    compare, on each seed, the norms ranked on the other seeds (``stats.held_out``): ranked on the seeds they are
+    compared on, norms that do not differ show margins."""
+    scores = row["scores"]
+    means = {n: float(np.mean(v)) for n, v in scores.items()}
     order = sorted(means, key=means.get, reverse=True)
     best, second, worst = order[0], order[1], order[-1]
-    tied = [best] + [n for n in order[1:] if not paired_effect("", row["scores"][best], row["scores"][n], "acc").low > 0]
+    top = held_out(scores, 0)
+    tied = [best] + [n for n in order[1:] if not paired_effect("", top, scores[n], "acc").low > 0]
     return {
         "task": row["task"],
         "batch": row["batch"],
@@ -50,8 +54,8 @@ def rank(row: dict) -> dict:
         "second": second,
         "worst": worst,
         "means": means,
-        "margin": paired_effect(f"{best} - {second}", row["scores"][best], row["scores"][second], "acc"),
-        "spread": paired_effect(f"{best} - {worst}", row["scores"][best], row["scores"][worst], "acc"),
+        "margin": paired_effect("best - runner-up", top, held_out(scores, 1), "acc"),
+        "spread": paired_effect("best - worst", top, held_out(scores, -1), "acc"),
     }
 
 
