@@ -100,6 +100,12 @@ BAD = {
     "gn-bool-groups": lambda nn, F: F.group_norm(torch.randn(2, 4, 3), True),
     "ln-float-in-normalized-shape": lambda nn, F: F.layer_norm(torch.randn(2, 4), (4.0,)),
     "ln-bool-in-normalized-shape": lambda nn, F: F.layer_norm(torch.randn(2, 1), [True]),
+    "rms-input-fewer-dims": lambda nn, F: F.rms_norm(torch.randn(3), [2, 3]),
+    "bn-eps-1d-tensor": lambda nn, F: F.batch_norm(torch.randn(2, 4, 3), torch.zeros(4), torch.ones(4), eps=torch.tensor([0.1])),
+    "gn-groups-1d-tensor": lambda nn, F: F.group_norm(torch.randn(2, 4, 3), torch.tensor([2])),
+    "in-weight-2d": lambda nn, F: F.instance_norm(torch.randn(4, 3, 5), weight=torch.ones(1, 3)),
+    "in-running-mean-2d": lambda nn, F: F.instance_norm(torch.randn(4, 3, 5), torch.zeros(1, 3), torch.ones(3)),
+    "in-integer-input-no-buffers-eval": lambda nn, F: F.instance_norm(torch.ones(2, 4, 3, dtype=torch.long), use_input_stats=False),
 }
 # Mixed precision torch allows on the CPU: a bfloat16/float16 input with float32 parameters and buffers.
 MIXED_OK = {

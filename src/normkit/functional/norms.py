@@ -212,6 +212,8 @@ def batch_norm(
         raise TypeError(f"batch_norm(): argument 'training' (position 6) must be bool, not {type(training).__name__}")
     if type(momentum) is not float:
         momentum = _float_arg(momentum, "batch_norm", "momentum", 7)
+    if type(eps) is not float:
+        eps = _float_arg(eps, "batch_norm", "eps", 8)
     if training:
         _verify_batch_size(input.shape)
     check_batch_norm(input, running_mean, running_var, weight, bias, training, eps)
@@ -274,14 +276,17 @@ def instance_norm(
     size = input.shape
     if use_input_stats:
         _verify_spatial_size(size)
+    if not use_input_stats and (running_mean is None or running_var is None):
+        raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false")
+    per_channel = (running_mean, running_var, weight, bias)
+    if any(t is not None and t.dim() > 1 for t in per_channel):  # torch repeats them over the batch first
+        raise RuntimeError("Number of dimensions of repeat dims can not be smaller than number of dimensions of tensor")
     if not input.is_floating_point():
         raise _not_float(input, "batch_norm")
     n, c = size[0], size[1]
-    for t, name in ((running_mean, "running_mean"), (running_var, "running_var"), (weight, "weight"), (bias, "bias")):
+    for t, name in zip(per_channel, ("running_mean", "running_var", "weight", "bias")):
         if t is not None and t.numel() != c:  # torch counts them repeated over the batch
             raise RuntimeError(f"{name} should contain {n * c} elements not {t.numel() * n}")
-    if not use_input_stats and (running_mean is None or running_var is None):
-        raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false")
     _check_per_channel(input, weight, bias, running_mean, running_var, buffer_dtypes=False)
     return _per_channel(
         input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps, mask, activation,
@@ -307,7 +312,7 @@ def group_norm(
     size = input.shape
     if len(size) < 2:
         raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
-    if isinstance(num_groups, (float, bool)):
+    if isinstance(num_groups, (float, bool)) or isinstance(num_groups, Tensor) and num_groups.dim():
         raise TypeError(f"group_norm(): argument 'num_groups' (position 2) must be int, not {type(num_groups).__name__}")
     num_groups = operator.index(num_groups)  # a 0-dim integer tensor or numpy integer, as torch takes them
     c = size[1]
@@ -374,6 +379,8 @@ def _check_normalized_shape(input: Tensor, normalized_shape: Sequence[int], weig
                 f"{list(t.shape)} and normalized_shape = {list(shape)}"
             )
     size = input.shape
+    if op == "rms_norm" and len(size) < len(shape):
+        raise ValueError(f"Input tensor must have at least {len(shape)} dimensions, but got {len(size)}")
     if len(size) < len(shape) or size[len(size) - len(shape):] != shape:
         raise RuntimeError(
             f"Given normalized_shape={list(shape)}, expected input with shape [*{', ' if op == 'layer_norm' else ''}"

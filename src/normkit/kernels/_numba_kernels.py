@@ -1153,8 +1153,8 @@ def backward_seg(dyp, xp, dxp, mp, rp, wp, bp, dwp, dbp, dims, val, acc, rms, ba
     tab = _flat_tables(x, w, bias, mean, _ACT)
     flat = tab.shape[1] > 0
     for lane in prange(nlanes):
-        dwt = np.zeros(dwl.shape[1:], mean.dtype)
-        dbt = np.zeros(dwl.shape[1:], mean.dtype)
+        dwt = _aligned_zeros(dwl[0].size, mean.dtype).reshape(dwl.shape[1:])
+        dbt = _aligned_zeros(dwl[0].size, mean.dtype).reshape(dwl.shape[1:])
         keep = _sink(dx, R2, want_dx)
         dzb = _aligned(R1 * R2 if flat else 0, mean.dtype)
         dz = _at(dzb.ctypes.data, (1, R1, 1, R2), mean[0, 0])
