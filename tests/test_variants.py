@@ -178,6 +178,19 @@ def test_ghost_batch_norm_matches_paper(backend, shape, ghost, sizes, channels_l
     check_same(m(layout(x, channels_last)), ref, (x,), channels_last)
 
 
+def test_ghost_batch_norm_running_var_where_float32_products_overflow():
+    """Per-channel variance 1e38 fits float32, the ghost batches' count-weighted variances do not: the running
+    variance is blended in float64 (it was inf; torch's BatchNorm overflows here too, normkit's does not)."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 2, 4, 4) * 1e19
+    m = nk.GhostBatchNorm(2, ghost_batch_size=32)
+    m(x)
+    chunks = x.double().split(32)
+    var = sum(c.var((0, 2, 3)) for c in chunks) / len(chunks)
+    torch.testing.assert_close(m.running_var.double(), 0.9 + 0.1 * var, rtol=1e-5, atol=0)
+    assert m.running_var.dtype == torch.float32
+
+
 @pytest.mark.parametrize("ghost", [8, 64])
 def test_ghost_batch_norm_with_whole_batch_is_batchnorm(ghost):
     m, bn = nk.GhostBatchNorm(4, ghost_batch_size=ghost, dtype=torch.float64), nn.BatchNorm2d(4, dtype=torch.float64)

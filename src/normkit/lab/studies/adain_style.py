@@ -50,13 +50,13 @@ def jobs(profile: Profile) -> list[dict]:
 
 def _autoencoder(x_train: torch.Tensor, config: dict, generator: torch.Generator) -> DenoisingAutoencoder:
     """BN autoencoder trained to reconstruct style-shifted digits, so it can render any brightness and contrast."""
-    model = DenoisingAutoencoder("bn", config["backend"], config["width"])
+    model = DenoisingAutoencoder("bn", config["backend"], config["width"]).to(config["device"])
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     b = config["batch_size"]
     for epoch in range(config["ae_epochs"]):
         order = torch.randperm(len(x_train), generator=generator)
         for i in range(0, len(order) - b + 1, b):
-            batch = style_shift(x_train[order[i : i + b]], config["seed"] * 1000 + epoch * 100 + i)
+            batch = style_shift(x_train[order[i : i + b]], config["seed"] * 1000 + epoch * 100 + i).to(config["device"])
             loss = F.mse_loss(model(batch), batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -76,10 +76,11 @@ def run(config: dict) -> dict:
     channels, *size = data.x_train.shape[1:]
     autoencoder = _autoencoder(data.x_train, config, generator)
     judge = ConvNet(channels, tuple(size), [16, 32], data.num_classes, "in", config["backend"], strides=[1, 2])
-    train_classifier(judge, data, epochs=config["cls_epochs"], batch_size=config["batch_size"], lr=config["lr"], seed=config["seed"])
-    content, labels = data.x_test, data.y_test
-    order = torch.randperm(len(content), generator=torch.Generator().manual_seed(500 + config["seed"]))
-    style = style_shift(content[order], 2000 + config["seed"])
+    train_classifier(judge, data, epochs=config["cls_epochs"], batch_size=config["batch_size"], lr=config["lr"], seed=config["seed"],
+                     device=config["device"])  # fmt: skip
+    order = torch.randperm(len(data.x_test), generator=torch.Generator().manual_seed(500 + config["seed"]))
+    style = style_shift(data.x_test[order], 2000 + config["seed"]).to(config["device"])
+    content, labels, order = (t.to(config["device"]) for t in (data.x_test, data.y_test, order))
     with torch.no_grad():
         zc, zs = autoencoder.encode(content), autoencoder.encode(style)
         plain = autoencoder.decode(zc)

@@ -85,8 +85,9 @@ class GhostBatchNorm(_BatchNorm):
             y, st = normalize_batch(xc, shape, self.weight, self.bias, self.eps, param_shape=ps)
             count = rows * per_sample
             outputs.append(L.restore(y, perm))
-            means.append(st.mean.detach().view(batches, c) * rows)
-            variances.append(st.var.detach().view(batches, c) * (rows * count / (count - 1)))
+            # weighted in float64: a float32 variance near 1e38 times the sample count overflows
+            means.append(st.mean.detach().view(batches, c).double() * rows)
+            variances.append(st.var.detach().view(batches, c).double() * (rows * count / (count - 1)))
         if self.track_running_stats:
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
