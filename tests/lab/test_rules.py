@@ -52,9 +52,11 @@ def test_gradient_stability():
 
 
 def test_init_dependence():
-    assert verdict(init_dependence, {"effect": effect(0.2)}) == HOLDS
-    assert verdict(init_dependence, {"effect": effect(0.01)}) == PARTLY
-    assert verdict(init_dependence, {"effect": effect(-0.01)}) == NOT
+    assert verdict(init_dependence, {"effect": effect(0.2), "none_scale_p": 0.01}) == HOLDS
+    assert verdict(init_dependence, {"effect": effect(0.01), "none_scale_p": 0.01}) == PARTLY
+    assert verdict(init_dependence, {"effect": effect(-0.01), "none_scale_p": 0.01}) == NOT
+    assert verdict(init_dependence, {"effect": effect(0.2), "none_scale_p": 0.2}) == NOT  # no init dependence to remove
+    assert verdict(init_dependence, {"effect": effect(0.2), "none_scale_p": math.nan}) == NOT
 
 
 def test_batch_noise():
@@ -136,7 +138,7 @@ def nan_all(value):
 PASSING = [
     (faster_training, {"speedup_low": {"bn": 1.5, "ln": 1.2, "in": 1.1, "gn": 0.9}}),
     (gradient_stability, {"spread_reduction_low": {("mlp", "bn"): 0.5, ("cnn", "bn"): 0.5}}),
-    (init_dependence, {"effect": effect(0.2)}),
+    (init_dependence, {"effect": effect(0.2), "none_scale_p": 0.01}),
     (batch_noise, {"gap_reduction_low": 0.02, "ghost_test_gain_low": 0.01, "test_acc_diff_high": 0.03}),
     (loss_surface, {"ratio_low": dict.fromkeys(loss_surface.MEASURES, 1.5)}),
     (small_batch, {"bn_degradation_low": 0.2, "excess_low": {"mlp/ln": 0.1, "cnn/in": 0.05}}),
@@ -233,3 +235,22 @@ def test_group_count_finds_no_effect_among_equal_groups(tmp_path):
                 for g in group_count.settings(profile)["groups"] for s in profile.seeds]  # fmt: skip
         flagged += group_count.analyze(runs, profile, tmp_path).verdict != NOT
     assert flagged <= 2
+
+
+def test_row_effect_p_is_calibrated_against_each_tables_own_noise():
+    """Without a row effect p < 0.05 in about 5% of tables however noisy they are; a clear effect is found. With it
+    init_dependence needs the no-norm arm to depend on the scale: a noisier no-norm arm alone passed the bootstrap
+    in 30% of simulated labs, now 4.7% (150 labs)."""
+    import numpy as np
+
+    from normkit.lab.stats import row_effect_p
+
+    rng = np.random.default_rng(0)
+    for sd in (0.01, 0.05):
+        null = [row_effect_p(0.9 + rng.normal(0, 0.02, (1, 3)) + rng.normal(0, sd, (4, 3))) for _ in range(2000)]
+        assert 0.035 < np.mean(np.array(null) < 0.05) < 0.065
+    table = 0.9 + rng.normal(0, 0.01, (4, 3))
+    table[0] -= 0.2
+    assert row_effect_p(table) < 1e-4
+    assert row_effect_p(np.array([[0.5, 0.6], [0.5, 0.6]])) == 1.0 and row_effect_p(np.array([[0.5, 0.6], [0.7, 0.8]])) < 1e-9
+    assert math.isnan(row_effect_p(np.array([[0.5, 0.6, 0.7]])))

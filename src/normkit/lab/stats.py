@@ -137,6 +137,23 @@ def held_out(arms: Mapping[object, Sequence[float]], rank: int) -> list[float]:
     return picked
 
 
+def row_effect_p(table: np.ndarray) -> float:
+    """p-value of the F test for a row effect in a rows x seeds table (two-way layout without replication: the
+    residual is the row-by-seed interaction, so each table is judged against its own noise). NaN below 2 rows or 2
+    seeds; 0 where the rows differ and the residual is exactly 0."""
+    table = np.asarray(table, dtype=float)
+    k, n = table.shape
+    if k < 2 or n < 2:
+        return math.nan
+    rows = table.mean(axis=1)
+    residual = table - rows[:, None] - table.mean(axis=0)[None, :] + table.mean()
+    between = n * float(((rows - table.mean()) ** 2).sum()) / (k - 1)
+    within = float((residual**2).sum()) / ((k - 1) * (n - 1))
+    if within == 0.0:
+        return 0.0 if between > 0.0 else 1.0
+    return float(scipy_stats.f.sf(between / within, k - 1, (k - 1) * (n - 1)))
+
+
 @lru_cache(maxsize=None)
 def expected_range(k: int) -> float:
     """Expected range of ``k`` independent standard normal values (``d2`` of quality control: 1.128 for 2,
