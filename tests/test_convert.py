@@ -327,6 +327,33 @@ def test_replace_norm_indivisible_groups_names_the_layer() -> None:
         replace_norm(model, "gn:8")
 
 
+def test_replace_norm_leaves_the_children_of_new_layers_as_built() -> None:
+    """Each layer is replaced once, by its own new layer. The walk kept replacements by the ``id`` of the
+    freed originals, so a new layer's child (the ``act`` of BatchNormAct2d) built at a freed original's address
+    was swapped for another replacement: 2-5 of 16 layers per run."""
+    model = nn.Sequential(*[nn.Sequential(nn.BatchNorm2d(4), nn.BatchNorm2d(4)) for _ in range(32)])
+    out = replace_norm(model, "bnact:silu")
+    layers = [layer for block in out for layer in block]
+    assert all(type(layer) is nk.BatchNormAct2d and type(layer.act) is nn.Identity for layer in layers)
+    assert len({id(layer) for layer in layers}) == 64 and not any(".act." in k for k in out.state_dict())
+
+
+def test_replace_norm_takes_a_factory_of_norm_and_activation() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Sequential(nn.BatchNorm2d(8), nn.ReLU()), nn.BatchNorm2d(8))
+    out = replace_norm(model, lambda c: nn.Sequential(nn.GroupNorm(4, c), nn.ReLU()))
+    for block in (out[1][0], out[2]):
+        assert [type(m) for m in block] == [nn.GroupNorm, nn.ReLU]
+    assert out(torch.randn(2, 3, 4, 4)).shape == (2, 8, 4, 4)
+
+
+def test_replace_norm_keeps_frozen_parameters_frozen() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.BatchNorm2d(8))
+    model[1].requires_grad_(False)
+    out = replace_norm(model, "gn:4")
+    assert [p.requires_grad for p in out[1].parameters()] == [False, False]
+    assert [p.requires_grad for p in out[2].parameters()] == [True, True]
+
+
 @pytest.mark.parametrize(
     "spec,cls",
     [

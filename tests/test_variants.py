@@ -426,6 +426,26 @@ def test_adain_matches_paper(backend, style_batch, channels_last):
         nk.AdaptiveInstanceNorm()(x, torch.randn(2, 4, 3, 3, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_adain_without_eps_keeps_a_constant_style_channel(channels_last):
+    """eps = 0 and a constant style channel (a dead ReLU): sigma(s) = 0, so the output is mu(s) there (the folded
+    mean divided by 0: NaN before) and the content's gradient 0; the rest as the definition (whose gradient for
+    the constant style channel, through sqrt at 0, is NaN)."""
+    x = leaf(2, 3, 4, 4, scale=2.0)
+    s = torch.relu(torch.randn(2, 3, 5, 5, dtype=torch.float64))
+    s[:, 1] = 0.25
+    s.requires_grad_()
+    out = nk.AdaptiveInstanceNorm(eps=0.0)(layout(x, channels_last), layout(s, channels_last))
+    ref = adain_reference(x, s, eps=0.0)
+    torch.testing.assert_close(out, ref, **F64)
+    assert torch.equal(out[:, 1].detach(), torch.full_like(out[:, 1], 0.25))
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, (x, s), g, retain_graph=True), torch.autograd.grad(ref, (x, s), g)):
+        torch.testing.assert_close(a, b, equal_nan=True, **F64)
+    assert not torch.autograd.grad(out, x, g)[0].isnan().any()
+
+
 # ------------------------------------------------------------------- norm + activation, frozen BN
 
 

@@ -80,20 +80,23 @@ class UnsupportedNormWarning(UserWarning):
 
 
 def _walk(model: nn.Module, swap: Callable[[str, nn.Module], nn.Module | None]) -> nn.Module:
-    """Replace each module for which ``swap(qualified_name, module)`` returns a module, then recurse into
-    the children of the result, as torch's ``convert_sync_batchnorm`` does (a replaced layer's own
-    submodules are converted too). A module met twice is replaced once, by the same object."""
-    done: dict[int, nn.Module] = {}
+    """Replace each module for which ``swap(qualified_name, module)`` returns a module, and recurse into the
+    original's children, as torch's ``convert_sync_batchnorm`` does: a replaced layer's submodules are
+    converted too where the replacement holds them (a twin), and a freshly built replacement's own children
+    (a factory's norm + activation) are left as built. A module met twice is replaced once, by the same
+    object. The originals stay referenced until the walk ends: keyed by ``id``, a freed original's address
+    could be reused by a module built later, which would then be taken for it."""
+    done: dict[int, tuple[nn.Module, nn.Module]] = {}
 
     def visit(name: str, module: nn.Module) -> nn.Module:
         if id(module) in done:
-            return done[id(module)]
+            return done[id(module)][1]
         new = swap(name, module)
         if new is None:
             new = module
-        done[id(module)] = new
-        for child_name, child in list(new._modules.items()):
-            if child is not None:
+        done[id(module)] = (module, new)
+        for child_name, child in list(module._modules.items()):
+            if child is not None and new._modules.get(child_name) is child:
                 replacement = visit(f"{name}.{child_name}" if name else child_name, child)
                 if replacement is not child:
                     setattr(new, child_name, replacement)
@@ -263,7 +266,8 @@ def _placement(model: nn.Module, name: str) -> torch.Tensor | None:
 
 
 def _carry_state(old: nn.Module, new: nn.Module, like: torch.Tensor | None) -> None:
-    """Copy the per-channel tensors both layers have, with the same shape; put ``new`` on ``like``'s device and dtype."""
+    """Copy the per-channel tensors both layers have, with the same shape (a parameter with its
+    ``requires_grad``: a frozen layer stays frozen); put ``new`` on ``like``'s device and dtype."""
     if like is not None:
         new.to(device=like.device, dtype=like.dtype)
     with torch.no_grad():
@@ -271,6 +275,8 @@ def _carry_state(old: nn.Module, new: nn.Module, like: torch.Tensor | None) -> N
             src, dst = getattr(old, name, None), getattr(new, name, None)
             if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and src.shape == dst.shape:
                 dst.copy_(src)
+                if isinstance(dst, nn.Parameter):
+                    dst.requires_grad_(src.requires_grad)
     new.train(old.training)
 
 

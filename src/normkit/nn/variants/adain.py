@@ -6,7 +6,9 @@ style. AdaIN puts another image's back: ``AdaIN(x, s) = σ(s) · (x − μ(x)) /
 μ, σ = sqrt(var + ε) per (sample, channel) over space.
 
 Statistics source only: both inputs' instance moments come from torch ops, and the core applies
-them in one pass as ``(x − μ')·r'`` with ``r' = σ(s)/σ(x)``, ``μ' = μ(x) − μ(s)/r'``.
+them in one pass as ``(x − μ')·r'`` with ``r' = σ(s)/σ(x)``, ``μ' = μ(x) − μ(s)/r'``. With ``eps = 0`` a
+constant style channel has ``r' = 0``, where μ(s) cannot fold into μ': that case is computed as written,
+in torch ops.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ class AdaptiveInstanceNorm(Module):
         mean_x, std_x = instance_moments(content, self.eps)
         mean_s, std_s = (t.expand(n, c) for t in instance_moments(style, self.eps))
         rstd = std_s / std_x
+        if self.eps == 0.0:
+            per = (n, c, *(1,) * (content.dim() - 2))
+            return ((content - mean_x.view(per)) * rstd.reshape(per) + mean_s.reshape(per)).to(content.dtype)
         mean = mean_x - mean_s / rstd
         xc, perm = L.dense(content)
         shape = L.per_instance_view(content, perm is not None)
