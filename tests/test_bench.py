@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numba
 import pytest
 import torch
 
@@ -121,6 +122,29 @@ def test_cuda_without_a_cuda_device_is_a_usage_error(command, monkeypatch, capsy
         main([*command, "--device", "cuda"])
     assert exit_.value.code == 2
     assert "error: argument --device: no CUDA device is available" in capsys.readouterr().err
+
+
+def test_threads_beyond_numbas_are_a_usage_error(capsys):
+    """torch would take the threads, normkit's kernels would not: the comparison would run two thread counts under
+    one label."""
+    most = numba.config.NUMBA_NUM_THREADS
+    assert _parse("--threads", str(most)).threads == most
+    with pytest.raises(SystemExit) as exit_:
+        _parse("--threads", str(most + 1))
+    assert exit_.value.code == 2
+    assert f"argument --threads: expected at most {most} (NUMBA_NUM_THREADS" in capsys.readouterr().err
+
+
+def test_json_is_strict_where_a_summary_has_no_rows(tmp_path):
+    """A forward+backward-only run has no forward geomean: null, not the bare NaN strict parsers refuse."""
+    out = tmp_path / "bench.json"
+    assert main([*_tiny(out), "--modes", "fwd+bwd", "--norms", "layer"]) == 0
+
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    summary = json.loads(out.read_text(), parse_constant=refuse)["meta"]["summary"]["fp32"]
+    assert summary["geomean_speedup_fwd"] is None and summary["geomean_speedup_fwd_bwd"] > 0
 
 
 def test_a_bad_value_stops_the_command_before_it_times_anything(monkeypatch, capsys):

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+import numba
 import torch
 from torch.utils import benchmark
 
@@ -112,7 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", action="append", default=[], type=_shape, metavar="N,C,...",
                         help="replace the default shapes (repeatable); the last dim is the feature size for layer/rms, "
                         "the other norms take shapes of 3 to 5 dims")
-    parser.add_argument("--threads", type=positive_int, default=None,
+    parser.add_argument("--threads", type=_thread_count, default=None,
                         help="torch.set_num_threads for both sides (default: as is)")
     parser.add_argument("--min-time", type=seconds, default=None, help="seconds of timing per measurement")
     parser.add_argument("--rounds", type=positive_int, default=None,
@@ -412,9 +413,32 @@ def runnable(args: argparse.Namespace) -> list[tuple[str, tuple[int, ...], str, 
     return kept
 
 
+def _thread_count(value: str) -> int:
+    """``--threads``: at most numba's thread count, which caps the cpu backend's kernels; beyond it torch would
+    run more threads than normkit under one label."""
+    threads = positive_int(value)
+    if threads > numba.config.NUMBA_NUM_THREADS:
+        raise argparse.ArgumentTypeError(
+            f"expected at most {numba.config.NUMBA_NUM_THREADS} (NUMBA_NUM_THREADS, the most normkit's kernels run), got {value!r}"
+        )
+    return threads
+
+
+def _json_value(value: object) -> object:
+    """``value`` with every non-finite float as None: strict JSON has no NaN (a geomean over no rows, fault
+    counts off the CPU)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    return value
+
+
 def _write_json(path: str, meta: dict[str, object], results: list[Result]) -> None:
     with open(path, "w") as fh:
-        json.dump({"meta": meta, "results": [asdict(r) for r in results]}, fh, indent=1)
+        json.dump(_json_value({"meta": meta, "results": [asdict(r) for r in results]}), fh, indent=1, allow_nan=False)
 
 
 def run(args: argparse.Namespace) -> int:
