@@ -73,7 +73,8 @@ class GhostBatchNorm(_BatchNorm):
             raise ValueError(
                 f"Expected more than 1 value per channel in each ghost batch of {g}, got input size {input.size()}"
             )
-        k, _ = self._sizes(input.shape[0], per_sample)
+        n = input.shape[0]
+        k, _ = self._sizes(n, per_sample)
         outputs, means, variances = [], [], []
         for chunk, batches in ((input[: k * g], k), (input[k * g :], 1)):
             if chunk.shape[0] == 0:
@@ -85,15 +86,15 @@ class GhostBatchNorm(_BatchNorm):
             y, st = normalize_batch(xc, shape, self.weight, self.bias, self.eps, param_shape=ps)
             count = rows * per_sample
             outputs.append(L.restore(y, perm))
-            # weighted in float64: a float32 variance near 1e38 times the sample count overflows
-            means.append(st.mean.detach().view(batches, c).double() * rows)
-            variances.append(st.var.detach().view(batches, c).double() * (rows * count / (count - 1)))
+            # each ghost batch's share of the batch (rows / n) applied first: a variance near 1e38 that fits
+            # float32 overflowed when multiplied by its sample count before the division
+            means.append(st.mean.detach().view(batches, c) * (rows / n))
+            variances.append(st.var.detach().view(batches, c) * (rows * count / ((count - 1) * n)))
         if self.track_running_stats:
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-            n = input.shape[0]
-            blend_running(self.running_mean, torch.cat(means).sum(0) / n, factor)
-            blend_running(self.running_var, torch.cat(variances).sum(0) / n, factor)
+            blend_running(self.running_mean, torch.cat(means).sum(0), factor)
+            blend_running(self.running_var, torch.cat(variances).sum(0), factor)
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     def extra_repr(self) -> str:
