@@ -312,8 +312,8 @@ def test_column_loops_need_rows(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_scratch_arrays_start_on_cache_lines(dtype):
-    """The column loops' per-column scratch arrays start on 64-byte boundaries (numba's own start on
-    32): vector loads that straddle cache lines made them 20-25% slower."""
+    """Scratch arrays the kernels read or add into on every row start on 64-byte boundaries (numba's own
+    start on 32): vector loads that straddle cache lines made the column loops 20-25% slower."""
     for n in (1, 7, 16, 100, 512, 4099):
         a = _numba_kernels._aligned(n, dtype)
         z = _numba_kernels._aligned_zeros(n, dtype)

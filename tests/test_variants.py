@@ -179,8 +179,9 @@ def test_ghost_batch_norm_matches_paper(backend, shape, ghost, sizes, channels_l
 
 
 def test_ghost_batch_norm_running_var_where_float32_products_overflow():
-    """Per-channel variance 1e38 fits float32, the ghost batches' count-weighted variances do not: the running
-    variance is blended in float64 (it was inf; torch's BatchNorm overflows here too, normkit's does not)."""
+    """Per-channel variance 1e38 fits float32, the ghost batches' count-weighted variances did not: each is now
+    weighted by its share of the batch (running_var was inf; torch's BatchNorm overflows here too, normkit's
+    does not)."""
     torch.manual_seed(0)
     x = torch.randn(64, 2, 4, 4) * 1e19
     m = nk.GhostBatchNorm(2, ghost_batch_size=32)
