@@ -57,3 +57,14 @@ def test_seeds_below_two_are_usage_errors(value, capsys):
 
 def test_two_seeds_are_enough():
     assert _parse("--seeds", "2").seeds == 2
+
+
+def test_accuracy_intervals_stay_within_0_and_100_percent():
+    """A t-interval over a few seeds near 100% reaches past it; accuracy cells cut it to the range (NaN bounds of
+    one seed stay n/a)."""
+    from normkit.lab.stats import PERCENT
+
+    assert cell([0.99, 1.0, 1.0], 1, 100) == "99.7 [98.2, 101.1]"
+    assert cell([0.99, 1.0, 1.0], 1, 100, PERCENT) == "99.7 [98.2, 100.0]"
+    assert cell([0.01, 0.0, 0.0], 1, 100, PERCENT) == "0.3 [0.0, 1.8]"
+    assert cell([1.0], 1, 100, PERCENT) == "100.0 [n/a, n/a]"

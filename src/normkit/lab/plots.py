@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .stats import mean_ci  # noqa: E402
+from .stats import clip_ci, mean_ci  # noqa: E402
 
 COLORS = {"none": "#7f7f7f", "bn": "#1f77b4", "bnmask": "#17becf", "ln": "#d62728", "in": "#2ca02c", "gn": "#ff7f0e", "rms": "#9467bd"}
 
@@ -36,17 +36,23 @@ def save(fig, out_dir: Path, name: str, tight_layout: bool = True) -> str:
     return path.name
 
 
-def line_ci(ax, xs: Sequence[float], groups: Sequence[Sequence[float]], label: str, kind: str, scale: float = 1.0) -> None:
-    """Mean over seeds as a line, the 95% t-interval as a band."""
-    stats = [mean_ci([v * scale for v in g]) for g in groups]
+def line_ci(
+    ax, xs: Sequence[float], groups: Sequence[Sequence[float]], label: str, kind: str, scale: float = 1.0,
+    within: tuple[float, float] | None = None,
+) -> None:
+    """Mean over seeds as a line, the 95% t-interval (cut to ``within``) as a band."""
+    stats = [clip_ci(mean_ci([v * scale for v in g]), within) for g in groups]
     means = [s[0] for s in stats]
     ax.plot(xs, means, marker="o", ms=3, label=label, color=color(kind))
     ax.fill_between(xs, [s[1] for s in stats], [s[2] for s in stats], color=color(kind), alpha=0.18)
 
 
-def bars_ci(ax, labels: Sequence[str], groups: Sequence[Sequence[float]], kinds: Sequence[str], scale: float = 1.0) -> None:
-    """One bar per group (mean over seeds) with the 95% t-interval as an error bar."""
-    stats = [mean_ci([v * scale for v in g]) for g in groups]
+def bars_ci(
+    ax, labels: Sequence[str], groups: Sequence[Sequence[float]], kinds: Sequence[str], scale: float = 1.0,
+    within: tuple[float, float] | None = None,
+) -> None:
+    """One bar per group (mean over seeds) with the 95% t-interval (cut to ``within``) as an error bar."""
+    stats = [clip_ci(mean_ci([v * scale for v in g]), within) for g in groups]
     means = [s[0] for s in stats]
     errors = [[m - s[1] for m, s in zip(means, stats)], [s[2] - m for m, s in zip(means, stats)]]
     ax.bar(range(len(labels)), means, yerr=errors, capsize=3, color=[color(k) for k in kinds])

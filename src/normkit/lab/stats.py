@@ -21,6 +21,7 @@ PARTLY = "holds partly"
 NOT = "does not hold here"
 VERDICTS = (HOLDS, PARTLY, NOT)
 CONFIDENCE = 0.95
+PERCENT = (0.0, 100.0)  # the range of accuracies in percent, for ``cell`` and the plots' intervals
 
 
 @dataclass(frozen=True)
@@ -168,12 +169,22 @@ def summarize(values: Sequence[float]) -> dict:
     return {"mean": m, "low": lo, "high": hi, "n": int(_finite(values).size)}
 
 
-def cell(values: Sequence[float], digits: int = 3, scale: float = 1.0) -> str:
-    """``mean [low, high]`` for a report table."""
-    m, lo, hi = mean_ci([v * scale for v in values])
+def cell(values: Sequence[float], digits: int = 3, scale: float = 1.0, within: tuple[float, float] | None = None) -> str:
+    """``mean [low, high]`` for a report table; ``within``: the range the values can take (``PERCENT`` for
+    accuracies), which the interval is cut to."""
+    m, lo, hi = clip_ci(mean_ci([v * scale for v in values]), within)
     if math.isnan(m):
         return "n/a"
     return f"{m:.{digits}f} {bounds(lo, hi, f'.{digits}f')}"
+
+
+def clip_ci(ci: tuple[float, float, float], within: tuple[float, float] | None) -> tuple[float, float, float]:
+    """A (mean, low, high) t-interval cut to the range its values can take: over a few seeds near 100% accuracy
+    it reaches past 100 (NaN bounds stay NaN)."""
+    if within is None:
+        return ci
+    m, lo, hi = ci
+    return m, max(lo, within[0]), min(hi, within[1])
 
 
 def exceeds(effect: Effect, threshold: float) -> bool:

@@ -20,7 +20,7 @@ from ...nn import AdaptiveInstanceNorm
 from .. import plots
 from ..data import digits
 from ..models import ConvNet, DenoisingAutoencoder
-from ..stats import HOLDS, NOT, PARTLY, Effect, cell, mean_ci, paired_effect
+from ..stats import HOLDS, NOT, PARTLY, PERCENT, Effect, cell, mean_ci, paired_effect
 from ..study import Claim, Finding, Profile, Run, Table, values
 from ..training import evaluate, seed_everything, train_classifier
 from .instance_style import style_shift
@@ -120,9 +120,9 @@ def analyze(runs: list[Run], profile: Profile, out_dir: Path) -> Finding:
              "content_margin": margin.estimate, "content_margin_low": margin.low}  # fmt: skip
     verdict, reason = rule(stats)
     rows = [
-        ["plain reconstruction", cell(values(runs, "style_dist_plain"), 3), cell(values(runs, "content_acc_plain"), 1, 100), "-"],
-        ["AdaIN swap", cell(values(runs, "style_dist_adain"), 3), cell(values(runs, "content_acc_adain"), 1, 100),
-         cell(values(runs, "style_label_acc_adain"), 1, 100)],
+        ["plain reconstruction", cell(values(runs, "style_dist_plain"), 3), cell(values(runs, "content_acc_plain"), 1, 100, PERCENT), "-"],
+        ["AdaIN swap", cell(values(runs, "style_dist_adain"), 3), cell(values(runs, "content_acc_adain"), 1, 100, PERCENT),
+         cell(values(runs, "style_label_acc_adain"), 1, 100, PERCENT)],
     ]  # fmt: skip
     examples = next(r.result["examples"] for r in runs if "examples" in r.result)
     fig, axes = plots.figure(4, 3, width=1.5, height=1.6)

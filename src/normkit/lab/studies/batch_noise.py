@@ -16,7 +16,7 @@ import torch
 from .. import plots
 from ..data import mnist1d
 from ..models import MLP, norm_label
-from ..stats import cell, paired_effect, verdict_from_checks
+from ..stats import PERCENT, cell, paired_effect, verdict_from_checks
 from ..study import Claim, Finding, Profile, Run, Table, accuracies, accuracy_curves, group, values
 from ..training import seed_everything, train_classifier
 
@@ -112,8 +112,8 @@ def analyze(runs: list[Run], profile: Profile, out_dir: Path) -> Finding:
     }
     verdict, reason = rule(stats)
     rows = [
-        [norm_label(n), cell(values(by[(n,)], "final_train_acc"), 1, 100), cell(accuracies(by[(n,)], CLASSES), 1, 100),
-         cell(gaps[n], 1, 100), cell(values(by[(n,)], "test_acc_batch_stats"), 1, 100) if n != "none" else "-"]
+        [norm_label(n), cell(values(by[(n,)], "final_train_acc"), 1, 100, PERCENT), cell(accuracies(by[(n,)], CLASSES), 1, 100, PERCENT),
+         cell(gaps[n], 1, 100), cell(values(by[(n,)], "test_acc_batch_stats"), 1, 100, PERCENT) if n != "none" else "-"]
         for n in NORMS
     ]  # fmt: skip
 
@@ -122,7 +122,7 @@ def analyze(runs: list[Run], profile: Profile, out_dir: Path) -> Finding:
     ax_gap.set(ylabel="train - test accuracy (points)", title="Generalization gap")
     for n, kind in zip(NORMS, ["none", "bn", "gn", "in"]):
         curves = accuracy_curves(by[(n,)], CLASSES)
-        plots.line_ci(ax_curve, list(range(1, len(curves[0]) + 1)), list(zip(*curves)), norm_label(n), kind, scale=100)
+        plots.line_ci(ax_curve, list(range(1, len(curves[0]) + 1)), list(zip(*curves)), norm_label(n), kind, 100, PERCENT)
     ax_curve.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy during training")
     ax_curve.legend(fontsize=7)
     figures = [plots.save(fig, out_dir, f"{CLAIM.id}.png")]

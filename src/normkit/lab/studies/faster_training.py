@@ -14,7 +14,7 @@ from pathlib import Path
 from .. import plots
 from ..data import DATA_LABELS, classification
 from ..models import ConvNet, norm_label
-from ..stats import Effect, ratio_effect, verdict_from_checks
+from ..stats import PERCENT, Effect, ratio_effect, verdict_from_checks
 from ..study import Claim, Finding, Profile, Run, Table, accuracies, group, mean_metric
 from ..training import seed_everything, train_classifier
 
@@ -120,7 +120,7 @@ def analyze(runs: list[Run], profile: Profile, out_dir: Path) -> Finding:
         plots.line_ci(ax_loss, list(range(1, length + 1)), list(zip(*curves)), f"{norm_label(n)} (lr {tuned[n]})", n)
         accs = [r.result["test_acc"] for r in rs if not r.result["diverged"]]
         if accs:
-            plots.line_ci(ax_acc, list(range(1, len(accs[0]) + 1)), list(zip(*accs)), norm_label(n), n, scale=100)
+            plots.line_ci(ax_acc, list(range(1, len(accs[0]) + 1)), list(zip(*accs)), norm_label(n), n, 100, PERCENT)
     ax_loss.axhline(target, ls="--", color="k", lw=0.8, label="target")
     ax_loss.set(xlabel="step", ylabel="training loss (smoothed)", yscale="log", title="At each norm's tuned LR")
     ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")

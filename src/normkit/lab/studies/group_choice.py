@@ -15,7 +15,7 @@ from ...nn.variants import auto_groups
 from .. import plots
 from ..data import DATA_LABELS, classification
 from ..models import ConvNet
-from ..stats import HOLDS, NOT, PARTLY, cell, held_out, paired_effect
+from ..stats import HOLDS, NOT, PARTLY, PERCENT, cell, held_out, paired_effect
 from ..study import Claim, Finding, Profile, Run, Table, accuracies, group
 from ..training import seed_everything, train_classifier
 from . import group_count
@@ -93,12 +93,12 @@ def analyze(runs: list[Run], profile: Profile, out_dir: Path) -> Finding:
     fig, (ax,) = plots.figure(1, width=6)
     labels = [f"G={g}" for g in s["groups"]] + ["auto-G", "SwitchableNorm"]
     kinds = ["gn"] * len(s["groups"]) + ["gn", "sn"]
-    plots.bars_ci(ax, labels, [acc[g] for g in s["groups"]] + [acc[auto], sn], kinds, 100)
+    plots.bars_ci(ax, labels, [acc[g] for g in s["groups"]] + [acc[auto], sn], kinds, 100, PERCENT)
     ax.set(ylabel="test accuracy (%)", title=f"C = {s['channels']} channels; auto-G = {auto}")
     ax.tick_params(axis="x", labelrotation=45)
     figures = [plots.save(fig, out_dir, f"{CLAIM.id}.png")]
     rows = [[f"GroupNorm G={g}" + (" (best)" if g == best else " (worst)" if g == worst else "") + (" = auto-G" if g == auto else ""),
-             cell(acc[g], 1, 100)] for g in s["groups"]] + [["SwitchableNorm", cell(sn, 1, 100)]]  # fmt: skip
+             cell(acc[g], 1, 100, PERCENT)] for g in s["groups"]] + [["SwitchableNorm", cell(sn, 1, 100, PERCENT)]]  # fmt: skip
     return Finding(
         verdict=verdict,
         reason=reason,

@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import plots
 from ..data import DATA_LABELS, classification
 from ..models import ConvNet
-from ..stats import bounds, cell, graded, held_out, paired_effect
+from ..stats import PERCENT, bounds, cell, graded, held_out, paired_effect
 from ..study import Claim, Finding, Profile, Run, Table, accuracies, group
 from ..training import seed_everything, train_classifier
 
@@ -88,11 +88,11 @@ def analyze(runs: list[Run], profile: Profile, out_dir: Path) -> Finding:
     stats["mean_acc"] = {str(g): sum(v) / len(v) for g, v in acc.items()}
 
     fig, (ax,) = plots.figure(1, width=6)
-    plots.line_ci(ax, s["groups"], [acc[g] for g in s["groups"]], "GroupNorm", "gn", 100)
+    plots.line_ci(ax, s["groups"], [acc[g] for g in s["groups"]], "GroupNorm", "gn", 100, PERCENT)
     ax.set(xscale="log", xlabel="number of groups G (1 = LN-like, C = IN-like)", ylabel="test accuracy (%)", title=f"C = {s['channels']} channels")
     ax.set_xticks(s["groups"], [str(g) for g in s["groups"]])
     figures = [plots.save(fig, out_dir, f"{CLAIM.id}.png")]
-    rows = [[str(g) + (" (LN-like)" if g == 1 else " (IN-like)" if g == s["channels"] else ""), cell(acc[g], 1, 100)] for g in s["groups"]]
+    rows = [[str(g) + (" (LN-like)" if g == 1 else " (IN-like)" if g == s["channels"] else ""), cell(acc[g], 1, 100, PERCENT)] for g in s["groups"]]
     return Finding(
         verdict=verdict,
         reason=reason,

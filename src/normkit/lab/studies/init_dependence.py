@@ -18,7 +18,7 @@ import numpy as np
 from .. import plots
 from ..data import digits
 from ..models import MLP, norm_label, scale_init
-from ..stats import NOT, bootstrap_effect, bounds, cell, expected_range, graded, row_effect_p
+from ..stats import NOT, PERCENT, bootstrap_effect, bounds, cell, expected_range, graded, row_effect_p
 from ..study import Claim, Finding, Profile, Run, Table, accuracies, group
 from ..training import seed_everything, train_classifier
 
@@ -121,11 +121,11 @@ def analyze(runs: list[Run], profile: Profile, out_dir: Path) -> Finding:
 
     fig, (ax,) = plots.figure(1, width=6)
     for n in NORMS:
-        plots.line_ci(ax, s["scales"], [accs[(n, sc)] for sc in s["scales"]], norm_label(n), n, scale=100)
+        plots.line_ci(ax, s["scales"], [accs[(n, sc)] for sc in s["scales"]], norm_label(n), n, 100, PERCENT)
     ax.set(xscale="log", xlabel="init scale s (std = s * sqrt(2 / fan_in))", ylabel="test accuracy (%)", title="Accuracy vs init scale")
     ax.legend(fontsize=8)
     figures = [plots.save(fig, out_dir, f"{CLAIM.id}.png")]
-    rows = [[norm_label(n)] + [cell(accs[(n, sc)], 1, 100) for sc in s["scales"]] + [f"{100 * spreads[n]:.1f}"] for n in NORMS]
+    rows = [[norm_label(n)] + [cell(accs[(n, sc)], 1, 100, PERCENT) for sc in s["scales"]] + [f"{100 * spreads[n]:.1f}"] for n in NORMS]
     return Finding(
         verdict=verdict,
         reason=reason,

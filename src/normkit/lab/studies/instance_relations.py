@@ -14,7 +14,7 @@ from pathlib import Path
 from .. import plots
 from ..data import Split, synthetic_channels
 from ..models import ConvNet, norm_label
-from ..stats import NOT, cell, held_out, paired_effect, verdict_from_checks
+from ..stats import NOT, PERCENT, cell, held_out, paired_effect, verdict_from_checks
 from ..study import Claim, Finding, Profile, Run, Table, accuracies, group
 from ..training import seed_everything, train_classifier
 
@@ -77,11 +77,11 @@ def analyze(runs: list[Run], profile: Profile, out_dir: Path) -> Finding:
     stats = {"in_deficit": {t: e.estimate for t, e in deficits.items()}, "in_deficit_low": {t: e.low for t, e in deficits.items()},
              "best_other": best_other}  # fmt: skip
     verdict, reason = rule(stats)
-    rows = [[t] + [cell(acc[(t, n)], 1, 100) for n in NORMS] + [deficits[t].text(3)] for t in TASKS]
+    rows = [[t] + [cell(acc[(t, n)], 1, 100, PERCENT) for n in NORMS] + [deficits[t].text(3)] for t in TASKS]
 
     fig, axes = plots.figure(len(TASKS), width=3.6)
     for ax, t in zip(axes, TASKS):
-        plots.bars_ci(ax, [norm_label(n) for n in NORMS], [acc[(t, n)] for n in NORMS], list(NORMS), 100)
+        plots.bars_ci(ax, [norm_label(n) for n in NORMS], [acc[(t, n)] for n in NORMS], list(NORMS), 100, PERCENT)
         ax.set(ylim=(40, 100), ylabel="test accuracy (%)", title=f"label in: {t}")
         ax.axhline(50, color="k", lw=0.6, ls=":")
     figures = [plots.save(fig, out_dir, f"{CLAIM.id}.png")]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .. import plots
 from ..data import digits, image_dataset
 from ..models import ConvNet, DenoisingAutoencoder, norm_label
-from ..stats import cell, paired_effect, verdict_from_checks
+from ..stats import PERCENT, cell, paired_effect, verdict_from_checks
 from ..study import Claim, Finding, Profile, Run, Table, group, values
 from ..training import evaluate, seed_everything, train_classifier
 
@@ -131,13 +131,13 @@ def analyze(runs: list[Run], profile: Profile, out_dir: Path) -> Finding:
     gain = paired_effect("denoising PSNR: IN - BN", values(by[("denoise", "in")], "psnr"), values(by[("denoise", "bn")], "psnr"), "dB")
     stats = {"shift_gain": shift.estimate, "shift_gain_low": shift.low, "psnr_gain": gain.estimate, "psnr_gain_low": gain.low}
     verdict, reason = rule(stats)
-    cls_rows = [[norm_label(n), cell(values(by[("classify", n)], "clean_acc"), 1, 100), cell(values(by[("classify", n)], "shifted_acc"), 1, 100)]
+    cls_rows = [[norm_label(n), cell(values(by[("classify", n)], "clean_acc"), 1, 100, PERCENT), cell(values(by[("classify", n)], "shifted_acc"), 1, 100, PERCENT)]
                 for n in CLASSIFIER_NORMS]  # fmt: skip
     den_rows = [[norm_label(n), cell(values(by[("denoise", n)], "psnr"), 2), cell(values(by[("denoise", n)], "psnr_noisy"), 2)] for n in DENOISER_NORMS]
 
     fig, (ax_cls, ax_den) = plots.figure(2, width=4.5)
     plots.bars_ci(ax_cls, [norm_label(n) for n in CLASSIFIER_NORMS], [values(by[("classify", n)], "shifted_acc") for n in CLASSIFIER_NORMS],
-                  list(CLASSIFIER_NORMS), 100)  # fmt: skip
+                  list(CLASSIFIER_NORMS), 100, PERCENT)  # fmt: skip
     ax_cls.set(ylabel="accuracy on style-shifted test (%)", title="(a) Trained clean, tested shifted")
     plots.bars_ci(ax_den, [norm_label(n) for n in DENOISER_NORMS], [values(by[("denoise", n)], "psnr") for n in DENOISER_NORMS], list(DENOISER_NORMS))
     ax_den.set(ylabel="PSNR (dB)", title="(b) Denoising autoencoder")

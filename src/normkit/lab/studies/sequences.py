@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .. import plots
 from ..data import token_sequences
 from ..models import TinyTransformer, norm_label
-from ..stats import bounds, cell, graded, paired_effect
+from ..stats import PERCENT, bounds, cell, graded, paired_effect
 from ..study import Claim, Finding, Profile, Run, Table, accuracies, accuracy_curves, group, values
 from ..training import DIVERGED_LOSS, seed_everything
 
@@ -98,11 +98,11 @@ def analyze(runs: list[Run], profile: Profile, out_dir: Path) -> Finding:
     fig, (ax,) = plots.figure(1, width=6)
     for n in NORMS:
         curves = accuracy_curves(by[(n,)], CLASSES)
-        plots.line_ci(ax, list(range(1, len(curves[0]) + 1)), list(zip(*curves)), norm_label(n), n, 100)
+        plots.line_ci(ax, list(range(1, len(curves[0]) + 1)), list(zip(*curves)), norm_label(n), n, 100, PERCENT)
     ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="Transformer on padded variable-length sequences")
     ax.legend(fontsize=8)
     figures = [plots.save(fig, out_dir, f"{CLAIM.id}.png")]
-    rows = [[norm_label(n), cell(acc[n], 1, 100), cell(values(by[(n,)], "final_loss"), 3)] for n in NORMS]
+    rows = [[norm_label(n), cell(acc[n], 1, 100, PERCENT), cell(values(by[(n,)], "final_loss"), 3)] for n in NORMS]
     return Finding(
         verdict=verdict,
         reason=reason,

@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import plots
 from ..data import DATA_LABELS, classification
 from ..models import MLP, ConvNet, norm_label
-from ..stats import Effect, cell, mean_ci, paired_effect, verdict_from_checks
+from ..stats import PERCENT, Effect, cell, mean_ci, paired_effect, verdict_from_checks
 from ..study import Claim, Finding, Profile, Run, Table, accuracies, group
 from ..training import seed_everything, train_classifier
 
@@ -110,13 +110,13 @@ def analyze(runs: list[Run], profile: Profile, out_dir: Path) -> Finding:
     fig, axes = plots.figure(len(arms), width=5)
     for ax, (arch, norms) in zip(axes, arms.items()):
         for n in norms:
-            plots.line_ci(ax, s["batches"][arch], [accuracies(by[(arch, n, b)], 10) for b in s["batches"][arch]], norm_label(n), n, 100)
+            plots.line_ci(ax, s["batches"][arch], [accuracies(by[(arch, n, b)], 10) for b in s["batches"][arch]], norm_label(n), n, 100, PERCENT)
         ax.set(xscale="log", xlabel="batch size (lr scaled linearly)", ylabel="test accuracy (%)", title=f"{arch.upper()} on {s['data']}")
         ax.set_xticks(s["batches"][arch], [str(b) for b in s["batches"][arch]])
         ax.legend(fontsize=7)
     figures = [plots.save(fig, out_dir, f"{CLAIM.id}.png")]
     rows = [
-        [arch.upper(), norm_label(n)] + [cell(accuracies(by[(arch, n, b)], 10), 1, 100) for b in s["batches"][arch]]
+        [arch.upper(), norm_label(n)] + [cell(accuracies(by[(arch, n, b)], 10), 1, 100, PERCENT) for b in s["batches"][arch]]
         + [cell(deg[(arch, n)], 1, 100)]
         for arch, norms in arms.items() for n in norms
     ]  # fmt: skip

@@ -18,7 +18,7 @@ from ...nn.variants import weight_standardize
 from .. import plots
 from ..data import DATA_LABELS, classification
 from ..models import ConvNet
-from ..stats import HOLDS, NOT, PARTLY, bounds, cell, paired_effect
+from ..stats import HOLDS, NOT, PARTLY, PERCENT, bounds, cell, paired_effect
 from ..study import Claim, Finding, Profile, Run, Table, accuracies, group
 from ..training import seed_everything, train_classifier
 
@@ -127,12 +127,12 @@ def analyze(runs: list[Run], profile: Profile, out_dir: Path) -> Finding:
 
     fig, (ax,) = plots.figure(1, width=6)
     for n in s["norms"]:
-        plots.line_ci(ax, s["batches"], [acc[(n, b)] for b in s["batches"]], LABELS[n], COLOR_SLOTS[n], 100)
+        plots.line_ci(ax, s["batches"], [acc[(n, b)] for b in s["batches"]], LABELS[n], COLOR_SLOTS[n], 100, PERCENT)
     ax.set(xscale="log", xlabel="batch size (lr scaled linearly)", ylabel="test accuracy (%)", title="CNN on digits")
     ax.set_xticks(s["batches"], [str(b) for b in s["batches"]])
     ax.legend(fontsize=7)
     figures = [plots.save(fig, out_dir, f"{CLAIM.id}.png")]
-    acc_rows = [[LABELS[n]] + [cell(acc[(n, b)], 1, 100) for b in s["batches"]] for n in s["norms"]]
+    acc_rows = [[LABELS[n]] + [cell(acc[(n, b)], 1, 100, PERCENT) for b in s["batches"]] for n in s["norms"]]
     gain_rows = [
         [LABELS[v]] + [f"{100 * gains[(v, b)].estimate:+.1f} {bounds(gains[(v, b)].low, gains[(v, b)].high, '+.1f', 100)}" for b in SMALL]
         + [f"{100 * shortfalls[(v, b)].estimate:.1f}" for b in SMALL]
