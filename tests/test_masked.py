@@ -230,6 +230,8 @@ def test_mask_errors():
         F.batch_norm(x, None, None, training=True, mask=torch.ones(2, 4))
     with pytest.raises(RuntimeError, match="does not broadcast"):
         F.batch_norm(x, None, None, training=True, mask=torch.ones(3, 4, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match=r"a mask one dim short is the input's shape without the channel dim"):
+        F.group_norm(torch.randn(2, 3, 4, 5), 3, mask=torch.ones(3, 1, 4, 5, dtype=torch.bool))  # (C, H, W)-like
 
 
 def test_masked_double_backward():
@@ -282,3 +284,59 @@ def test_masked_statistics_where_float32_squares_overflow():
     lmask = torch.rand(3, 4, 5, 5) > 0.3
     ln, ln64 = nk.LayerNorm(5), nk.LayerNorm(5).double()
     torch.testing.assert_close(ln(x, mask=lmask).double(), ln64(x.double(), mask=lmask), rtol=1e-5, atol=1e-5)
+
+
+MASKED_CALLS = {
+    "batch": lambda x, m: F.batch_norm(x, None, None, torch.ones(x.shape[1]), torch.full((x.shape[1],), 0.3), True, mask=m),
+    "batch-eval": lambda x, m: F.batch_norm(x, torch.zeros(x.shape[1]), torch.ones(x.shape[1]), None, torch.full((x.shape[1],), 0.3), mask=m),
+    "instance": lambda x, m: F.instance_norm(x, bias=torch.full((x.shape[1],), 0.3), mask=m),
+    "group": lambda x, m: F.group_norm(x, 2, None, torch.full((x.shape[1],), 0.3), mask=m),
+}
+
+
+@pytest.mark.parametrize("call", list(MASKED_CALLS))
+def test_a_mask_in_another_layout_than_the_input(backend, call):
+    """A whole-shape contiguous mask with a channels-last input (the common case), and a transposed one with a
+    contiguous input, give the results of a mask in the input's layout, in the input's layout (both raised or
+    came back NCHW)."""
+    x = torch.randn(3, 4, 5, 6)
+    mask = torch.rand(3, 4, 5, 6) < 0.7
+    want = MASKED_CALLS[call](x, mask)
+    cl = x.to(memory_format=torch.channels_last)
+    got = MASKED_CALLS[call](cl, mask)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want)
+    flipped = mask.transpose(2, 3).contiguous().transpose(2, 3)
+    torch.testing.assert_close(MASKED_CALLS[call](x, flipped), want)
+
+
+@pytest.mark.parametrize("op", [F.layer_norm, F.rms_norm])
+def test_row_norms_take_a_transposed_mask(backend, op):
+    x = torch.randn(3, 4)
+    mask = torch.rand(4, 3).t() < 0.7
+    torch.testing.assert_close(op(x, [4], mask=mask), op(x, [4], mask=mask.contiguous()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("call", list(MASKED_CALLS))
+def test_masked_out_positions_are_the_bias_in_half_precision(backend, dtype, call):
+    """The mean written into masked-out positions is rounded to the input's dtype, so they normalized to a few
+    hundredths instead of 0 (inputs near 20); they output exactly the bias."""
+    x = (torch.randn(3, 4, 5, 6) + 20).to(dtype)
+    mask = torch.rand(3, 4, 5, 6) < 0.7
+    y = MASKED_CALLS[call](x, mask)
+    assert y.dtype == dtype and (y[~mask] == torch.tensor(0.3, dtype=dtype)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_masked_out_positions_after_an_activation_and_the_bias_gradient_in_half_precision(backend, dtype):
+    """relu of a bias of -0.01 is 0 at every masked-out position (24 of 32 were not), and each position counts
+    once in the bias gradient, masked out or not."""
+    x = (torch.randn(3, 4, 32) + 20).to(dtype)
+    mask = torch.rand(3, 4, 32) < 0.7
+    bias = torch.full((32,), -0.01, dtype=dtype, requires_grad=True)
+    y = F.layer_norm(x, [32], None, bias, mask=mask, activation="relu")
+    assert y[~mask].eq(0).all()
+    y = F.layer_norm(x, [32], None, bias, mask=mask)
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(bias.grad, torch.full((32,), 12.0, dtype=dtype))

@@ -31,8 +31,9 @@ def expand_mask(mask: Tensor, input: Tensor, channel_dim: bool) -> Tensor:
     try:
         return mask.expand(input.shape)
     except RuntimeError:
+        short = " (a mask one dim short is the input's shape without the channel dim)" if channel_dim else ""
         raise RuntimeError(
-            f"mask of shape {list(mask.shape)} does not broadcast to input of shape {list(input.shape)}"
+            f"mask of shape {list(mask.shape)} does not broadcast to input of shape {list(input.shape)}{short}"
         ) from None
 
 
@@ -41,7 +42,13 @@ def bias_where_masked_out(y: Tensor, valid: Tensor, bias: Tensor | None, activat
     ``activation`` (a callable, or None): what normalized 0 outputs there."""
     shape = (1, -1) + (1,) * (y.dim() - 2)
     fill = y.new_zeros(()) if bias is None else bias.to(y.dtype).view(shape)
-    return torch.where(valid, y, fill if activation is None else activation(fill))
+    return torch.where(laid_out_like(valid, y), y, fill if activation is None else activation(fill))
+
+
+def laid_out_like(valid: Tensor, y: Tensor) -> Tensor:
+    """The bool tensor ``valid`` (``y``'s shape) in ``y``'s memory layout: ``torch.where`` lays its result out
+    like a strided operand, and a contiguous mask would turn a channels-last output into NCHW."""
+    return valid if valid.stride() == y.stride() else torch.empty_like(y, dtype=torch.bool).copy_(valid)
 
 
 def view_mask(mask: Tensor, input: Tensor, perm: tuple[int, ...] | None, shape: list[int], channel_dim: bool) -> Tensor:
@@ -96,9 +103,13 @@ def normalize_with(
     ``x' = mean₀ + (x − mean) · rstd / rstd₀`` (equal to ``x``; ``mean₀``, ``rstd₀`` the detached
     statistics) with ``mean₀`` and ``rstd₀``: the same function of ``x``, ``mean`` and ``rstd`` to every
     order, so autograd gives the exact backward. Positions where ``mask5`` is False are replaced by
-    the mean first, so they normalize to 0 and pass no gradient.
+    the mean first, so they normalize to 0 and pass no gradient; in bfloat16/float16, where the mean
+    written there is rounded, they are set to the bias (``param_shape`` lays it out) afterwards.
     """
+    if mask5 is not None:
+        mask5 = mask5.contiguous()  # a strided mask (channels-last input, a transposed view) would lay out the result
     graph = torch.is_grad_enabled() and (mean.requires_grad or rstd.requires_grad)
+    dtype = xc.dtype
     if graph or mask5 is not None:
         q, p, _, b, _ = shape
         m0, r0 = mean.detach(), rstd.detach()
@@ -108,9 +119,13 @@ def normalize_with(
             x5 = torch.where(mask5, x5, m5)
         if graph:
             x5 = torch.addcmul(m0.view(q, p, 1, b, 1), x5 - m5, (rstd / r0).view(q, p, 1, b, 1))
-        xc = x5.to(xc.dtype).view(xc.shape)
+        xc = x5.to(dtype).view(xc.shape)
         mean, rstd = m0, r0
-    return normalize_fixed(xc, shape, mean, rstd, weight, bias, param_shape=param_shape)
+    y = normalize_fixed(xc, shape, mean, rstd, weight, bias, param_shape=param_shape)
+    if mask5 is None or dtype not in (torch.bfloat16, torch.float16):
+        return y
+    fill = y.new_zeros(()) if bias is None else bias.to(dtype).view(1, *param_shape)
+    return torch.where(mask5, y.view(shape), fill).view(y.shape)
 
 
 def _normalize(

@@ -142,7 +142,7 @@ def _masked_eval(
 ) -> Tensor:
     """``_per_channel_eval`` where masked-out positions output the bias, as in training: what they hold
     (even NaN) reaches no output and no gradient, the parameters' included."""
-    valid = M.expand_mask(mask, input, True)
+    valid = M.laid_out_like(M.expand_mask(mask, input, True), input)
     y = _per_channel_eval(torch.where(valid, input, 0), running_mean, running_var, weight, bias, eps, activation)
     return M.bias_where_masked_out(y, valid, bias, lambda t: A.apply(activation, t))
 
