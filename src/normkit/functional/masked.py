@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..kernels.contract import REDUCED_DIMS, seen_through, stats_dtype
+from ..kernels.contract import REDUCED_DIMS, params_shape, seen_through, stats_dtype
 from . import _layout as L
 from ._core import normalize_fixed
 
@@ -104,7 +104,7 @@ def normalize_with(
     statistics) with ``mean₀`` and ``rstd₀``: the same function of ``x``, ``mean`` and ``rstd`` to every
     order, so autograd gives the exact backward. Positions where ``mask5`` is False are replaced by
     the mean first, so they normalize to 0 and pass no gradient; in bfloat16/float16, where the mean
-    written there is rounded, they are set to the bias (``param_shape`` lays it out) afterwards.
+    written there is rounded, they are set to the bias afterwards.
     """
     if mask5 is not None:
         mask5 = mask5.contiguous()  # a strided mask (channels-last input, a transposed view) would lay out the result
@@ -124,7 +124,7 @@ def normalize_with(
     y = normalize_fixed(xc, shape, mean, rstd, weight, bias, param_shape=param_shape)
     if mask5 is None or dtype not in (torch.bfloat16, torch.float16):
         return y
-    fill = y.new_zeros(()) if bias is None else bias.to(dtype).view(1, *param_shape)
+    fill = y.new_zeros(()) if bias is None else bias.to(dtype).view(1, *params_shape(shape, weight, bias, param_shape))
     return torch.where(mask5, y.view(shape), fill).view(y.shape)
 
 
