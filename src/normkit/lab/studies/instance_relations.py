@@ -5,6 +5,8 @@ channels ("brightness": a per-instance statistic), (ii) the amplitude of channel
 ("amplitude": a cross-channel relation), and (iii) sparse spikes pointing up vs down (a within-channel shape control
 that per-channel normalization keeps). Global average pooling follows the convolutions, so a network sees
 each channel's level and energy only if its norm leaves them there. The same 1-D CNN with BN, LN, GN (2 groups) or IN after each convolution.
+IN learns these tasks more slowly than the others: trained 5 epochs at lr 0.05 it stayed near chance on all three, the
+control included, which said nothing about relations; 15 epochs at lr 0.2 solve the control (95% against 99%).
 """
 
 from __future__ import annotations
@@ -26,14 +28,14 @@ CLAIM = Claim(
     zh="对特征之间的关系处理较弱,可能在某些任务中效果不佳。",
     en="IN handles the relations between features poorly and may underperform on some tasks.",
 )
-VERSION = 1
+VERSION = 2
 TASKS = ("brightness", "amplitude", "shape")
 NORMS = ("bn", "ln", "gn2", "in")
 PRACTICAL = 0.05
 
 
 def settings(profile: Profile) -> dict:
-    return {"n_train": profile.pick(256, 512, 2000), "epochs": profile.pick(1, 5, 8), "lr": 0.05, "batch_size": 32}
+    return {"n_train": profile.pick(256, 512, 2000), "epochs": profile.pick(1, 15, 20), "lr": 0.2, "batch_size": 32}
 
 
 def jobs(profile: Profile) -> list[dict]:
