@@ -761,7 +761,7 @@ _DX_PLAIN, _DX_FIXED, _DX_WIDE = 0, 1, 2
 
 @njit(**_HELPER)
 def _dx_mode(g, b0, b1, rstd, c1, c2, act):
-    """How ``_seg_dx`` runs groups ``b0:b1`` of slab ``g``: ``_DX_FIXED`` where c1 = c2 = 0 for all
+    """How ``_seg_dx`` (``_col_dx``) runs groups ``b0:b1`` of slab ``g``: ``_DX_FIXED`` where c1 = c2 = 0 for all
     (fixed statistics) and there is no activation, ``_DX_WIDE`` where rstd**2 * c2 overflows the
     statistics dtype for one, else ``_DX_PLAIN``."""
     fixed = _linear(act)
@@ -927,25 +927,23 @@ def _col_grad_sums(dy, x, dx, keep, g, r0, r1, j0, j1, r2, mean, rstd, wc, tc, a
 
 @njit(**_HELPER)
 def _col_dx(dy, x, dx, g, r0, r1, j0, j1, r2, mean, rstd, w, bias, act, c1, c2):
-    """``_seg_dx`` for the column loops, per column."""
+    """``_seg_dx`` for the column loops, per column; the unit's loop chosen by ``_dx_mode``."""
     p = _slab_param(g, w)
+    mode = _dx_mode(g, j0 // r2, j1 // r2, rstd, c1, c2, act)
+    if mode == _DX_WIDE:
+        _col_dx_wide(dy, x, dx, g, r0, r1, j0, j1, r2, mean, rstd, w, bias, act, c1, c2, p)
+        return
+    fixed = mode == _DX_FIXED
     mc = _col_expand(mean, g, j0, j1, r2)
     a = _col_expand(rstd, g, j0, j1, r2)
     bc = _col_expand(c2, g, j0, j1, r2)
     cc = _col_expand(c1, g, j0, j1, r2)
     wc = _col_param(w, p, j0, j1, r2)
     tc = _col_param(bias, p, j0, j1, r2)
-    fixed = _linear(act)
-    wide = False
     for k in range(j1 - j0):
-        fixed = fixed and bc[k] == 0 and cc[k] == 0
         bc[k] *= a[k] * a[k]
-        wide = wide or not np.isfinite(bc[k])
         cc[k] *= a[k]
         a[k] *= wc[k]
-    if wide:
-        _col_dx_wide(dy, x, dx, g, r0, r1, j0, j1, r2, mean, rstd, w, bias, act, c1, c2, p)
-        return
     for r in range(r0, r1):
         ds = dy[g, r, j0:j1]
         out = dx[g, r, j0:j1]

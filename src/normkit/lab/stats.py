@@ -138,6 +138,15 @@ def held_out(arms: Mapping[object, Sequence[float]], rank: int) -> list[float]:
     return picked
 
 
+def seed_noise(table: np.ndarray) -> float:
+    """SD of the row-by-seed residual of an additive model of a rows x seeds table (at least 2 x 2): the
+    seed noise left once every row and every seed has its own level."""
+    table = np.asarray(table, dtype=float)
+    k, n = table.shape
+    residual = table - table.mean(axis=1)[:, None] - table.mean(axis=0)[None, :] + table.mean()
+    return math.sqrt(float((residual**2).sum()) / ((k - 1) * (n - 1)))
+
+
 def row_effect_p(table: np.ndarray) -> float:
     """p-value of the F test for a row effect in a rows x seeds table (two-way layout without replication: the
     residual is the row-by-seed interaction, so each table is judged against its own noise). NaN below 2 rows or 2
@@ -146,10 +155,8 @@ def row_effect_p(table: np.ndarray) -> float:
     k, n = table.shape
     if k < 2 or n < 2:
         return math.nan
-    rows = table.mean(axis=1)
-    residual = table - rows[:, None] - table.mean(axis=0)[None, :] + table.mean()
-    between = n * float(((rows - table.mean()) ** 2).sum()) / (k - 1)
-    within = float((residual**2).sum()) / ((k - 1) * (n - 1))
+    between = n * float(((table.mean(axis=1) - table.mean()) ** 2).sum()) / (k - 1)
+    within = seed_noise(table) ** 2
     if within == 0.0:
         return 0.0 if between > 0.0 else 1.0
     return float(scipy_stats.f.sf(between / within, k - 1, (k - 1) * (n - 1)))

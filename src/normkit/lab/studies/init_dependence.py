@@ -18,7 +18,7 @@ import numpy as np
 from .. import plots
 from ..data import digits
 from ..models import MLP, norm_label, scale_init
-from ..stats import NOT, PERCENT, bootstrap_effect, bounds, cell, expected_range, graded, row_effect_p
+from ..stats import NOT, PERCENT, bootstrap_effect, bounds, cell, expected_range, graded, row_effect_p, seed_noise
 from ..study import Claim, Finding, Profile, Run, Table, accuracies, group
 from ..training import seed_everything, train_classifier
 
@@ -82,9 +82,7 @@ def spread(groups: list[np.ndarray]) -> float:
     raw = float(means.max() - means.min())
     if n < 2 or k < 2:
         return raw
-    residual = table - means[:, None] - table.mean(axis=0)[None, :] + table.mean()
-    sigma = math.sqrt(float((residual**2).sum()) / ((k - 1) * (n - 1)))
-    return raw - expected_range(k) * sigma / math.sqrt(n)
+    return raw - expected_range(k) * seed_noise(table) / math.sqrt(n)
 
 
 def rule(stats: dict) -> tuple[str, str]:
