@@ -240,7 +240,8 @@ def test_fx_symbolic_trace_keeps_each_layer_whole():
         nk.WSConv2d(3, 8, 3), nk.BatchNorm2d(8), nk.GroupNorm(2, 8), nk.InstanceNorm2d(8, affine=True),
         nk.LayerNorm2d(8), nk.FrozenBatchNorm2d(8), SyncBatchNorm(8), nk.BatchRenorm2d(8, warmup_steps=0),
         nk.GhostBatchNorm(8, ghost_batch_size=2), nk.SwitchableNorm2d(8), nk.EvoNormB0(8), nk.EvoNormS0(8),
-        nk.BatchNormAct2d(8), nk.GroupNormAct(2, 8), nk.LayerNorm(4), nk.RMSNorm(4),
+        nk.BatchNormAct2d(8), nk.SyncBatchNormAct2d(8, act_layer="silu"), nk.GroupNormAct(2, 8), nk.LayerNorm(4),
+        nk.RMSNorm(4),
     )
     every_forward = {getattr(nk, name).forward for name in nk.__all__} - {nk.AdaptiveInstanceNorm.forward}
     assert every_forward <= {type(m).forward for m in model}

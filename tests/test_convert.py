@@ -411,7 +411,8 @@ def test_convert_sync_batchnorm_converts_what_torch_converts() -> None:
     def zoo() -> nn.Sequential:
         return nn.Sequential(
             TorchSubclassBatchNorm(4), nn.SyncBatchNorm(4), NormkitSubclassBatchNorm(4), SyncBatchNorm(4),
-            nk.BatchRenorm2d(4), nk.GhostBatchNorm(4), nk.BatchNormAct2d(4), nn.InstanceNorm2d(4),
+            nk.BatchRenorm2d(4), nk.GhostBatchNorm(4), nn.InstanceNorm2d(4), nk.BatchNormAct2d(4, act_layer="silu"),
+            nk.SyncBatchNormAct2d(4, act_layer=nn.Tanh),
         )
 
     group = object()
@@ -423,7 +424,11 @@ def test_convert_sync_batchnorm_converts_what_torch_converts() -> None:
     for i in range(4):
         assert type(ours[i]) is SyncBatchNorm and ours[i].process_group is group, i
     assert ours[0].weight is weight
-    assert [type(m) for m in ours[4:]] == [nk.BatchRenorm2d, nk.GhostBatchNorm, nk.BatchNormAct2d, nn.InstanceNorm2d]
+    assert [type(m) for m in ours[4:7]] == [nk.BatchRenorm2d, nk.GhostBatchNorm, nn.InstanceNorm2d]
+    assert [type(m) for m in theirs[7:]] == [nn.SyncBatchNorm, nn.SyncBatchNorm]  # their activations are gone
+    for i in (7, 8):
+        assert type(ours[i]) is nk.SyncBatchNormAct2d and ours[i].process_group is group, i
+    assert ours[7].activation == "silu" and isinstance(ours[8].act, nn.Tanh)
 
 
 class BatchNormWithChildren(nn.BatchNorm2d):

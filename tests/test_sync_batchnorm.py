@@ -178,6 +178,40 @@ def _ddp_case(rank: int, world: int, batches, channels_last: bool = False) -> li
     return failures
 
 
+def _act_case(rank: int, batches, act_layer, channels_last: bool) -> list[str]:
+    """convert_sync_batchnorm of BatchNormAct2d keeps the activation: outputs, gradients and running
+    statistics of the single-process BatchNormAct2d on the full batch."""
+    from normkit.convert import convert_sync_batchnorm
+
+    failures: list[str] = []
+    tag = f"act={act_layer} batches={batches} channels_last={channels_last}"
+    torch.manual_seed(3)
+    full = nk.BatchNormAct2d(C, act_layer=act_layer)
+    with torch.no_grad():
+        full.weight.uniform_(0.5, 1.5)
+        full.bias.uniform_(-0.5, 0.5)
+    sync = convert_sync_batchnorm(copy.deepcopy(full))
+    if type(sync) is not nk.SyncBatchNormAct2d:
+        return [f"{tag}: converted to {type(sync).__name__}"]
+    gen = torch.Generator().manual_seed(4)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(sum(batches), C, 3, 4, generator=gen).contiguous(memory_format=fmt).requires_grad_()
+    dy = torch.randn(sum(batches), C, 3, 4, generator=gen)
+    start, n = sum(batches[:rank]), batches[rank]
+    local = x.detach()[start : start + n].clone().requires_grad_()
+    y_full, y = full(x), sync(local)
+    (y_full * dy).sum().backward()
+    (y * dy[start : start + n]).sum().backward()
+    _close(failures, f"{tag} output", y, y_full.detach()[start : start + n], torch.float32)
+    _close(failures, f"{tag} input grad", local.grad, x.grad[start : start + n], torch.float32)
+    _close(failures, f"{tag} running_var", sync.running_var, full.running_var, torch.float32)
+    for name in ("weight", "bias"):
+        grad = getattr(sync, name).grad.clone()
+        dist.all_reduce(grad)
+        _close(failures, f"{tag} {name} grad (summed over ranks)", grad, getattr(full, name).grad, torch.float32)
+    return failures
+
+
 def _compile_case(rank: int, world: int, batches) -> list[str]:
     """torch.compile of a model holding SyncBatchNorm (graph breaks allowed at the collectives, as
     torch's own SyncBatchNorm has them) gives the eager results."""
@@ -238,6 +272,8 @@ def _job(rank: int, world: int) -> list[str]:
     failures += _ddp_case(rank, world, BATCHES[world][0])
     failures += _ddp_case(rank, world, BATCHES[world][1])
     failures += _ddp_case(rank, world, BATCHES[world][0], channels_last=True)
+    for act_layer, channels_last in (("relu", False), ("silu", True), ("gelu", False), (nn.Tanh, True)):
+        failures += _act_case(rank, BATCHES[world][0], act_layer, channels_last)
     if world == 2:
         failures += _compile_case(rank, world, BATCHES[world][0])
         failures += _refusals_case(rank)
@@ -247,6 +283,17 @@ def _job(rank: int, world: int) -> list[str]:
 @pytest.mark.parametrize("world", [2, 3])
 def test_sync_batchnorm_matches_full_batch_batchnorm(world: int) -> None:
     _spawn(_job, world)
+
+
+def test_sync_batchnorm_act_without_process_group_is_batchnorm_act() -> None:
+    torch.manual_seed(0)
+    ref = nk.BatchNormAct2d(C, act_layer="silu")
+    sync = nk.SyncBatchNormAct2d(C, act_layer="silu")
+    x = torch.randn(4, C, 3, 3)
+    torch.testing.assert_close(sync(x), ref(x))
+    assert list(sync.state_dict()) == list(nn.BatchNorm2d(C).state_dict())
+    with pytest.raises(ValueError, match="expected 4D input"):
+        sync(torch.randn(4, C))
 
 
 def test_without_process_group_falls_back_to_batch_norm() -> None:

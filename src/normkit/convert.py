@@ -38,10 +38,10 @@ from torch import nn
 from torch.nn.modules.module import _WrappedHook
 
 from . import nn as nk
-from .distributed import SyncBatchNorm
+from .distributed import SyncBatchNorm, SyncBatchNormAct2d
 from .nn.frozen import FrozenBatchNorm2d
 from .nn.layernorm2d import LayerNorm2d
-from .nn.variants import CHANNEL_VARIANTS, SPEC_NAMES, GroupNormAct
+from .nn.variants import CHANNEL_VARIANTS, SPEC_NAMES, BatchNormAct2d, GroupNormAct
 from .nn.variants import factory as _variant_factory
 
 NormFactory = Callable[..., nn.Module]
@@ -315,12 +315,16 @@ def convert_sync_batchnorm(model: nn.Module, process_group: Any | None = None) -
 
     As in ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, any instance of torch.nn's BatchNorm
     base class is converted, subclasses and SyncBatchNorm included (an overridden ``forward`` is not
-    kept); so are normkit's BatchNorm1d/2d/3d and SyncBatchNorm and their subclasses. normkit's
-    variants built on BatchNorm (BatchRenorm, GhostBatchNorm, BatchNormAct2d) compute something else
-    and stay. Parameters and buffers are shared with the original layers, as in torch's converter.
+    kept); so are normkit's BatchNorm1d/2d/3d and SyncBatchNorm and their subclasses. BatchNormAct2d
+    becomes SyncBatchNormAct2d with the same activation (torch's converter makes it a plain
+    SyncBatchNorm and drops the activation). normkit's other variants built on BatchNorm (BatchRenorm,
+    GhostBatchNorm) compute something else and stay. Parameters and buffers are shared with the
+    original layers, as in torch's converter.
     """
 
     def swap(name: str, module: nn.Module) -> nn.Module | None:
+        if isinstance(module, (BatchNormAct2d, SyncBatchNormAct2d)):
+            return _twin(module, SyncBatchNormAct2d, process_group=process_group)
         if isinstance(module, _SYNCABLE) and not isinstance(module, _NORMKIT_ONLY):
             return _twin(module, SyncBatchNorm, process_group=process_group)
         return None

@@ -5,7 +5,8 @@ Forward sends one all-reduce: a (world, 2·C + 1) float64 table where each rank 
 (Chan's parallel variance, no ``E[x²] − E[x]²`` cancellation). Counts travel with the statistics, so
 uneven batches and ranks with an empty batch need nothing special; an empty batch on every rank gives
 an empty output and leaves the running statistics, as BatchNorm does. Backward sends one all-reduce of
-(Σ dy, Σ dy·x̂) per channel. The normalization itself is the core's ``normalize_fixed``.
+(Σ dy, Σ dy·x̂) per channel. The normalization itself is the core's ``normalize_fixed``, which also
+applies SyncBatchNormAct2d's activation; backward recomputes the activation's input from x̂.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from torch.fx import Proxy
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .functional import _layout as L
+from .functional import activation as act
 from .functional import batch_norm
 from .functional._core import normalize_fixed, unviewed
 from .functional.norms import _bessel, check_batch_norm
 from .kernels.contract import blend_running, stats_dtype
 from .nn._base import NormBase, fx_node
+from .nn.variants.norm_act import ActLayer, _NormAct
 
 
 def _local_moments(x5: Tensor) -> tuple[int, Tensor, Tensor]:
@@ -56,7 +59,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     """Normalization with statistics shared across ranks; backward all-reduces the two gradient sums."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight, bias, running_mean, running_var, eps: float, momentum: float, group):
+    def forward(ctx, x: Tensor, weight, bias, running_mean, running_var, eps: float, momentum: float, group, activation):
         xc, perm = L.dense(x)
         shape = L.per_channel_view(x, perm is not None)
         acc = stats_dtype(x.dtype)
@@ -68,20 +71,25 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             blend_running(running_mean, mean64, momentum)
         if running_var is not None and total:
             blend_running(running_var, var64, momentum, _bessel(total))
-        y = normalize_fixed(xc, shape, mean, rstd, weight, bias, param_shape=L.param_shape(shape, False, False))
-        ctx.save_for_backward(xc, mean, rstd, weight)
-        ctx.shape, ctx.perm, ctx.total, ctx.group = shape, perm, total, group
+        pshape = L.param_shape(shape, False, False)
+        y = normalize_fixed(xc, shape, mean, rstd, weight, bias, activation, param_shape=pshape)
+        ctx.save_for_backward(xc, mean, rstd, weight, bias)
+        ctx.shape, ctx.perm, ctx.total, ctx.group, ctx.activation = shape, perm, total, group, activation
         ctx.bias_dtype = None if bias is None else bias.dtype
         return unviewed(L.restore(y, perm))  # a channels-last output is a permuted view: in-place ops follow
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        xc, mean, rstd, weight = ctx.saved_tensors
+        xc, mean, rstd, weight, bias = ctx.saved_tensors
         shape, acc = ctx.shape, mean.dtype
         if ctx.perm is not None:
             dy = dy.permute(ctx.perm)
         dy5 = dy.contiguous().view(shape).to(acc)
         xhat = normalize_fixed(xc.to(acc), shape, mean, rstd, None, None).view(shape)
+        if ctx.activation is not None:
+            z = xhat if weight is None else xhat * weight.to(acc).view(1, 1, 1, -1, 1)
+            z = z if bias is None else z + bias.to(acc).view(1, 1, 1, -1, 1)
+            dy5 = act.backward(ctx.activation, z, dy5)
         sums = torch.stack([dy5.sum((0, 1, 2, 4)), (dy5 * xhat).sum((0, 1, 2, 4))])
         dbias, dweight = sums[0].clone(), sums[1].clone()
         dx = None
@@ -94,7 +102,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             dx = L.restore(((dy5 - mean_dy - xhat * mean_dy_xhat) * scale).to(xc.dtype).view(xc.shape), ctx.perm)
         dw = dweight.to(weight.dtype) if ctx.needs_input_grad[1] else None
         db = dbias.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None
 
 
 class SyncBatchNorm(NormBase, _BatchNorm):
@@ -142,6 +150,9 @@ class SyncBatchNorm(NormBase, _BatchNorm):
         one rank); across ranks it is refused rather than ignored."""
         if isinstance(input, Proxy):
             return fx_node(self, input, mask)
+        return self._normalize_synced(input, mask, None)
+
+    def _normalize_synced(self, input: Tensor, mask: Tensor | None, activation: str | None) -> Tensor:
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         factor = 0.0 if self.momentum is None else self.momentum
@@ -154,13 +165,14 @@ class SyncBatchNorm(NormBase, _BatchNorm):
         if group is None:
             use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
             return batch_norm(
-                input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps, mask=mask
+                input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps, mask,
+                activation,
             )
         if mask is not None:
             raise NotImplementedError("SyncBatchNorm: mask= is not supported with statistics across ranks")
         check_batch_norm(input, running_mean, running_var, self.weight, self.bias, True, self.eps)
         return _SyncBatchNormFunction.apply(
-            input, self.weight, self.bias, running_mean, running_var, self.eps, factor, group
+            input, self.weight, self.bias, running_mean, running_var, self.eps, factor, group, activation
         )
 
     @classmethod
@@ -171,4 +183,23 @@ class SyncBatchNorm(NormBase, _BatchNorm):
         return convert_sync_batchnorm(module, process_group)
 
 
-__all__ = ["SyncBatchNorm"]
+class SyncBatchNormAct2d(_NormAct, SyncBatchNorm):
+    """SyncBatchNorm followed by an activation, for 4-D input: what ``normkit.convert.convert_sync_batchnorm``
+    makes of a BatchNormAct2d (torch's converter turns it into a plain SyncBatchNorm, dropping the
+    activation). Arguments of SyncBatchNorm plus ``act_layer`` as in BatchNormAct2d; same state_dict keys."""
+
+    def __init__(self, num_features: int, *args, act_layer: ActLayer = "relu", **kwargs) -> None:
+        super().__init__(num_features, *args, **kwargs)
+        self._set_act(act_layer)
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        if isinstance(input, Proxy):
+            return fx_node(self, input, mask)
+        return self.act(self._normalize_synced(input, mask, self.activation))
+
+
+__all__ = ["SyncBatchNorm", "SyncBatchNormAct2d"]

@@ -1,6 +1,6 @@
 """Drop-in replacements for torch.nn's normalization layers (same arguments, buffers, state_dict, errors)."""
 
-from ..distributed import SyncBatchNorm
+from ..distributed import SyncBatchNorm, SyncBatchNormAct2d
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .frozen import FrozenBatchNorm2d
 from .instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
@@ -47,6 +47,7 @@ __all__ = [
     "SwitchableNorm2d",
     "SwitchableNorm3d",
     "SyncBatchNorm",
+    "SyncBatchNormAct2d",
     "WSConv2d",
 ]
 

@@ -46,7 +46,8 @@ class BatchNormAct2d(_NormAct, _BatchNorm):
     """BatchNorm2d followed by an activation (default ReLU); arguments of BatchNorm2d plus ``act_layer``.
 
     A BatchNorm to ``isinstance``: torch's ``SyncBatchNorm.convert_sync_batchnorm`` turns it into a plain
-    SyncBatchNorm and so drops the activation; ``normkit.convert.convert_sync_batchnorm`` leaves it as it is.
+    SyncBatchNorm and so drops the activation; ``normkit.convert.convert_sync_batchnorm`` turns it into
+    ``normkit.nn.SyncBatchNormAct2d``, which keeps it.
     """
 
     _dims = (4,)
