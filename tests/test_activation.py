@@ -103,6 +103,29 @@ def test_activation_is_norm_then_torch_activation(backend, device, dtype, activa
         torch.testing.assert_close(g.double(), r.double(), **tol)
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("activation", ACTS)
+def test_far_tails_and_non_finite_values_match_torch(backend, device, activation):
+    """float32 pre-activations past exp's range, within it near its ends, infinite and NaN: the forward and
+    the gradient are torch's in float64 (a clamped exponent once gave silu(-1e30) = -6e-9). With weight 0
+    the pre-activation is the bias, exactly."""
+    z = torch.tensor([-1e30, -200.0, -100.0, -88.5, -87.5, -87.0, -20.0, -1.0, 0.0, 0.5, 20.0, 87.5, 88.5, 89.0,
+                      100.0, 1e30, float("inf"), float("-inf"), float("nan")], device=device)
+    if activation == "gelu":  # torch's own float32 gelu(inf) is NaN in its vector loop and inf in its tail
+        z = z[z != float("inf")]
+    x = torch.randn(3, z.numel(), device=device)
+    weight = torch.zeros_like(z, requires_grad=True)
+    bias = z.clone().requires_grad_()
+    with normkit.backend(backend):
+        out = F.layer_norm(x, [z.numel()], weight, bias, activation=activation)
+        dbias, = torch.autograd.grad(out, bias, torch.ones_like(out))
+    z64 = z.double().requires_grad_()
+    ref = ACTS[activation](z64).expand(out.shape)
+    dref, = torch.autograd.grad(ref, z64, torch.ones_like(ref))
+    torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-37, equal_nan=True)
+    torch.testing.assert_close(dbias, dref.float(), rtol=1e-5, atol=1e-37, equal_nan=True)
+
+
 def test_nan_in_gives_nan_out():
     x = torch.randn(2, 6, 3, 3)
     x[0, 0, 1, 1] = float("nan")

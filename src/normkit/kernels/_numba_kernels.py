@@ -219,7 +219,8 @@ _INV_SQRT_2PI = 0.3989422804014327
 
 def _exp(v):
     """exp(v): libm for float64; for float32 a degree-6 polynomial on [-ln2/2, ln2/2] scaled by 2**n
-    (about 1 ulp), inputs clamped to [-87, 88]."""
+    (about 1 ulp). Past float32's range it gives inf, and 0 below its smallest normal number (1.2e-38),
+    so silu and gelu give torch's 0 far out in their negative tails, not a clamped exponent's 1e-8."""
 
 
 @overload(_exp, inline="always")
@@ -229,9 +230,9 @@ def _exp_impl(v):
     f = np.float32
 
     def impl(v):
-        c = np.minimum(np.maximum(v, f(-87.0)), f(88.0))
+        c = np.minimum(np.maximum(v, f(-87.34)), f(88.73))
         # fmin/fmax drop a NaN: the exponent stays defined and the polynomial carries the NaN
-        n = np.fmin(np.fmax(np.floor(c * f(1.4426950408889634) + f(0.5)), f(-126.0)), f(127.0))
+        n = np.fmin(np.fmax(np.floor(c * f(1.4426950408889634) + f(0.5)), f(-126.0)), f(128.0))
         r = c - n * f(0.693359375) + n * f(2.12194440e-4)
         p = f(1.9875691500e-4) * r + f(1.3981999507e-3)
         p = p * r + f(8.3334519073e-3)
@@ -239,7 +240,9 @@ def _exp_impl(v):
         p = p * r + f(1.6666665459e-1)
         p = p * r + f(5.0000001201e-1)
         p = p * (r * r) + r + f(1.0)
-        return p * _bits_to_f32(np.uint32(np.int32(n) + np.int32(127)) << np.uint32(23))
+        top = np.fmin(n, f(127.0))  # 2**128 is no float32: scale by 2**127, then by 2 (inf past the range)
+        y = p * _bits_to_f32(np.uint32(np.int32(top) + np.int32(127)) << np.uint32(23)) * (f(1.0) + (n - top))
+        return y * f(v >= f(-87.33654475))  # arithmetic, not a branch; a NaN stays NaN
 
     return impl
 
