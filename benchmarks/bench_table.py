@@ -44,7 +44,11 @@ def table(paths: list[Path]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("paths", nargs="+", type=Path, help="JSON files written by normkit bench --json")
-    print(table(parser.parse_args(argv).paths))
+    paths = parser.parse_args(argv).paths
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        parser.error(f"no such file: {', '.join(missing)}")
+    print(table(paths))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from normkit.bench import DTYPES, measure, measure_cold
+from normkit.cli import positive_int, seconds
 from normkit.functional import _layout as L
 from normkit.kernels import _numba_kernels, cpu
 
@@ -154,12 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rev", default="HEAD", help="git revision to compare the working tree with")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp64"))
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--min-time", type=float, default=0.3, help="seconds per measurement")
+    parser.add_argument("--rounds", type=positive_int, default=6)
+    parser.add_argument("--min-time", type=seconds, default=0.3, help="seconds per measurement")
     parser.add_argument("--small", action="store_true", help="tiny shapes (a smoke run)")
     parser.add_argument("--warm", action="store_true", help="no cache flush: data stays cached between calls")
     parser.add_argument("--only", default="", help="comma-separated words: only the cases whose name has one")
     args = parser.parse_args(argv)
+    known = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{args.rev}^{{commit}}"], capture_output=True)
+    if known.returncode:
+        parser.error(f"argument --rev: {args.rev!r} is no git revision here")
     cases = select(SMALL if args.small else CASES, args.only)
     with tempfile.TemporaryDirectory() as where:
         old = load_revision(args.rev, Path(where))

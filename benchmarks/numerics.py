@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 import normkit.nn as nk
+from normkit.cli import device_type
 from normkit.numerics import CASES, LAYERS, applies, max_error
 
 
@@ -29,7 +30,7 @@ def rows(device: str = "cpu"):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
-    parser.add_argument("--device", default="cpu", help="where both layers run (the float64 truth is on the CPU)")
+    parser.add_argument("--device", type=device_type, choices=["cpu", "cuda"], default="cpu", help="where both layers run (the float64 truth is on the CPU)")
     args = parser.parse_args()
     header = ["layer", "layout", "case", "bound", "normkit", "torch.nn", "normkit ok", "torch ok"]
     data = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -103,7 +104,8 @@ def _parse(*argv: str) -> argparse.Namespace:
         (["--rounds", "0"], "argument --rounds: expected a positive integer, got '0'"),
         (["--min-time", "nan"], "argument --min-time: expected a finite number of seconds >= 0, got 'nan'"),
         (["--min-time", "-1"], "argument --min-time: expected a finite number of seconds >= 0, got '-1'"),
-        (["--json", "no/such/folder/x.json"], "argument --json: cannot write 'no/such/folder/x.json'"),
+        (["--json", "no/such/folder/x.json"], "argument --json: cannot write 'no/such/folder/x.json': there is no folder"),
+        (["--json", "."], "argument --json: cannot write '.': it is a folder"),
     ],
 )
 def test_bad_option_values_are_usage_errors(argv, message, capsys):
@@ -113,6 +115,15 @@ def test_bad_option_values_are_usage_errors(argv, message, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("usage: normkit bench") and f"error: {message}" in err
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, where no file can be made")
+def test_json_into_a_folder_that_takes_no_files_is_a_usage_error(capsys):
+    """Permissions do not tell (root writes anywhere they allow): making a file is tried."""
+    with pytest.raises(SystemExit) as exit_:
+        _parse("--json", "/proc/x.json")
+    assert exit_.value.code == 2
+    assert "cannot write '/proc/x.json': no file can be made in '/proc'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", [["bench", "--quick"], ["lab", "--tiny"]], ids=["bench", "lab"])

@@ -9,7 +9,9 @@ import importlib
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from types import ModuleType
 
 # subcommand -> module providing ``add_arguments(parser)`` and ``run(args) -> int``; imported on use.
@@ -66,12 +68,39 @@ def seconds(value: str) -> float:
     return number
 
 
+def _can_create_in(folder: str) -> bool:
+    """Whether a file can be made in ``folder``: tried, as permissions alone do not tell (root, read-only
+    and virtual file systems)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
 def writable_path(value: str) -> str:
-    """argparse type for an output file: its folder must exist, or the run would fail after its work."""
+    """argparse type for an output file: its folder must exist and take files, or the run would fail
+    after its work."""
     folder = os.path.dirname(os.path.abspath(value))
-    if not os.path.isdir(folder) or os.path.isdir(value):
-        raise argparse.ArgumentTypeError(f"cannot write {value!r}: {folder!r} is not a folder or the path is one")
+    if os.path.isdir(value):
+        raise argparse.ArgumentTypeError(f"cannot write {value!r}: it is a folder")
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"cannot write {value!r}: there is no folder {folder!r}")
+    if not _can_create_in(folder):
+        raise argparse.ArgumentTypeError(f"cannot write {value!r}: no file can be made in {folder!r}")
     return value
+
+
+def writable_folder(value: str) -> Path:
+    """argparse type for an output folder, made later if missing: it may not be a file, and files must be
+    creatable in it or in the nearest folder above it that exists."""
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write into {value!r}: it is a file")
+    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    if not existing.is_dir() or not _can_create_in(str(existing)):
+        raise argparse.ArgumentTypeError(f"cannot write into {value!r}: no file can be made in {str(existing)!r}")
+    return path
 
 
 def device_type(value: str) -> str:

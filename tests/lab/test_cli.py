@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 
 import pytest
 
@@ -42,6 +43,28 @@ def test_counts_below_one_are_usage_errors(option, value, capsys):
         _parse(option, value)
     assert exit_.value.code == 2
     assert f"error: argument {option}: expected a positive integer, got '{value}'" in capsys.readouterr().err
+
+
+def test_out_must_be_a_folder_files_can_be_made_in(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert _parse("--out", str(tmp_path / "new" / "deeper")).out == tmp_path / "new" / "deeper"
+    cases = [(str(afile), "it is a file")]
+    if os.path.isdir("/proc/self"):  # Linux: no file can be made there, whatever the permissions say
+        cases.append(("/proc/lab-out", "no file can be made in '/proc'"))
+    for value, words in cases:
+        with pytest.raises(SystemExit) as exit_:
+            _parse("--out", value)
+        assert exit_.value.code == 2
+        assert f"error: argument --out: cannot write into '{value}': {words}" in capsys.readouterr().err
+
+
+def test_ray_address_without_the_ray_executor_is_refused(tmp_path, capsys):
+    """It would be ignored: the jobs would run on the local pool."""
+    code = main(["lab", "--tiny", "--only", "adain_style", "--ray-address", "10.0.0.1:6379", "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "needs --executor ray" in capsys.readouterr().out
+    assert not (tmp_path / "o").exists()
 
 
 def test_counts_keep_their_defaults_when_not_given():

@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ..cli import count_at_least, device_type, positive_int
+from ..cli import count_at_least, device_type, positive_int, writable_folder
 from .data import DataUnavailable
 from .stats import HOLDS, NOT, PARTLY
 
@@ -34,11 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=device_type, choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--backend", choices=["auto", "reference", "torch"], default="auto",
                         help="normkit backend for the models' norms, or torch to use torch.nn's layers")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=Path("lab-out"), help="results, cache and report directory (default lab-out/)")
+    parser.add_argument("--out", type=writable_folder, default=Path("lab-out"), help="results, cache and report directory (default lab-out/)")
     parser.add_argument("--force", action="store_true", help="rerun every job even when its result is cached")
     parser.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1, help="parallel worker processes (default: all cores)")
     parser.add_argument("--executor", choices=["local", "ray"], default="local", help="local process pool, or a Ray cluster")
-    parser.add_argument("--ray-address", help="Ray cluster address (default: start or join a local one)")
+    parser.add_argument("--ray-address", help="Ray cluster address, with --executor ray (default: start or join a local one)")
     parser.add_argument("--data", choices=["digits", "cifar10", "imagefolder"], default="digits",
                         help=f"image data for {', '.join(chosen_data_users())} only: bundled digits, or user files via torchvision; "
                         "every other study keeps the data its setting names")  # fmt: skip
@@ -63,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
     from .study import Profile
 
     console = Console()
+    if args.ray_address is not None and args.executor != "ray":
+        console.print("[red]--ray-address names a Ray cluster: it needs --executor ray[/]")
+        return 2
     seeds = args.seeds if args.seeds is not None else 5 if args.mode == "full" else 3 if args.mode == "quick" else 2
     profile = Profile(mode=args.mode, seeds=tuple(range(seeds)), backend=args.backend, device=args.device, data=args.data, data_dir=args.data_dir)
     try:
