@@ -38,7 +38,7 @@ CASES = [
     ("batch", (8, 256, 32, 32), False), ("batch", (8, 256, 32, 32), True), ("group", (8, 256, 32, 32), False),
     ("group", (8, 256, 32, 32), True), ("layer", (8, 512, 768), False), ("instance", (32, 512, 7, 7), False),
     ("group", (32, 512, 7, 7), False), ("group", (8, 32, 64, 64), True), ("batch", (32, 64, 56, 56), True), ("batch", (32, 512, 7, 7), True),
-    ("instance", (16, 128, 64, 64), True),
+    ("instance", (16, 128, 64, 64), True), ("instance", (32, 64, 56, 56), True),
 ]
 SMALL = [("batch", (2, 64, 8, 8), True), ("group", (2, 64, 8, 8), False), ("layer", (2, 4, 64), False)]
 
@@ -143,8 +143,8 @@ def compare(
                     pairs = list(zip(versions, times))
                     for drivers, out in pairs if i % 2 == 0 else pairs[::-1]:  # ABBA: no order bias
                         use(drivers)
-                        seconds = measure(call, min_time) if warm_caches else measure_cold(call, min_time, flush, warm)
-                        out.append(seconds * 1e3)
+                        took = measure(call, min_time) if warm_caches else measure_cold(call, min_time, flush, warm)
+                        out.append(took * 1e3)
                 rows.append((f"{case_name(norm, shape, cl)} {op}", statistics.median(times[0]), statistics.median(times[1])))
     finally:
         use(_numba_kernels.DRIVERS)

@@ -47,6 +47,8 @@ VIEWS = {
     "batch": ((6, 40, 9, 11), lambda x, cl: (L.per_channel_view(x, cl), False, False), (False, True)),
     "batch1d": ((300, 48), lambda x, cl: (L.per_channel_view(x, cl), False, False), (False,)),
     "batch-1ch": ((4, 1, 60, 70), lambda x, cl: (L.per_channel_view(x, cl), False, False), (False, True)),
+    # channels-last rows of 3 columns: the column loops sweep 42 rows at once, 4495 rows end in a partial sweep
+    "batch-3ch": ((5, 3, 31, 29), lambda x, cl: (L.per_channel_view(x, cl), False, False), (False, True)),
     "instance": ((3, 24, 17, 19), lambda x, cl: (L.per_instance_view(x, cl), False, False), (False, True)),
     "group": ((3, 48, 13, 15), lambda x, cl: (L.per_group_view(x, 6, cl), not cl, cl), (False, True)),
     "group-wide": ((2, 256, 9, 9), lambda x, cl: (L.per_group_view(x, 4, cl), not cl, cl), (False, True)),
