@@ -252,6 +252,7 @@ def test_normkit_only_layers_convert_silently() -> None:
         FrozenBatchNorm2d(4), LayerNorm2d(4), nk.BatchRenorm1d(4), nk.BatchRenorm2d(4), nk.BatchRenorm3d(4),
         nk.GhostBatchNorm(4), nk.SwitchableNorm1d(4), nk.SwitchableNorm2d(4), nk.SwitchableNorm3d(4),
         nk.EvoNormS0(4), nk.EvoNormB0(4), nk.BatchNormAct2d(4), nk.GroupNormAct(2, 4), nk.AdaptiveInstanceNorm(),
+        nk.SyncBatchNormAct2d(4),
     ]
     model = nn.ModuleList(layers)
     with warnings.catch_warnings():
@@ -312,6 +313,13 @@ def test_freeze_batchnorm_places_layers_without_tensors_like_the_model() -> None
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, affine=False, track_running_stats=False)).double()
     frozen = freeze_batchnorm(model)[1]
     assert type(frozen) is FrozenBatchNorm2d and frozen.running_var.dtype == torch.float64
+
+
+def test_replace_norm_leaves_norm_activation_layers() -> None:
+    """Replaced by a plain norm, their activation would be gone."""
+    model = nn.Sequential(nk.BatchNormAct2d(8, act_layer="silu"), nk.SyncBatchNormAct2d(8), nk.GroupNormAct(2, 8), nn.BatchNorm2d(8))
+    replace_norm(model, "gn4")
+    assert [type(m) for m in model] == [nk.BatchNormAct2d, nk.SyncBatchNormAct2d, nk.GroupNormAct, nk.GroupNorm]
 
 
 def test_replace_norm_copies_statistics_into_frozen() -> None:
@@ -591,6 +599,21 @@ def test_fuse_conv_bn_eval_falls_back_to_sequential_neighbours() -> None:
     expected = model(x)
     fuse_conv_bn_eval(model)
     assert type(model.body[1]) is nn.Identity
+    torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_fuse_conv_bn_eval_keeps_norms_with_an_activation() -> None:
+    """A synced BatchNorm + activation is a BatchNorm to isinstance, but not an affine map: folded, its
+    activation was dropped. It stays, as BatchNormAct2d does; plain BatchNorms beside it still fold."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nk.SyncBatchNormAct2d(4), nn.Conv2d(4, 4, 1), nk.BatchNormAct2d(4, act_layer="silu"),
+        nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4),
+    )
+    model = _randomize(model).eval()
+    x = torch.randn(2, 3, 6, 6)
+    expected = model(x)
+    fuse_conv_bn_eval(model)
+    assert [type(m) for m in model[1::2]] == [nk.SyncBatchNormAct2d, nk.BatchNormAct2d, nn.Identity]
     torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
 
 

@@ -41,8 +41,9 @@ from . import nn as nk
 from .distributed import SyncBatchNorm, SyncBatchNormAct2d
 from .nn.frozen import FrozenBatchNorm2d
 from .nn.layernorm2d import LayerNorm2d
-from .nn.variants import CHANNEL_VARIANTS, SPEC_NAMES, BatchNormAct2d, GroupNormAct
+from .nn.variants import CHANNEL_VARIANTS, SPEC_NAMES, BatchNormAct2d
 from .nn.variants import factory as _variant_factory
+from .nn.variants.norm_act import NormAct
 
 NormFactory = Callable[..., nn.Module]
 
@@ -67,6 +68,12 @@ _CHANNEL_NORMS = (
     *CHANNEL_VARIANTS,
 )
 _FOLDABLE = (*_BATCHNORMS, nn.SyncBatchNorm, SyncBatchNorm, FrozenBatchNorm2d)
+
+
+def _folds(norm: nn.Module) -> bool:
+    """Whether ``norm`` in eval mode is an affine map per channel that a Conv/Linear can take in: a
+    BatchNorm, not one followed by its activation (SyncBatchNormAct2d)."""
+    return isinstance(norm, _FOLDABLE) and not isinstance(norm, NormAct)
 _NORMKIT_LAYERS = tuple(
     cls for cls in (getattr(nk, name) for name in nk.__all__) if isinstance(cls, type) and issubclass(cls, nn.Module)
 )
@@ -288,13 +295,13 @@ def replace_norm(
 
     The new layer is ``get_norm_layer(spec)(num_channels, **kwargs)`` on the old one's device and dtype,
     initialised as the module docstring describes. LayerNorm and RMSNorm over trailing dims and the
-    norm+activation layers (BatchNormAct2d, GroupNormAct) are left alone.
+    norm+activation layers (BatchNormAct2d, GroupNormAct, SyncBatchNormAct2d) are left alone.
     Raises ValueError naming the layer when it cannot be built (e.g. channels not divisible by groups).
     """
     make = get_norm_layer(spec)
 
     def swap(name: str, module: nn.Module) -> nn.Module | None:
-        if not isinstance(module, _CHANNEL_NORMS) or isinstance(module, GroupNormAct):
+        if not isinstance(module, _CHANNEL_NORMS) or isinstance(module, NormAct):
             return None
         channels = _num_channels(module)
         try:
@@ -425,7 +432,7 @@ def _traced_pairs(model: nn.Module) -> list[tuple[str, str]]:
     modules = dict(model.named_modules())
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], _FOLDABLE) or len(node.args) != 1:
+        if node.op != "call_module" or not _folds(modules[node.target]) or len(node.args) != 1:
             continue
         prev = node.args[0]
         if (
@@ -514,7 +521,7 @@ def fuse_conv_bn_eval(model: nn.Module) -> nn.Module:
     modules = dict(model.named_modules())
     for layer_name, norm_name in pairs:
         layer, norm = modules[layer_name], modules[norm_name]
-        if layer.training or norm.training or not isinstance(norm, _FOLDABLE):
+        if layer.training or norm.training or not _folds(norm):
             continue
         fused = _fold(layer, norm)
         if fused is not None:

@@ -26,7 +26,7 @@ from .functional._core import normalize_fixed, unviewed
 from .functional.norms import _bessel, check_batch_norm
 from .kernels.contract import blend_running, stats_dtype
 from .nn._base import NormBase, fx_node
-from .nn.variants.norm_act import ActLayer, _NormAct
+from .nn.variants.norm_act import ActLayer, NormAct
 
 
 def _local_moments(x5: Tensor) -> tuple[int, Tensor, Tensor]:
@@ -183,7 +183,7 @@ class SyncBatchNorm(NormBase, _BatchNorm):
         return convert_sync_batchnorm(module, process_group)
 
 
-class SyncBatchNormAct2d(_NormAct, SyncBatchNorm):
+class SyncBatchNormAct2d(NormAct, SyncBatchNorm):
     """SyncBatchNorm followed by an activation, for 4-D input: what ``normkit.convert.convert_sync_batchnorm``
     makes of a BatchNormAct2d (torch's converter turns it into a plain SyncBatchNorm, dropping the
     activation). Arguments of SyncBatchNorm plus ``act_layer`` as in BatchNormAct2d; same state_dict keys."""

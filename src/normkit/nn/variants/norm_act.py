@@ -23,8 +23,9 @@ from ._checks import check_count
 ActLayer = str | type[nn.Module] | nn.Module | None
 
 
-class _NormAct:
-    """Splits ``act_layer`` into the core's epilogue (a name) or a module applied afterwards."""
+class NormAct:
+    """A norm followed by its activation (the converters leave such layers whole). Splits ``act_layer``
+    into the core's epilogue (a name) or a module applied afterwards."""
 
     def _set_act(self, act_layer: ActLayer) -> None:
         if isinstance(act_layer, nn.Module):
@@ -42,7 +43,7 @@ class _NormAct:
         return f"{super().extra_repr()}, act_layer={self.act_name}"
 
 
-class BatchNormAct2d(_NormAct, _BatchNorm):
+class BatchNormAct2d(NormAct, _BatchNorm):
     """BatchNorm2d followed by an activation (default ReLU); arguments of BatchNorm2d plus ``act_layer``.
 
     A BatchNorm to ``isinstance``: torch's ``SyncBatchNorm.convert_sync_batchnorm`` turns it into a plain
@@ -62,7 +63,7 @@ class BatchNormAct2d(_NormAct, _BatchNorm):
         return self.act(self._normalize(input, mask, self.activation))
 
 
-class GroupNormAct(_NormAct, GroupNorm):
+class GroupNormAct(NormAct, GroupNorm):
     """GroupNorm followed by an activation (default ReLU); arguments of GroupNorm plus ``act_layer``."""
 
     def __init__(self, num_groups: int, num_channels: int, *args, act_layer: ActLayer = "relu", **kwargs) -> None:
