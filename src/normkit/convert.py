@@ -68,18 +68,18 @@ _CHANNEL_NORMS = (
     *CHANNEL_VARIANTS,
 )
 _FOLDABLE = (*_BATCHNORMS, nn.SyncBatchNorm, SyncBatchNorm, FrozenBatchNorm2d)
-
-
-def _folds(norm: nn.Module) -> bool:
-    """Whether ``norm`` in eval mode is an affine map per channel that a Conv/Linear can take in: a
-    BatchNorm, not one followed by its activation (SyncBatchNormAct2d)."""
-    return isinstance(norm, _FOLDABLE) and not isinstance(norm, NormAct)
 _NORMKIT_LAYERS = tuple(
     cls for cls in (getattr(nk, name) for name in nk.__all__) if isinstance(cls, type) and issubclass(cls, nn.Module)
 )
 _NORMKIT_ONLY = tuple(cls for cls in _NORMKIT_LAYERS if cls not in _TORCH_TWINS)
 # What torch.nn.SyncBatchNorm.convert_sync_batchnorm converts (any torch.nn BatchNorm), and normkit's counterparts.
 _SYNCABLE = (nn.modules.batchnorm._BatchNorm, nk.BatchNorm1d, nk.BatchNorm2d, nk.BatchNorm3d, SyncBatchNorm)
+
+
+def _folds(norm: nn.Module) -> bool:
+    """Whether ``norm`` in eval mode is an affine map per channel that a Conv/Linear can take in: a
+    BatchNorm, not one followed by its activation (SyncBatchNormAct2d)."""
+    return isinstance(norm, _FOLDABLE) and not isinstance(norm, NormAct)
 
 
 class UnsupportedNormWarning(UserWarning):
