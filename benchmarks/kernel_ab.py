@@ -143,7 +143,7 @@ def compare(
                     pairs = list(zip(versions, times))
                     for drivers, out in pairs if i % 2 == 0 else pairs[::-1]:  # ABBA: no order bias
                         use(drivers)
-                        took = measure(call, min_time) if warm_caches else measure_cold(call, min_time, flush, warm)
+                        took = measure(call, min_time) if warm_caches else measure_cold([call], min_time, flush, [warm])[0]
                         out.append(took * 1e3)
                 rows.append((f"{case_name(norm, shape, cl)} {op}", statistics.median(times[0]), statistics.median(times[1])))
     finally:

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numba
@@ -237,25 +238,30 @@ def test_markdown_table_has_a_row_per_case_and_the_three_modes(tmp_path):
 
 
 def test_cold_timing_flushes_the_cache_before_every_call(tmp_path, monkeypatch):
-    flushed, calls, events = [], [], []
+    """Each timed call follows a flush and its own warm-up; the sides take turns, call by call, the
+    first of each sweep alternating, and each gets its own median."""
+    events = []
     real_fill = torch.Tensor.fill_
 
     def fill(t, value):
         if t.numel() * t.element_size() == bench.FLUSH_BYTES:
-            flushed.append(len(calls))
             events.append("flush")
         return real_fill(t, value)
 
-    def call():
-        calls.append(1)
-        events.append("call")
+    def side(name, seconds):
+        def call():
+            events.append(name)
+            time.sleep(seconds)
+        return call
 
     monkeypatch.setattr(bench, "FLUSH_BYTES", 1 << 20)
     monkeypatch.setattr(torch.Tensor, "fill_", fill)
-    seconds = bench.measure_cold(call, 0.0, torch.empty(bench.FLUSH_BYTES // 4), lambda: events.append("warm"))
-    assert seconds >= 0 and len(calls) == 6
-    assert flushed == [1, 2, 3, 4, 5]  # after the warm-up call, one flush before each timed call
-    assert events == ["call"] + ["flush", "warm", "call"] * 5  # the warm-up runs after the flush
+    warms = [lambda: events.append("warm a"), lambda: events.append("warm b")]
+    medians = bench.measure_cold([side("a", 0.002), side("b", 0.0)], 0.0, torch.empty(bench.FLUSH_BYTES // 4), warms)
+    assert medians[0] >= 0.002 > medians[1] >= 0
+    ab = ["flush", "warm a", "a", "flush", "warm b", "b"]
+    ba = ab[3:] + ab[:3]
+    assert events == ["a", "b"] + (ab + ba) * 3  # six sweeps: three in each order
     out = tmp_path / "bench.json"
     assert main(_tiny(out)[:-2] + ["--cold", "--norms", "layer", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["meta"]["timing"] == "eager, caches flushed"

@@ -12,6 +12,7 @@ pages or faults in fresh ones depends on the heap's state, so each side's minor 
 are reported with its time (CPU). ``--cold`` flushes the caches before
 every timed call (then warms the code on a small input), as a training step finds its activations:
 back-to-back calls on tensors that fit in the last-level cache measure the cache, not the memory.
+There the two sides are called in turn, call by call, so that both see the machine in one state.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numba
@@ -117,9 +118,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch.set_num_threads for both sides (default: as is)")
     parser.add_argument("--min-time", type=seconds, default=None, help="seconds of timing per measurement")
     parser.add_argument("--rounds", type=positive_int, default=None,
-                        help="alternating repeats of both sides; each keeps its best median (robust to load spikes)")
+                        help="alternating repeats of both sides; each keeps its best median (robust to load spikes); "
+                        "with --cold, rounds x min-time of calls in turn, each side's median")
     parser.add_argument("--cold", action="store_true",
-                        help="flush the caches before every timed call (a training step reads activations from memory)")
+                        help="flush the caches before every timed call (a training step reads activations from memory); "
+                        "torch.nn and normkit are called in turn")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="on CUDA, time replays of each side captured in a CUDA graph (kernel time alone)")
 
@@ -136,30 +139,40 @@ def measure(fn: Callable[[], object], min_time: float) -> float:
 
 
 def measure_cold(
-    fn: Callable[[], object], min_time: float, flush: torch.Tensor, warm: Callable[[], object]
-) -> float:
-    """Median seconds per call, each after writing ``flush`` (larger than the last-level cache) and
-    then calling ``warm``: in a training step the backward reads activations the forward wrote long
-    before, from memory, while the code that runs every layer stays cached. ``warm`` (the same call
-    on a small input) brings that code and both thread pools back, so that the flush evicts the data
-    alone. On a shared machine the cache also holds other tenants' data, so back-to-back calls on the
-    same tensors (``measure``) can reward work that only pays off while everything stays cached.
-    ``min_time`` counts the flushes too: a call of microseconds would otherwise take thousands of them."""
+    fns: Sequence[Callable[[], object]], min_time: float, flush: torch.Tensor, warms: Sequence[Callable[[], object]]
+) -> list[float]:
+    """Median seconds per call of each of ``fns``, called in turn call by call, each call after writing
+    ``flush`` (larger than the last-level cache) and then calling its ``warm``: in a training step the
+    backward reads activations the forward wrote long before, from memory, while the code that runs
+    every layer stays cached. ``warm`` (the same call on a small input) brings that code and both
+    thread pools back, so that the flush evicts the data alone. On a shared machine the cache also
+    holds other tenants' data, so back-to-back calls on the same tensors (``measure``) can reward work
+    that only pays off while everything stays cached. Calling the sides in turn (the first of each
+    sweep alternating) gives them the same machine: this VM's memory bandwidth drifts by 1.5-2x within
+    minutes, and a block of one side's calls followed by a block of the other's put two identical
+    operations (GroupNorm in training and eval mode) up to 1.3x apart. ``min_time`` (seconds per
+    function) counts the flushes too: a call of microseconds would otherwise take thousands of them."""
     cuda = flush.device.type == "cuda"
-    fn()
-    times: list[float] = []
-    started = time.perf_counter()
-    while len(times) < 5 or time.perf_counter() - started < min_time:
-        flush.fill_(1.0)
-        warm()
-        if cuda:
-            torch.cuda.synchronize(flush.device)
-        start = time.perf_counter()
+    for fn in fns:
         fn()
-        if cuda:
-            torch.cuda.synchronize(flush.device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in fns]
+    order = list(range(len(fns)))
+    started = time.perf_counter()
+    sweeps = 0
+    while sweeps < 6 or sweeps % 2 or time.perf_counter() - started < min_time * len(fns):
+        for i in order:
+            flush.fill_(1.0)
+            warms[i]()
+            if cuda:
+                torch.cuda.synchronize(flush.device)
+            start = time.perf_counter()
+            fns[i]()
+            if cuda:
+                torch.cuda.synchronize(flush.device)
+            times[i].append(time.perf_counter() - start)
+        order.reverse()
+        sweeps += 1
+    return [statistics.median(t) for t in times]
 
 
 def faults_per_call(fn: Callable[[], object], device: torch.device, calls: int = 5) -> float:
@@ -269,8 +282,9 @@ def run_case(
     norm: str, shape: tuple[int, ...], layout: str, mode: str, dtype: str, device: torch.device,
     copy_gbps: float, min_time: float, rounds: int, cuda_graph: bool = False, flush: torch.Tensor | None = None,
 ) -> Result:
-    """Time torch.nn and normkit alternately on the same tensors; each keeps its best median.
-    With ``flush``, the caches are flushed before every call (``measure_cold``)."""
+    """Time torch.nn and normkit alternately on the same tensors; each keeps its best median of
+    ``rounds``. With ``flush``, the caches are flushed before every call and the two sides are called
+    in turn for ``rounds`` times ``min_time`` each (``measure_cold``); each side's median over them."""
     theirs, ours = (m.to(device=device, dtype=DTYPES[dtype]) for m in _modules(norm, shape))
     ours.load_state_dict(theirs.state_dict())
     x = _input(shape, layout, DTYPES[dtype], device)
@@ -281,11 +295,13 @@ def run_case(
     if flush is not None:
         small = _input(_warm_shape(shape, norm), layout, DTYPES[dtype], device)
         warms = tuple(_step(m, small, torch.randn_like(small), mode) for m in (theirs, ours))
-    best = [math.inf, math.inf]
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            t = measure(fn, min_time) if flush is None else measure_cold(fn, min_time, flush, warms[i])
-            best[i] = min(best[i], t)
+    if flush is None:
+        best = [math.inf, math.inf]
+        for _ in range(rounds):
+            for i, fn in enumerate(fns):
+                best[i] = min(best[i], measure(fn, min_time))
+    else:
+        best = measure_cold(fns, min_time * rounds, flush, warms)
     faults = [faults_per_call(fn, device) for fn in fns]
     nbytes = x.numel() * x.element_size()
     moved = TRAFFIC[mode] * nbytes / 1e9
