@@ -148,8 +148,8 @@ def measure_cold(
     thread pools back, so that the flush evicts the data alone. On a shared machine the cache also
     holds other tenants' data, so back-to-back calls on the same tensors (``measure``) can reward work
     that only pays off while everything stays cached. Calling the sides in turn (the first of each
-    sweep alternating) gives them the same machine: this VM's memory bandwidth drifts by 1.5-2x within
-    minutes, and a block of one side's calls followed by a block of the other's put two identical
+    sweep alternating) gives them the same machine: a shared VM's memory bandwidth can drift by 1.5-2x
+    within minutes, and a block of one side's calls followed by a block of the other's put two identical
     operations (GroupNorm in training and eval mode) up to 1.3x apart. ``min_time`` (seconds per
     function) counts the flushes too: a call of microseconds would otherwise take thousands of them."""
     cuda = flush.device.type == "cuda"
