@@ -2,7 +2,7 @@
 
 On a shared 2-core VM one benchmark case moves by 20-50% between runs, more than most kernel changes
 gain. This loads ``_numba_kernels.py`` as of ``--rev`` beside the working tree's, swaps the cpu
-backend's drivers between calls, and times both versions in alternation from a flushed cache
+backend's drivers between calls, and times both versions in turn, call by call, from a flushed cache
 (``normkit.bench.measure_cold``), each case the median of ``--rounds``. The Python path around the
 kernels is the same for both, so the ratio is the kernels'.
 
@@ -14,12 +14,14 @@ compute change from a memory one.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import importlib.util
 import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -118,36 +120,59 @@ def select(cases: list, only: str) -> list:
 
 
 def use(drivers: dict) -> None:
-    """Make the cpu backend call ``drivers``: the backend looks its driver up once per set-up
-    (``cpu._call``, cached), so the cache is cleared with every swap."""
+    """Make the cpu backend call ``drivers`` (see ``versioned_setups``)."""
     cpu.DRIVERS = drivers
-    cpu._call.cache_clear()
+
+
+@contextlib.contextmanager
+def versioned_setups() -> Iterator[None]:
+    """Key the cpu backend's cached call set-up (``cpu._call``, which holds the driver it picked from
+    ``cpu.DRIVERS``) by the driver table too, so that swapping versions between two timed calls costs a
+    lookup, not a set-up inside the timed call."""
+    original = cpu._call
+    keyed = functools.lru_cache(maxsize=1024)(lambda _tables, *args: original.__wrapped__(*args))
+    cpu._call = lambda *args: keyed(id(cpu.DRIVERS), *args)
+    try:
+        yield
+    finally:
+        cpu._call = original
+        use(_numba_kernels.DRIVERS)
+
+
+def _as(drivers: dict, fn: Callable) -> Callable:
+    """``fn`` run on ``drivers``."""
+    def run():
+        use(drivers)
+        return fn()
+    return run
 
 
 def compare(
     old, cases, dtype: torch.dtype, rounds: int, min_time: float, warm_caches: bool = False
 ) -> list[tuple[str, float, float]]:
-    """(case, revision ms, working tree ms), alternating the two drivers round by round, the first of
-    each round swapped every round; ``warm_caches``: back-to-back calls (the kernels' compute alone)."""
+    """(case, revision ms, working tree ms): from a flushed cache the two versions called in turn, call by
+    call, for ``min_time`` each per round; ``warm_caches``: back-to-back calls (the kernels' compute alone),
+    the versions alternating round by round, the first of each round swapped every round."""
     flush = torch.empty(64 << 20)
     versions = (old.DRIVERS, _numba_kernels.DRIVERS)
     rows = []
-    try:
+    with versioned_setups():
         for norm, shape, cl in cases:
             for op, (call, warm) in operations(norm, shape, cl, dtype).items():
+                calls = [_as(v, call) for v in versions]
+                for fn in calls:  # compile both before timing
+                    fn()
                 times: tuple[list[float], list[float]] = ([], [])
-                for drivers in versions:  # compile both before timing
-                    use(drivers)
-                    call()
                 for i in range(rounds):
-                    pairs = list(zip(versions, times))
-                    for drivers, out in pairs if i % 2 == 0 else pairs[::-1]:  # ABBA: no order bias
-                        use(drivers)
-                        took = measure(call, min_time) if warm_caches else measure_cold([call], min_time, flush, [warm])[0]
-                        out.append(took * 1e3)
+                    if warm_caches:
+                        order = (0, 1) if i % 2 == 0 else (1, 0)  # ABBA: no order bias
+                        for k in order:
+                            times[k].append(measure(calls[k], min_time) * 1e3)
+                    else:
+                        pair = measure_cold(calls, min_time, flush, [_as(v, warm) for v in versions])
+                        for k in (0, 1):
+                            times[k].append(pair[k] * 1e3)
                 rows.append((f"{case_name(norm, shape, cl)} {op}", statistics.median(times[0]), statistics.median(times[1])))
-    finally:
-        use(_numba_kernels.DRIVERS)
     return rows
 
 

@@ -293,7 +293,8 @@ def test_kernel_ab_compares_a_revision_with_the_tree():
 
 def test_kernel_ab_swaps_the_driver_the_backend_calls():
     """A swap must reach the driver a call runs: the backend caches each set-up with its driver, so a
-    swap that left the cache would time one version twice (every ratio 1.0)."""
+    swap the cache did not see would time one version twice (every ratio 1.0). Inside
+    ``versioned_setups`` the versions alternate call by call; afterwards the backend is as it was."""
     import importlib.util
 
     from normkit.kernels import cpu
@@ -304,18 +305,23 @@ def test_kernel_ab_swaps_the_driver_the_backend_calls():
     spec.loader.exec_module(tool)
     other = {family: {act: (object(), object()) for act in table} for family, table in cpu.DRIVERS.items()}
     ours = cpu.DRIVERS
+    setup = cpu._call
 
     def serial_driver():
         call = cpu._call("forward", (1, 1, 2, 3, 40), (1, 1, 3, 1), torch.float32, None, 1, 1)
         return call.driver, call.launch.loops
 
     serial_driver()
-    try:
+    with tool.versioned_setups():
+        for _ in range(2):
+            tool.use(other)
+            driver, loops = serial_driver()
+            assert driver is other[f"forward_{loops}"][None][1]
+            tool.use(ours)
+            driver, loops = serial_driver()
+            assert driver is ours[f"forward_{loops}"][None][1]
         tool.use(other)
-        driver, loops = serial_driver()
-        assert driver is other[f"forward_{loops}"][None][1]
-    finally:
-        tool.use(ours)
+    assert cpu._call is setup and cpu.DRIVERS is ours
     driver, loops = serial_driver()
     assert driver is ours[f"forward_{loops}"][None][1]
 
