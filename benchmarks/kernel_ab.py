@@ -120,8 +120,11 @@ def select(cases: list, only: str) -> list:
 
 
 def use(drivers: dict) -> None:
-    """Make the cpu backend call ``drivers`` (see ``versioned_setups``)."""
+    """Make the cpu backend call ``drivers``. Outside ``versioned_setups`` the backend's cached set-ups
+    hold the old drivers, so they are dropped; inside it they are keyed by the table and kept."""
     cpu.DRIVERS = drivers
+    if hasattr(cpu._call, "cache_clear"):
+        cpu._call.cache_clear()
 
 
 @contextlib.contextmanager

@@ -324,6 +324,14 @@ def test_kernel_ab_swaps_the_driver_the_backend_calls():
     assert cpu._call is setup and cpu.DRIVERS is ours
     driver, loops = serial_driver()
     assert driver is ours[f"forward_{loops}"][None][1]
+    try:  # outside the context a swap still reaches the call's driver
+        tool.use(other)
+        driver, loops = serial_driver()
+        assert driver is other[f"forward_{loops}"][None][1]
+    finally:
+        tool.use(ours)
+    driver, loops = serial_driver()
+    assert driver is ours[f"forward_{loops}"][None][1]
 
 
 def test_kernel_ab_selects_cases_by_name():
