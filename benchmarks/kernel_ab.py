@@ -7,8 +7,9 @@ backend's drivers between calls, and times both versions in turn, call by call, 
 kernels is the same for both, so the ratio is the kernels'.
 
 Run: ``.venv/bin/python benchmarks/kernel_ab.py --rev HEAD [--dtype bf16] [--small] [--only group,layer]
-[--warm]``; ``--warm`` times back-to-back calls (the arithmetic, with the data cached) to tell a
-compute change from a memory one.
+[--warm] [--threads 1]``; ``--warm`` times back-to-back calls (the arithmetic, with the data cached) to tell
+a compute change from a memory one; ``--threads 1`` times the serial drivers (what a DataLoader worker
+or a process limited to one thread runs).
 """
 
 from __future__ import annotations
@@ -188,16 +189,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="tiny shapes (a smoke run)")
     parser.add_argument("--warm", action="store_true", help="no cache flush: data stays cached between calls")
     parser.add_argument("--only", default="", help="comma-separated words: only the cases whose name has one")
+    parser.add_argument("--threads", type=positive_int, help="torch.set_num_threads for the run (default: as is)")
     args = parser.parse_args(argv)
     known = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{args.rev}^{{commit}}"], capture_output=True)
     if known.returncode:
         parser.error(f"argument --rev: {args.rev!r} is no git revision here")
     cases = select(SMALL if args.small else CASES, args.only)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as where:
         old = load_revision(args.rev, Path(where))
         rows = compare(old, cases, DTYPES[args.dtype], args.rounds, args.min_time, args.warm)
     caches = "caches warm" if args.warm else "caches flushed"
-    table = Table(title=f"cpu kernels, {args.dtype}, {caches}, median of {args.rounds}: {args.rev} vs working tree")
+    table = Table(title=f"cpu kernels, {args.dtype}, {caches}, {torch.get_num_threads()} threads, median of {args.rounds}: "
+                        f"{args.rev} vs working tree")
     for col in ("case", f"{args.rev} ms", "tree ms", "tree / rev"):
         table.add_column(col, justify="left" if col == "case" else "right")
     for name, then, now in rows:

@@ -286,9 +286,11 @@ def test_kernel_ab_compares_a_revision_with_the_tree():
     """The A/B tool loads the kernels of a git revision beside the working tree's (compiles them again)."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_ab.py"
     out = subprocess.run(
-        [sys.executable, str(script), "--small", "--rounds", "1", "--min-time", "0.01"], check=True, capture_output=True, text=True
+        [sys.executable, str(script), "--small", "--rounds", "1", "--min-time", "0.01", "--threads", "1"], check=True,
+        capture_output=True, text=True,
     )
     assert "tree / rev" in out.stdout and "layer 2x4x64 contiguous backward" in out.stdout
+    assert "1 threads" in out.stdout
 
 
 def test_kernel_ab_swaps_the_driver_the_backend_calls():

@@ -1192,7 +1192,9 @@ def backward_seg(dyp, xp, dxp, mp, rp, wp, bp, dwp, dbp, dims, val, acc, rms, ba
     """Gradients on the seg view: dx, and dweight/dbias (P, K1, B, K2).
 
     Pass 1 computes both group reductions and the parameter partials (``dwl``/``dbl``, per lane); pass
-    2 computes dx, from cache when a unit owns whole groups.
+    2 computes dx, from cache when a unit owns whole groups: each slab's right after its sums (from L1),
+    or, on one lane with a parameter per element (LayerNorm rows), after the sums of the whole unit
+    (``whole``; see docs/architecture.md).
     """
     G, R1, B, R2, P, K1, K2 = dims
     dy, x = _seg_at(dyp, dims, val), _seg_at(xp, dims, val)
@@ -1211,6 +1213,7 @@ def backward_seg(dyp, xp, dxp, mp, rp, wp, bp, dwp, dbp, dims, val, acc, rms, ba
     pss = _zeros((G, nrc, B), 0.0)
     tab = _flat_tables(x, w, bias, mean, _ACT)
     flat = tab.shape[1] > 0
+    whole = fused and not flat and nlanes == 1 and K2 > 1
     for lane in prange(nlanes):
         dwt = _aligned_zeros(dwl[0].size, mean.dtype).reshape(dwl.shape[1:])
         dbt = _aligned_zeros(dwl[0].size, mean.dtype).reshape(dwl.shape[1:])
@@ -1238,8 +1241,11 @@ def backward_seg(dyp, xp, dxp, mp, rp, wp, bp, dwp, dbp, dims, val, acc, rms, ba
                         c2[g, b] = pss[g, 0, b] * inv_n
                     if flat:
                         _seg_dx(dz, 0, x, dx, g, 0, R1, b0, b1, mean, rstd, w, bias, None, c1, c2)
-                    else:
+                    elif not whole:
                         _seg_dx(dy, g, x, dx, g, 0, R1, b0, b1, mean, rstd, w, bias, _ACT, c1, c2)
+            if whole:
+                for g in range(g0, g1):
+                    _seg_dx(dy, g, x, dx, g, 0, R1, b0, b1, mean, rstd, w, bias, _ACT, c1, c2)
             _flush_params(dwt, dwl[lane], g0, g1, b0, b1)
             _flush_params(dbt, dbl[lane], g0, g1, b0, b1)
     _lane_sum(lanes.reshape(2, nlanes, -1), _params_at(dwp, dbp, dims, acc))
