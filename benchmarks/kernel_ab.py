@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         old = load_revision(args.rev, Path(where))
         rows = compare(old, cases, DTYPES[args.dtype], args.rounds, args.min_time, args.warm)
     caches = "caches warm" if args.warm else "caches flushed"
-    table = Table(title=f"cpu kernels, {args.dtype}, {caches}, {torch.get_num_threads()} threads, median of {args.rounds}: "
+    table = Table(title=f"cpu kernels, {args.dtype}, {caches}, threads {torch.get_num_threads()}, median of {args.rounds}: "
                         f"{args.rev} vs working tree")
     for col in ("case", f"{args.rev} ms", "tree ms", "tree / rev"):
         table.add_column(col, justify="left" if col == "case" else "right")
