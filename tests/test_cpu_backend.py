@@ -311,6 +311,16 @@ def test_column_loops_need_rows(monkeypatch):
     assert ln.view.col and ln.loops == "col" and (nrc == 1 or rchunk >= cpu.col_rows(8))
 
 
+@pytest.mark.parametrize("view", ["layer", "rms"])
+def test_serial_rows_with_a_parameter_each_share_fused_units(view):
+    """The serial LayerNorm/RMSNorm views of the grid above run fused units of many rows on one lane:
+    the backward's ``whole`` order (every row's sums, then every row's dx) is what the grid's serial
+    splits check against the reference, and would not be checked with one row a unit."""
+    x5, w, _, pshape = _make(view, False, torch.float32)
+    ln = cpu.launch(tuple(x5.shape), x5.dtype, pshape, 1)
+    gchunk, nrc, _, _, _ = ln.plan
+    assert ln.lanes == 1 and nrc == 1 and gchunk > 1 and ln.view.k2 > 1 and ln.view.g > gchunk
+
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_scratch_arrays_start_on_cache_lines(dtype):

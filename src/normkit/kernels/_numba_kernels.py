@@ -1241,11 +1241,9 @@ def backward_seg(dyp, xp, dxp, mp, rp, wp, bp, dwp, dbp, dims, val, acc, rms, ba
                         c2[g, b] = pss[g, 0, b] * inv_n
                     if flat:
                         _seg_dx(dz, 0, x, dx, g, 0, R1, b0, b1, mean, rstd, w, bias, None, c1, c2)
-                    elif not whole:
-                        _seg_dx(dy, g, x, dx, g, 0, R1, b0, b1, mean, rstd, w, bias, _ACT, c1, c2)
-            if whole:
-                for g in range(g0, g1):
-                    _seg_dx(dy, g, x, dx, g, 0, R1, b0, b1, mean, rstd, w, bias, _ACT, c1, c2)
+                    elif g == g1 - 1 or not whole:
+                        for h in range(g0 if whole else g, g + 1):  # the slabs whose sums wait for their dx
+                            _seg_dx(dy, h, x, dx, h, 0, R1, b0, b1, mean, rstd, w, bias, _ACT, c1, c2)
             _flush_params(dwt, dwl[lane], g0, g1, b0, b1)
             _flush_params(dbt, dbl[lane], g0, g1, b0, b1)
     _lane_sum(lanes.reshape(2, nlanes, -1), _params_at(dwp, dbp, dims, acc))
