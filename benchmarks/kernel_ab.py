@@ -7,9 +7,10 @@ backend's drivers between calls, and times both versions in turn, call by call, 
 kernels is the same for both, so the ratio is the kernels'.
 
 Run: ``.venv/bin/python benchmarks/kernel_ab.py --rev HEAD [--dtype bf16] [--small] [--only group,layer]
-[--warm] [--threads 1]``; ``--warm`` times back-to-back calls (the arithmetic, with the data cached) to tell
-a compute change from a memory one; ``--threads 1`` times the serial drivers (what a DataLoader worker
-or a process limited to one thread runs).
+[--warm] [--threads 1] [--activation silu]``; ``--warm`` times back-to-back calls (the arithmetic, with the
+data cached) to tell a compute change from a memory one; ``--threads 1`` times the serial drivers (what a
+DataLoader worker or a process limited to one thread runs); ``--activation`` the drivers with that fused
+epilogue.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from normkit.bench import DTYPES, measure, measure_cold
 from normkit.cli import positive_int, seconds
 from normkit.functional import _layout as L
 from normkit.kernels import _numba_kernels, cpu
+from normkit.kernels.contract import ACTIVATIONS
 
 KERNELS = "src/normkit/kernels/_numba_kernels.py"
 # (norm, shape, channels_last); GroupNorm with 32 groups, LayerNorm over the last dim; 7x7 planes show
@@ -78,7 +80,9 @@ def _tensor(shape: tuple[int, ...], cl: bool, dtype: torch.dtype) -> torch.Tenso
     return t.to(memory_format=torch.channels_last) if cl and t.dim() == 4 else t
 
 
-def operations(norm: str, shape: tuple[int, ...], cl: bool, dtype: torch.dtype) -> dict[str, tuple[Callable, Callable]]:
+def operations(
+    norm: str, shape: tuple[int, ...], cl: bool, dtype: torch.dtype, activation: str | None = None
+) -> dict[str, tuple[Callable, Callable]]:
     """op -> (call on the case, the same call on a small input that warms the code after a flush)."""
     be = cpu.CpuBackend()
     small_shape = (2, shape[-1]) if norm == "layer" else (2, shape[1], *(min(s, 4) for s in shape[2:]))
@@ -89,17 +93,18 @@ def operations(norm: str, shape: tuple[int, ...], cl: bool, dtype: torch.dtype) 
     ps, pss = L.param_shape(shape5, *spans), L.param_shape(small5, *spans)
     w, b, ws, bs = wf.reshape(ps), bf.reshape(ps), wf.reshape(pss), bf.reshape(pss)
     dy, dys = torch.randn_like(x5), torch.randn_like(s5)
-    _, st = be.forward(x5, w, b, 1e-5, False)
-    _, sts = be.forward(s5, ws, bs, 1e-5, False)
+    act = activation
+    _, st = be.forward(x5, w, b, 1e-5, False, act)
+    _, sts = be.forward(s5, ws, bs, 1e-5, False, act)
     mask = (True, True, True)
     ops = {
-        "forward": (lambda: be.forward(x5, w, b, 1e-5, False), lambda: be.forward(s5, ws, bs, 1e-5, False)),
-        "backward": (lambda: be.backward(dy, x5, st.mean, st.rstd, w, ps, False, True, mask),
-                     lambda: be.backward(dys, s5, sts.mean, sts.rstd, ws, pss, False, True, mask)),
+        "forward": (lambda: be.forward(x5, w, b, 1e-5, False, act), lambda: be.forward(s5, ws, bs, 1e-5, False, act)),
+        "backward": (lambda: be.backward(dy, x5, st.mean, st.rstd, w, ps, False, True, mask, b, act),
+                     lambda: be.backward(dys, s5, sts.mean, sts.rstd, ws, pss, False, True, mask, bs, act)),
     }
     if norm == "batch":
-        ops["normalize"] = (lambda: be.normalize(x5, st.mean, st.rstd, w, b),
-                            lambda: be.normalize(s5, sts.mean, sts.rstd, ws, bs))
+        ops["normalize"] = (lambda: be.normalize(x5, st.mean, st.rstd, w, b, act),
+                            lambda: be.normalize(s5, sts.mean, sts.rstd, ws, bs, act))
     return ops
 
 
@@ -152,7 +157,8 @@ def _as(drivers: dict, fn: Callable) -> Callable:
 
 
 def compare(
-    old, cases, dtype: torch.dtype, rounds: int, min_time: float, warm_caches: bool = False
+    old, cases, dtype: torch.dtype, rounds: int, min_time: float, warm_caches: bool = False,
+    activation: str | None = None,
 ) -> list[tuple[str, float, float]]:
     """(case, revision ms, working tree ms): from a flushed cache the two versions called in turn, call by
     call, for ``min_time`` each per round; ``warm_caches``: back-to-back calls (the kernels' compute alone),
@@ -162,7 +168,7 @@ def compare(
     rows = []
     with versioned_setups():
         for norm, shape, cl in cases:
-            for op, (call, warm) in operations(norm, shape, cl, dtype).items():
+            for op, (call, warm) in operations(norm, shape, cl, dtype, activation).items():
                 calls = [_as(v, call) for v in versions]
                 for fn in calls:  # compile both before timing
                     fn()
@@ -190,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm", action="store_true", help="no cache flush: data stays cached between calls")
     parser.add_argument("--only", default="", help="comma-separated words: only the cases whose name has one")
     parser.add_argument("--threads", type=positive_int, help="torch.set_num_threads for the run (default: as is)")
+    parser.add_argument("--activation", choices=ACTIVATIONS, help="the drivers with this fused activation")
     args = parser.parse_args(argv)
     known = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{args.rev}^{{commit}}"], capture_output=True)
     if known.returncode:
@@ -199,9 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as where:
         old = load_revision(args.rev, Path(where))
-        rows = compare(old, cases, DTYPES[args.dtype], args.rounds, args.min_time, args.warm)
+        rows = compare(old, cases, DTYPES[args.dtype], args.rounds, args.min_time, args.warm, args.activation)
     caches = "caches warm" if args.warm else "caches flushed"
-    table = Table(title=f"cpu kernels, {args.dtype}, {caches}, threads {torch.get_num_threads()}, median of {args.rounds}: "
+    act = f", {args.activation}" if args.activation else ""
+    table = Table(title=f"cpu kernels, {args.dtype}{act}, {caches}, threads {torch.get_num_threads()}, median of {args.rounds}: "
                         f"{args.rev} vs working tree")
     for col in ("case", f"{args.rev} ms", "tree ms", "tree / rev"):
         table.add_column(col, justify="left" if col == "case" else "right")

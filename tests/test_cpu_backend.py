@@ -10,6 +10,7 @@ import os
 import threading
 import types
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -332,6 +333,45 @@ def test_scratch_arrays_start_on_cache_lines(dtype):
         assert a.shape == z.shape == (n,) and a.dtype == z.dtype == dtype
         assert a.ctypes.data % 64 == 0 and z.ctypes.data % 64 == 0
         assert not z.any()
+
+@pytest.mark.parametrize("name", ["_exp_scaled", "_exp_stepped"])
+def test_float32_exp_is_within_an_ulp_over_its_whole_range(name):
+    """Both float32 exps of the activations (which one the kernels compile depends on the machine)
+    against float64's exp rounded to float32: within 1 ulp over the normal range, inf past it, 0 at
+    -inf, NaN kept; below the normal range the subnormals (``_exp_scaled``) or 0 (``_exp_stepped``)."""
+    exp = getattr(_numba_kernels, name)
+
+    @numba.njit(**dict(_numba_kernels._DRIVER, cache=False))
+    def run(x, y):
+        for k in range(x.shape[0]):
+            y[k] = exp(x[k])
+
+    special = [np.nan, np.inf, -np.inf, 88.72283, 88.7229, 88.73, 1e30, -87.3365, -87.34, -103.9, -103.98, -104.0,
+               -1e30, 0.0, -0.0]
+    x = np.concatenate([np.linspace(-110, 90, 1_000_001), special]).astype(np.float32)
+    y = np.empty_like(x)
+    run(x, y)
+    with np.errstate(over="ignore"):
+        ref = np.exp(x.astype(np.float64)).astype(np.float32)
+    ulps = np.abs(y.view(np.int32).astype(np.int64) - ref.view(np.int32))
+    normal = np.isfinite(ref) & (ref >= np.finfo(np.float32).tiny)
+    assert ulps[normal].max() <= 1
+    assert (y[ref == np.inf] == np.inf).all() and (y[x == -np.inf] == 0).all() and np.isnan(y[np.isnan(x)]).all()
+    below = np.isfinite(ref) & ~normal
+    if name == "_exp_scaled":
+        assert ulps[below].max() <= 1 and (y[ref == 0] == 0).all() and (y[below] > 0).any()
+    else:
+        assert (y[x < -87.3366] == 0).all()
+
+
+def test_float32_exp_takes_vector_ldexp_only_where_compiled_for_avx512(monkeypatch):
+    """Without AVX-512 LLVM turns a vector ldexp into a libm call per element: the choice follows the
+    features numba compiles for."""
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx2,+fma,-avx512f")
+    assert not _numba_kernels._scales_in_vectors()
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx2,+fma,+avx512f,+avx512vl")
+    assert _numba_kernels._scales_in_vectors()
+
 
 def test_a_group_past_the_cache_budget_stays_whole_up_to_whole_bytes(monkeypatch):
     """A group larger than ``CACHE_BYTES`` cannot share a unit, but is still fused (one row chunk:

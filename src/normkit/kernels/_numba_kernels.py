@@ -43,6 +43,8 @@ from __future__ import annotations
 import math
 import types as pytypes
 
+import llvmlite.binding as llvm
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import carray, njit, prange, types
@@ -219,34 +221,95 @@ _INV_SQRT2 = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
 
 
+def _scales_in_vectors() -> bool:
+    """Whether numba compiles for AVX-512 (``NUMBA_CPU_FEATURES``, else the host's): its ``vscalefps``
+    takes LLVM's vector ``ldexp`` in one instruction; without it LLVM calls libm's ``ldexpf`` per
+    element (24x slower). The features are part of numba's cache key, so cached code matches."""
+    features = numba.config.CPU_FEATURES or llvm.get_host_cpu_features().flatten()
+    return "+avx512f" in features.split(",")
+
+
+@intrinsic
+def _ldexp(typingctx, x, n):
+    """float32 ``x * 2**n`` for an int32 ``n``, rounded once, into inf and the subnormals (LLVM's
+    ``ldexp``)."""
+    sig = types.float32(types.float32, types.int32)
+
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.FloatType(), [ir.FloatType(), ir.IntType(32)])
+        return builder.call(builder.module.declare_intrinsic("llvm.ldexp", [ir.FloatType(), ir.IntType(32)], fnty), args)
+
+    return sig, codegen
+
+
+_LOG2E = 1.4426950408889634
+
+
+@njit(**_HELPER)
+def _exp_poly(c, n):
+    """exp(c - n ln2) for |c - n ln2| <= ln2 / 2: a degree-6 polynomial, ln2 split in two for the
+    reduction."""
+    f = np.float32
+    r = c - n * f(0.693359375) + n * f(2.12194440e-4)
+    p = f(1.9875691500e-4) * r + f(1.3981999507e-3)
+    p = p * r + f(8.3334519073e-3)
+    p = p * r + f(4.1665795894e-2)
+    p = p * r + f(1.6666665459e-1)
+    p = p * r + f(5.0000001201e-1)
+    return p * (r * r) + r + f(1.0)
+
+
+@intrinsic
+def _rounded(typingctx, t):
+    """The int32 that ``t = x + 1.5 * 2**23`` holds in its low mantissa bits: ``x`` rounded to nearest,
+    for |x| < 2**22, with an integer subtraction that reassociation cannot fold away; defined for every
+    ``t`` (a float-to-int conversion of NaN is not)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.sub(builder.bitcast(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 0x4B400000))
+
+    return types.int32(types.float32), codegen
+
+
+@njit(**_HELPER)
+def _exp_scaled(v):
+    """float32 exp by ``_exp_poly`` scaled with ``_ldexp``: about 1 ulp, inf past float32's range, the
+    subnormals below its smallest normal number and 0 past them. The clamps are selects that keep a NaN
+    (one ``vmaxps``/``vminps`` each), which the polynomial carries."""
+    f = np.float32
+    c = f(-104.0) if v < f(-104.0) else v
+    c = f(88.73) if c > f(88.73) else c
+    k = _rounded(c * f(_LOG2E) + f(12582912.0))
+    return _ldexp(_exp_poly(c, f(k)), k)
+
+
+@njit(**_HELPER)
+def _exp_stepped(v):
+    """float32 exp by ``_exp_poly`` scaled with exponent bits (no vector ``ldexp``): about 1 ulp, inf past
+    float32's range, and 0 below its smallest normal number (1.2e-38)."""
+    f = np.float32
+    c = np.minimum(np.maximum(v, f(-87.34)), f(88.73))
+    # fmin/fmax drop a NaN: the exponent stays defined and the polynomial carries the NaN
+    n = np.fmin(np.fmax(np.floor(c * f(_LOG2E) + f(0.5)), f(-126.0)), f(128.0))
+    p = _exp_poly(c, n)
+    top = np.fmin(n, f(127.0))  # 2**128 is no float32: scale by 2**127, then by 2 (inf past the range)
+    y = p * _bits_to_f32(np.uint32(np.int32(top) + np.int32(127)) << np.uint32(23)) * (f(1.0) + (n - top))
+    return y * f(v >= f(-87.33654475))  # arithmetic, not a branch; a NaN stays NaN
+
+
 def _exp(v):
-    """exp(v): libm for float64; for float32 a degree-6 polynomial on [-ln2/2, ln2/2] scaled by 2**n
-    (about 1 ulp). Past float32's range it gives inf, and 0 below its smallest normal number (1.2e-38),
-    so silu and gelu give torch's 0 far out in their negative tails, not a clamped exponent's 1e-8."""
+    """exp(v): libm for float64; for float32 a polynomial that vectorizes (``_exp_scaled`` where numba
+    compiles for AVX-512, ``_exp_stepped`` elsewhere), so that silu and gelu give torch's 0 far out in
+    their negative tails, not a clamped exponent's 1e-8."""
 
 
 @overload(_exp, inline="always")
 def _exp_impl(v):
     if v == types.float64:
         return lambda v: np.exp(v)
-    f = np.float32
-
-    def impl(v):
-        c = np.minimum(np.maximum(v, f(-87.34)), f(88.73))
-        # fmin/fmax drop a NaN: the exponent stays defined and the polynomial carries the NaN
-        n = np.fmin(np.fmax(np.floor(c * f(1.4426950408889634) + f(0.5)), f(-126.0)), f(128.0))
-        r = c - n * f(0.693359375) + n * f(2.12194440e-4)
-        p = f(1.9875691500e-4) * r + f(1.3981999507e-3)
-        p = p * r + f(8.3334519073e-3)
-        p = p * r + f(4.1665795894e-2)
-        p = p * r + f(1.6666665459e-1)
-        p = p * r + f(5.0000001201e-1)
-        p = p * (r * r) + r + f(1.0)
-        top = np.fmin(n, f(127.0))  # 2**128 is no float32: scale by 2**127, then by 2 (inf past the range)
-        y = p * _bits_to_f32(np.uint32(np.int32(top) + np.int32(127)) << np.uint32(23)) * (f(1.0) + (n - top))
-        return y * f(v >= f(-87.33654475))  # arithmetic, not a branch; a NaN stays NaN
-
-    return impl
+    if _scales_in_vectors():
+        return lambda v: _exp_scaled(v)
+    return lambda v: _exp_stepped(v)
 
 
 def _erfc(v):
