@@ -258,7 +258,7 @@ def _warm_shape(shape: tuple[int, ...], norm: str) -> tuple[int, ...]:
         rows = min(math.prod(shape[:-1]), max(1, -(-WARM_ELEMENTS // shape[-1])))
         return (1,) * (len(shape) - 2) + (rows, shape[-1])
     dims = len(shape) - 2
-    side = max(2, round((WARM_ELEMENTS / (2 * shape[1])) ** (1 / dims)))
+    side = max(2, math.ceil((WARM_ELEMENTS / (2 * shape[1])) ** (1 / dims)))
     spatial = tuple(min(side, n) for n in shape[2:])
     batch = min(shape[0], max(2, -(-WARM_ELEMENTS // (shape[1] * math.prod(spatial)))))
     return (batch, shape[1]) + spatial
