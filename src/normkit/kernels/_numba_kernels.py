@@ -223,40 +223,34 @@ _INV_SQRT_2PI = 0.3989422804014327
 
 def _scales_in_vectors() -> bool:
     """Whether numba compiles for AVX-512 (``NUMBA_CPU_FEATURES``, else the host's): its ``vscalefps``
-    takes LLVM's vector ``ldexp`` in one instruction; without it LLVM calls libm's ``ldexpf`` per
-    element (24x slower). The features are part of numba's cache key, so cached code matches."""
+    takes LLVM's vector ``ldexp`` in one instruction. The features are part of numba's cache key, so
+    cached code matches."""
     features = numba.config.CPU_FEATURES or llvm.get_host_cpu_features().flatten()
     return "+avx512f" in features.split(",")
 
 
 @intrinsic
 def _ldexp(typingctx, x, n):
-    """float32 ``x * 2**n`` for an int32 ``n``, rounded once, into inf and the subnormals (LLVM's
-    ``ldexp``)."""
-    sig = types.float32(types.float32, types.int32)
+    """float32 ``x * 2**n`` for an int32 ``n`` in [-252, 254], rounded once, into inf and the subnormals.
+    With AVX-512 LLVM's ``ldexp`` (one ``vscalefps`` a vector); elsewhere LLVM would call libm's
+    ``ldexpf`` per element (24x slower), so there as two factors ``2**(n >> 1)`` and ``2**(n - (n >> 1))``,
+    each a normal number: the first product is exact, the second rounds. No fast-math flags: the
+    factors must not be combined."""
 
     def codegen(context, builder, signature, args):
-        fnty = ir.FunctionType(ir.FloatType(), [ir.FloatType(), ir.IntType(32)])
-        return builder.call(builder.module.declare_intrinsic("llvm.ldexp", [ir.FloatType(), ir.IntType(32)], fnty), args)
+        f32, i32 = ir.FloatType(), ir.IntType(32)
+        if _scales_in_vectors():
+            fnty = ir.FunctionType(f32, [f32, i32])
+            return builder.call(builder.module.declare_intrinsic("llvm.ldexp", [f32, i32], fnty), args)
+        x, n = args
+        half = builder.ashr(n, ir.Constant(i32, 1))
+        factors = [
+            builder.bitcast(builder.shl(builder.add(e, ir.Constant(i32, 127)), ir.Constant(i32, 23)), f32)
+            for e in (half, builder.sub(n, half))
+        ]
+        return builder.fmul(builder.fmul(x, factors[0]), factors[1])
 
-    return sig, codegen
-
-
-_LOG2E = 1.4426950408889634
-
-
-@njit(**_HELPER)
-def _exp_poly(c, n):
-    """exp(c - n ln2) for |c - n ln2| <= ln2 / 2: a degree-6 polynomial, ln2 split in two for the
-    reduction."""
-    f = np.float32
-    r = c - n * f(0.693359375) + n * f(2.12194440e-4)
-    p = f(1.9875691500e-4) * r + f(1.3981999507e-3)
-    p = p * r + f(8.3334519073e-3)
-    p = p * r + f(4.1665795894e-2)
-    p = p * r + f(1.6666665459e-1)
-    p = p * r + f(5.0000001201e-1)
-    return p * (r * r) + r + f(1.0)
+    return types.float32(types.float32, types.int32), codegen
 
 
 @intrinsic
@@ -271,45 +265,34 @@ def _rounded(typingctx, t):
     return types.int32(types.float32), codegen
 
 
-@njit(**_HELPER)
-def _exp_scaled(v):
-    """float32 exp by ``_exp_poly`` scaled with ``_ldexp``: about 1 ulp, inf past float32's range, the
-    subnormals below its smallest normal number and 0 past them. The clamps are selects that keep a NaN
-    (one ``vmaxps``/``vminps`` each), which the polynomial carries."""
-    f = np.float32
-    c = f(-104.0) if v < f(-104.0) else v
-    c = f(88.73) if c > f(88.73) else c
-    k = _rounded(c * f(_LOG2E) + f(12582912.0))
-    return _ldexp(_exp_poly(c, f(k)), k)
-
-
-@njit(**_HELPER)
-def _exp_stepped(v):
-    """float32 exp by ``_exp_poly`` scaled with exponent bits (no vector ``ldexp``): about 1 ulp, inf past
-    float32's range, and 0 below its smallest normal number (1.2e-38)."""
-    f = np.float32
-    c = np.minimum(np.maximum(v, f(-87.34)), f(88.73))
-    # fmin/fmax drop a NaN: the exponent stays defined and the polynomial carries the NaN
-    n = np.fmin(np.fmax(np.floor(c * f(_LOG2E) + f(0.5)), f(-126.0)), f(128.0))
-    p = _exp_poly(c, n)
-    top = np.fmin(n, f(127.0))  # 2**128 is no float32: scale by 2**127, then by 2 (inf past the range)
-    y = p * _bits_to_f32(np.uint32(np.int32(top) + np.int32(127)) << np.uint32(23)) * (f(1.0) + (n - top))
-    return y * f(v >= f(-87.33654475))  # arithmetic, not a branch; a NaN stays NaN
-
-
 def _exp(v):
-    """exp(v): libm for float64; for float32 a polynomial that vectorizes (``_exp_scaled`` where numba
-    compiles for AVX-512, ``_exp_stepped`` elsewhere), so that silu and gelu give torch's 0 far out in
-    their negative tails, not a clamped exponent's 1e-8."""
+    """exp(v): libm for float64; for float32 a degree-6 polynomial on [-ln2/2, ln2/2] (ln2 split in two
+    for the reduction) scaled by 2**n (``_ldexp``): about 1 ulp, inf past float32's range, the
+    subnormals below its smallest normal number and 0 past them, so silu and gelu give torch's values
+    far out in their negative tails, not a clamped exponent's 1e-8. The clamps are selects that keep a
+    NaN (one ``vmaxps``/``vminps`` each), which the polynomial carries."""
 
 
 @overload(_exp, inline="always")
 def _exp_impl(v):
     if v == types.float64:
         return lambda v: np.exp(v)
-    if _scales_in_vectors():
-        return lambda v: _exp_scaled(v)
-    return lambda v: _exp_stepped(v)
+    f = np.float32
+
+    def impl(v):
+        c = f(-104.0) if v < f(-104.0) else v
+        c = f(88.73) if c > f(88.73) else c
+        k = _rounded(c * f(1.4426950408889634) + f(12582912.0))
+        n = f(k)
+        r = c - n * f(0.693359375) + n * f(2.12194440e-4)
+        p = f(1.9875691500e-4) * r + f(1.3981999507e-3)
+        p = p * r + f(8.3334519073e-3)
+        p = p * r + f(4.1665795894e-2)
+        p = p * r + f(1.6666665459e-1)
+        p = p * r + f(5.0000001201e-1)
+        return _ldexp(p * (r * r) + r + f(1.0), k)
+
+    return impl
 
 
 def _erfc(v):
