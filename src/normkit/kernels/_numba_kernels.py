@@ -210,8 +210,9 @@ def _acc_zeros_impl(v, n):
 # ---- activation epilogue ---------------------------------------------------------------------
 # ``act`` is a compile-time constant: None (no activation: the helpers compile to nothing) or a code
 # of ``ACTIVATION_CODES``. Each driver is compiled once per activation (``_variant``), with no branch
-# in its loops; the helpers select arithmetically, as a branch in inlined code keeps numba from
-# vectorizing the loop.
+# in its loops; the helpers select arithmetically or by a conditional expression between two values
+# (which LLVM makes a select), as a branch around work in inlined code keeps numba from vectorizing the
+# loop.
 # Without a vector math library numba calls libm's exp and erfc one element at a time, several
 # times slower than torch's activations; in float32 they are computed here with polynomials that
 # vectorize (float64 keeps libm). NaN stays NaN.

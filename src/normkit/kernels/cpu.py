@@ -50,11 +50,12 @@ WHOLE_BYTES = 4 << 20
 # Small slabs are batched into units of about this size: per-unit overhead is tens of nanoseconds.
 UNIT_BYTES = 1 << 16
 # Below this many elements a parallel launch costs more than it saves (numba's parallel region runs on
-# torch's OpenMP pool; from a cold cache the launch alone costs 8-12 µs against 2-4 serially). Each call
-# after a call of its own kind on other data (the pool awake, as after a torch op) and a flushed cache:
-# serial faster at 1x64x768 LayerNorm (forward 35 against 36 µs, backward 53 against 60), parallel from
-# about 2**16 on (LayerNorm 1x96x768 forward 42 against 49, backward 69 against 83; 1x256x768 backward
-# 128 against 172; GroupNorm 2x128x16x16 backward 58 against 68; BatchNorm 4x64x16x16 even).
+# torch's OpenMP pool; from a cold cache the launch alone costs 8-12 µs against 2-4 serially). Timed from
+# a flushed cache, each call right after one of its own kind on other data (the pool awake, as after a
+# torch op): serial faster at LayerNorm 1x64x768 (forward 35 against 36 µs, backward 53 against 60),
+# parallel from about 2**16 elements (LayerNorm 1x96x768 forward 42 against 49, backward 69 against 83;
+# 1x256x768 backward 128 against 172; GroupNorm 2x128x16x16 backward 58 against 68; BatchNorm
+# 4x64x16x16 even).
 SERIAL_BELOW = 1 << 16
 # Column loops serve groups of fewer adjacent elements than this; longer runs use segment loops.
 COL_MAX_RUN = 32
