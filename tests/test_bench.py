@@ -352,6 +352,24 @@ def test_kernel_ab_selects_cases_by_name():
         tool.select(tool.CASES, "nosuchnorm")
 
 
+def test_kernel_ab_times_the_drivers_with_the_fused_activation():
+    """``--activation``: the timed calls run the epilogue (the forward is the plain one through it)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_ab.py"
+    spec = importlib.util.spec_from_file_location("kernel_ab_tool", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    torch.manual_seed(0)
+    plain = tool.operations("group", (2, 64, 4, 4), False, torch.float32)
+    torch.manual_seed(0)
+    fused = tool.operations("group", (2, 64, 4, 4), False, torch.float32, "silu")
+    (y, _), (z, _) = plain["forward"][0](), fused["forward"][0]()
+    torch.testing.assert_close(z, torch.nn.functional.silu(y))
+    dx = fused["backward"][0]().dx
+    assert dx.shape == y.shape and not torch.equal(dx, plain["backward"][0]().dx)
+
+
 @pytest.mark.slow
 def test_clients_time_the_norm_calls_inside_a_training_step():
     """``clients.py --per-call``: the UNet's GroupNorm forward and backward node, both models, one line each."""
