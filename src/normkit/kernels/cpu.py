@@ -464,7 +464,7 @@ class CpuBackend:
         want_dx = output_mask[0]
         dx = _output(c, xs) if want_dx else None
         gshape = grad_shape(weight, pshape, c.param_numel)  # the kernel writes param_numel elements to each
-        dweight, dbias = torch.empty(*gshape, dtype=acc), torch.empty(*gshape, dtype=acc)  # sizes apart: 0.6 µs less each
+        dweight, dbias = torch.empty(gshape, dtype=acc), torch.empty(gshape, dtype=acc)
         w, b = _param(weight, pshape, c.param_numel, acc, 1.0), _param(bias, pshape, c.param_numel, acc, 0.0)
         mean, rstd = _stat(mean, acc, ln), _stat(rstd, acc, ln)
         c.driver(
