@@ -898,9 +898,9 @@ def _rows(x, g, r, rows, j0, j1):
 @njit(**_HELPER)
 def _col_pairs(x, j0, j1):
     """Whether the column sums and gradient sums take two whole rows a step: rows of ``_COL_TILE // 4``
-    columns or more (shorter ones go end to end, ``_col_reps``) whose two rows lie within 512 bytes. Interleaved rows
-    farther apart stream 1.5-2.5x slower from memory on a 2-core EPYC VM (two rows of 192 float32
-    columns or more, four of 64); within 512 bytes as fast as one run."""
+    columns or more (shorter ones go end to end, ``_col_reps``) whose two rows lie within 512 bytes.
+    Interleaved rows farther apart stream 1.5-2.5x slower from memory on a 2-core EPYC VM (two rows of
+    192 float32 columns or more, four of 64); within 512 bytes as fast as one run."""
     n = j1 - j0
     return n == x.shape[2] and n >= _COL_TILE // 4 and 2 * n * x.itemsize <= 512
 
