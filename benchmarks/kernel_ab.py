@@ -38,12 +38,14 @@ from normkit.kernels.contract import ACTIVATIONS
 
 KERNELS = "src/normkit/kernels/_numba_kernels.py"
 # (norm, shape, channels_last); GroupNorm with 32 groups, LayerNorm over the last dim; 7x7 planes show
-# the per-slab and per-row costs, 32-128 channels channels-last the short rows.
+# the per-slab and per-row costs, 32-128 channels channels-last the short rows, the 3-D shape
+# channels_last_3d.
 CASES = [
     ("batch", (8, 256, 32, 32), False), ("batch", (8, 256, 32, 32), True), ("group", (8, 256, 32, 32), False),
     ("group", (8, 256, 32, 32), True), ("layer", (8, 512, 768), False), ("instance", (32, 512, 7, 7), False),
-    ("group", (32, 512, 7, 7), False), ("group", (8, 32, 64, 64), True), ("batch", (32, 64, 56, 56), True), ("batch", (32, 512, 7, 7), True),
-    ("instance", (16, 128, 64, 64), True), ("instance", (32, 64, 56, 56), True),
+    ("group", (32, 512, 7, 7), False), ("group", (8, 32, 64, 64), True), ("batch", (32, 64, 56, 56), True),
+    ("batch", (32, 512, 7, 7), True), ("instance", (16, 128, 64, 64), True), ("instance", (32, 64, 56, 56), True),
+    ("batch", (2, 32, 16, 64, 64), True),
 ]
 SMALL = [("batch", (2, 64, 8, 8), True), ("group", (2, 64, 8, 8), False), ("layer", (2, 4, 64), False)]
 
@@ -77,7 +79,9 @@ def _view(norm: str, t: torch.Tensor, cl: bool) -> tuple[torch.Tensor, list[int]
 
 def _tensor(shape: tuple[int, ...], cl: bool, dtype: torch.dtype) -> torch.Tensor:
     t = torch.randn(shape).to(dtype)
-    return t.to(memory_format=torch.channels_last) if cl and t.dim() == 4 else t
+    if not cl or t.dim() not in (4, 5):
+        return t
+    return t.to(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
 
 
 def operations(
