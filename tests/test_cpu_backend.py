@@ -56,7 +56,8 @@ VIEWS = {
     # few rows: NCHW 4x4 planes take the segment loops; channels-last units keep whole slabs
     "batch-small-planes": ((2, 40, 4, 4), lambda x, cl: (L.per_channel_view(x, cl), False, False), (False, True)),
     "group-few-rows": ((2, 64, 4, 6), lambda x, cl: (L.per_group_view(x, 8, cl), not cl, cl), (False, True)),
-    # channels-last rows of 32 and 64 columns: the column sums take two rows a step, odd row counts end in one
+    # channels-last rows of 32 and 64 columns: the column and gradient sums take two rows a step, odd row
+    # counts end in one
     "batch-32ch": ((3, 32, 5, 7), lambda x, cl: (L.per_channel_view(x, cl), False, False), (True,)),
     "group-64ch": ((3, 64, 5, 7), lambda x, cl: (L.per_group_view(x, 8, cl), not cl, cl), (True,)),
     "layer": ((64, 33, 96), lambda x, cl: (L.trailing_view(x, 96), True, False), (False,)),
