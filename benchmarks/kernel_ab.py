@@ -109,6 +109,8 @@ def operations(
     if norm == "batch":
         ops["normalize"] = (lambda: be.normalize(x5, st.mean, st.rstd, w, b, act),
                             lambda: be.normalize(s5, sts.mean, sts.rstd, ws, bs, act))
+        ops["eval"] = (lambda: be.normalize(x5, st.mean, st.var, w, b, act, 1e-5),  # running statistics
+                       lambda: be.normalize(s5, sts.mean, sts.var, ws, bs, act, 1e-5))
     return ops
 
 
