@@ -271,7 +271,10 @@ def _exp(v):
     for the reduction) scaled by 2**n (``_ldexp``): about 1 ulp, inf past float32's range, the
     subnormals below its smallest normal number and 0 past them, so silu and gelu give torch's values
     far out in their negative tails, not a clamped exponent's 1e-8. The clamps are selects that keep a
-    NaN (one ``vmaxps``/``vminps`` each), which the polynomial carries."""
+    NaN (one ``vmaxps``/``vminps`` each), which the polynomial carries: the builtin ``max``/``min``,
+    which numba lowers to one select, not conditional expressions, whose branches, inlined several
+    times into one loop, tripped numba's pedantic SSA check (a ``NumbaIRAssumptionWarning`` asking for a
+    bug report) on the same code."""
 
 
 @overload(_exp, inline="always")
@@ -281,8 +284,7 @@ def _exp_impl(v):
     f = np.float32
 
     def impl(v):
-        c = f(-104.0) if v < f(-104.0) else v
-        c = f(88.73) if c > f(88.73) else c
+        c = min(max(v, f(-104.0)), f(88.73))
         k = _rounded(c * f(1.4426950408889634) + f(12582912.0))
         n = f(k)
         r = c - n * f(0.693359375) + n * f(2.12194440e-4)
